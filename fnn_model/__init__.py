@@ -1,0 +1,12 @@
+"""fnn_model: the FNN network (MICrONS digital twin) in PyTorch, state-dict compatible with the public release.
+
+Modules, bottom-up: `ops` and `wconv`/`intergroup` (building blocks), `feedforward` and `recurrent` (the shared
+core), `perspective`, `modulation` and `readout` (the per-scan head), `network` (assembly and `predict`),
+`release` (the on-disk release format on any fsspec URL), `synthetic` (random releases and clips), `microns` (the
+original package's convenience API) and `engine` (many scans x clips on one device in one batch).
+"""
+
+from fnn_model.config import NetworkConfig
+from fnn_model.network import Core, Network, ScanHead
+
+__all__ = ["Core", "Network", "NetworkConfig", "ScanHead"]

@@ -1,0 +1,78 @@
+"""Recurrent core ("CvtLstm", spec 3.3): an LSTM whose gates read a 3x3 conv and global attention per group."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fnn_model.config import RecurrentConfig
+from fnn_model.intergroup import InterGroup
+from fnn_model.ops import gcat
+from fnn_model.wconv import StreamParameters, WConv
+
+THIRD_ROOT = 3**-0.5
+
+
+class Recurrent(nn.Module):
+    """Feedforward features `f` `[N, S*F, H, W]` and modulation `m` `[N, S*M]` -> output `[N, S*out, H, W]`.
+
+    State `h, c` `[N, S*hidden, H, W]` (zeros `[1, S*hidden, 1, 1]` after `reset_state`).
+    """
+
+    def __init__(self, config: RecurrentConfig, feature_channels: int, modulation_features: int, streams: int):
+        super().__init__()
+        c, s, g = config, streams, config.groups
+        self.groups, self.streams, self.hidden = g, s, c.hidden_channels
+        self.conv = WConv(c.in_channels + c.hidden_channels, c.common_channels, s, g, g, spatial=c.spatial, gain=False,
+                          bias=False)
+        self.scales = StreamParameters(s, g, c.common_channels // g, fill=1.0)
+        self.proj_x = nn.ModuleList([
+            InterGroup(c.hidden_channels, c.in_channels, g, s, init_gain=THIRD_ROOT),
+            WConv(feature_channels, c.in_channels, s, out_groups=g, init_gain=THIRD_ROOT),
+            WConv(modulation_features, c.in_channels, s, out_groups=g, bias=False, init_gain=THIRD_ROOT),
+        ])
+
+        def common() -> WConv:
+            return WConv(c.common_channels, c.common_channels, s, g, g, gain=False, bias=False)
+
+        def gate(init_bias: float) -> WConv:
+            return WConv(2 * c.common_channels, c.hidden_channels, s, g, g, init_bias=init_bias)
+
+        self.proj_q, self.proj_k, self.proj_v = common(), common(), common()
+        self.proj_i, self.proj_f, self.proj_g, self.proj_o = gate(-1.0), gate(1.0), gate(0.0), gate(0.0)
+        self.out = WConv(c.hidden_channels, c.out_channels, s)
+        self._state: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def reset_state(self) -> None:
+        """Zero the LSTM state."""
+        self._state = None
+
+    def attention(self, z: torch.Tensor) -> torch.Tensor:
+        """Global attention within each (stream, group) over the flattened positions: `[N, S*C, H, W]` -> same.
+
+        Queries and keys are L2-normalised over the group's channels (no epsilon); queries are then scaled
+        per channel by `scales`; the softmax runs over key positions.
+        """
+        n, _, height, width = z.shape
+        s, g = self.streams, self.groups
+        q, k, v = (proj(z).view(n, s, g, -1, height * width) for proj in (self.proj_q, self.proj_k, self.proj_v))
+        q = q / q.norm(dim=3, keepdim=True) * self.scales.stacked()[None, :, :, :, None]
+        k = k / k.norm(dim=3, keepdim=True)
+        a = F.scaled_dot_product_attention(q.transpose(3, 4), k.transpose(3, 4), v.transpose(3, 4), scale=1.0)
+        return a.transpose(3, 4).reshape(z.shape)
+
+    def forward(self, f: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        """`f` `[N, S*F, H, W]`, `m` `[N, S*M]` -> `[N, S*out, H, W]`."""
+        if self._state is None:
+            zeros = f.new_zeros(1, self.streams * self.hidden, 1, 1)
+            self._state = (zeros, zeros)
+        h, c = self._state
+        groups = self.streams * self.groups
+        x = torch.tanh(self.proj_x[0](h) + self.proj_x[1](f) + self.proj_x[2](m[:, :, None, None]))
+        z = self.conv(gcat([x, h], groups))
+        za = gcat([z, self.attention(z)], groups)
+        c = torch.sigmoid(self.proj_f(za)) * c + torch.sigmoid(self.proj_i(za)) * torch.tanh(self.proj_g(za))
+        h = torch.sigmoid(self.proj_o(za)) * torch.tanh(c)
+        self._state = (h, c)
+        return self.out(h)

@@ -1,0 +1,135 @@
+"""Weight-normalised multi-stream convolution ("WConv", spec 2.1), the unit behind every learned linear map.
+
+A WConv holds `S` independent copies (streams) of a grouped 3-D convolution with a temporal kernel `T` over a
+FIFO of past (padded) inputs. Parameters per stream `s`: `weights.{s}` `[O, I/g_in, T, k, k]`, optional
+`gains.{s}` and `biases.{s}` `[G_out, O/G_out]`. Tensors are stream-major: channel `s * C + c`.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fnn_model.ops import EPS
+
+
+def normalize(weight: torch.Tensor, gain: torch.Tensor | None, fan_dims: tuple[int, ...]) -> torch.Tensor:
+    """Weight normalisation (spec 2.1): `(V - mean) * gain / sqrt(var * fan_in + eps)`.
+
+    Statistics (mean, population variance) run over `fan_dims` of `weight`, `fan_in` is their total size and
+    `gain` (None: unit gain) has the shape of `weight` with `fan_dims` removed.
+    """
+    fan_in = 1
+    for d in fan_dims:
+        fan_in *= weight.shape[d]
+    mean = weight.mean(dim=fan_dims, keepdim=True)
+    centered = weight - mean
+    var = centered.square().mean(dim=fan_dims, keepdim=True)
+    scale = 1 / torch.sqrt(var * fan_in + EPS)
+    if gain is not None:
+        scale = scale * gain.reshape(scale.shape)
+    return centered * scale
+
+
+class StreamParameters(nn.ParameterList):
+    """One tensor per stream, named `.0 ... .S-1` in the state dict."""
+
+    def __init__(self, streams: int, *shape: int, fill: float | None = None) -> None:
+        tensors = [torch.empty(*shape) if fill is None else torch.full(shape, float(fill)) for _ in range(streams)]
+        super().__init__([nn.Parameter(t) for t in tensors])
+
+    def stacked(self) -> torch.Tensor:
+        """All streams stacked on a new leading axis: `[S, *shape]`."""
+        return torch.stack(list(self))
+
+
+class WConv(nn.Module):
+    """Multi-stream grouped convolution with optional weight normalisation and a temporal kernel.
+
+    Input `[N, S*I, H, W]`, output `[N, S*O, H', W']`. With `temporal > 1` the module keeps the last
+    `temporal - 1` padded inputs (zeros after `reset_state`) and convolves the stack oldest-first, so kernel
+    index `temporal - 1` multiplies the current frame.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        streams: int,
+        in_groups: int = 1,
+        out_groups: int = 1,
+        temporal: int = 1,
+        spatial: int = 1,
+        stride: int = 1,
+        padding: Literal["zeros", "replicate"] = "zeros",
+        wnorm: bool = True,
+        gain: bool = True,
+        bias: bool = True,
+        init_gain: float = 1.0,
+        init_bias: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if in_channels % in_groups or out_channels % in_groups or out_channels % out_groups:
+            raise ValueError(f"WConv: channels {in_channels}->{out_channels} do not divide into groups")
+        self.streams, self.in_channels, self.out_channels = streams, in_channels, out_channels
+        self.in_groups, self.temporal, self.spatial, self.stride = in_groups, temporal, spatial, stride
+        self.padding, self.wnorm = padding, wnorm
+        self.pad = (spatial - stride) // 2
+        fan_in = in_channels // in_groups * temporal * spatial * spatial
+        bound = (1 / fan_in) ** 0.5 if wnorm else (3 / fan_in) ** 0.5
+        self.weights = StreamParameters(streams, out_channels, in_channels // in_groups, temporal, spatial, spatial)
+        for w in self.weights:
+            nn.init.uniform_(w, -bound, bound)
+        group_shape = (out_groups, out_channels // out_groups)
+        self.gains = StreamParameters(streams, *group_shape, fill=init_gain) if wnorm and gain else None
+        self.biases = StreamParameters(streams, *group_shape, fill=init_bias) if bias else None
+        self._history: list[torch.Tensor] | None = None
+        self._cache: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        self._register_load_state_dict_pre_hook(self._drop_cache)
+
+    def _drop_cache(self, *args: object) -> None:
+        self._cache = None
+
+    def reset_state(self) -> None:
+        """Forget the temporal history and the cached normalised weights (start of a new sequence)."""
+        self._history = None
+        self._cache = None
+
+    def effective(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The stacked effective weight `[S*O, I/g_in, T, k, k]` and bias `[S*O]` (or None).
+
+        Cached between frames while autograd is off; the cache is dropped by `reset_state` and weight loading.
+        """
+        if self._cache is not None and not torch.is_grad_enabled():
+            return self._cache
+        weight = self.weights.stacked()  # [S, O, I/g, T, k, k]
+        if self.wnorm:
+            gain = self.gains.stacked().flatten(1) if self.gains is not None else None
+            weight = normalize(weight, gain, fan_dims=(2, 3, 4, 5))
+        weight = weight.flatten(0, 1)
+        bias = self.biases.stacked().flatten() if self.biases is not None else None
+        if not torch.is_grad_enabled():
+            self._cache = (weight, bias)
+        return weight, bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """`[N, S*I, H, W]` -> `[N, S*O, H', W']`."""
+        weight, bias = self.effective()
+        if self.pad:
+            mode = "constant" if self.padding == "zeros" else "replicate"
+            x = F.pad(x, (self.pad,) * 4, mode=mode)
+        groups = self.streams * self.in_groups
+        if self.temporal == 1:
+            return F.conv2d(x, weight[:, :, 0], bias, stride=self.stride, groups=groups)
+        past = self._history or [torch.zeros_like(x)] * (self.temporal - 1)
+        frames = [*past, x]
+        self._history = frames[1:]
+        stack = torch.stack(frames, dim=2)  # [N, S*I, T, H+2p, W+2p], oldest first
+        return F.conv3d(stack, weight, bias, stride=(1, self.stride, self.stride), groups=groups).squeeze(2)
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply as a per-stream linear layer: `[N, S*I]` -> `[N, S*O]` (spec 2.2)."""
+        return self(x[:, :, None, None])[:, :, 0, 0]

@@ -1,0 +1,1 @@
+"""Command-line jobs of fnn-ray (run with ``python -m jobs.<name>``)."""

@@ -1,0 +1,128 @@
+"""Fixtures shared by the whole test suite.
+
+* ``s3`` (session): a moto S3 server on 127.0.0.1 with one bucket; AWS env vars point at it, so code in
+  this process and in processes started later (Ray workers) reaches it without storage options.
+* ``s3_url`` : a fresh, empty ``s3://`` prefix for one test.
+* ``tmp_url`` : factory ``tmp_url(kind)`` -> a fresh URL of kind ``"local"``, ``"memory"`` or ``"s3"``.
+* ``golden_dir`` (session): the golden release directory ($FNN_GOLDEN or ../shared/golden); skips when it is
+  missing, fails instead when FNN_REQUIRE_GOLDEN=1.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+#: Dummy credentials used against the moto server; distinctive so tests can check they never leak.
+S3_KEY = "fnn-test-access-key"
+S3_SECRET = "fnn-test-secret-do-not-leak"
+S3_REGION = "us-east-1"
+
+
+@dataclass
+class S3Server:
+    """A running moto S3 server: ``endpoint_url``, ``bucket`` and the ``storage_options`` to reach it."""
+
+    endpoint_url: str
+    bucket: str
+    storage_options: dict = field(default_factory=dict)
+
+    def url(self, *parts: str) -> str:
+        return "/".join([f"s3://{self.bucket}", *(p.strip("/") for p in parts)])
+
+
+_ENV = {
+    "AWS_ACCESS_KEY_ID": S3_KEY,
+    "AWS_SECRET_ACCESS_KEY": S3_SECRET,
+    "AWS_REGION": S3_REGION,
+    "AWS_DEFAULT_REGION": S3_REGION,
+}
+_UNSET = ["AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL_S3"]
+
+
+@pytest.fixture(scope="session")
+def s3():
+    moto_server = pytest.importorskip("moto.server")
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    saved = {k: os.environ.get(k) for k in [*_ENV, *_UNSET, "AWS_ENDPOINT_URL"]}
+    os.environ.update(_ENV, AWS_ENDPOINT_URL=endpoint)
+    for k in _UNSET:
+        os.environ.pop(k, None)
+    try:
+        import s3fs
+
+        bucket = "fnn-test"
+        fs = s3fs.S3FileSystem(endpoint_url=endpoint, key=S3_KEY, secret=S3_SECRET, skip_instance_cache=True)
+        fs.mkdir(bucket)
+        yield S3Server(
+            endpoint_url=endpoint,
+            bucket=bucket,
+            storage_options={"endpoint_url": endpoint, "key": S3_KEY, "secret": S3_SECRET},
+        )
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        server.stop()
+
+
+@pytest.fixture
+def s3_url(s3: S3Server, request) -> str:
+    """A fresh, empty prefix in the test bucket (distinct per test, so no listing is shared)."""
+    name = re.sub(r"[^A-Za-z0-9-]+", "-", request.node.name)[:60].strip("-")
+    return s3.url(f"{name}-{uuid.uuid4().hex[:8]}")
+
+
+@pytest.fixture
+def tmp_url(tmp_path, request):
+    """Factory: ``tmp_url(kind="local", name="data")`` -> a fresh URL on the local disk, memory:// or s3://."""
+    created_memory = []
+
+    def make(kind: str = "local", name: str = "data") -> str:
+        if kind == "local":
+            return str(tmp_path / f"{name}-{uuid.uuid4().hex[:8]}")
+        if kind == "memory":
+            url = f"memory://fnn-test-{uuid.uuid4().hex[:12]}/{name}"
+            created_memory.append(url)
+            return url
+        if kind == "s3":
+            return request.getfixturevalue("s3").url(f"{name}-{uuid.uuid4().hex[:12]}")
+        raise ValueError(f"unknown kind {kind!r}")
+
+    yield make
+    if created_memory:
+        import fsspec
+
+        mem = fsspec.filesystem("memory")
+        for url in created_memory:
+            root = url[len("memory://") :].split("/")[0]
+            if mem.exists(f"/{root}"):
+                mem.rm(f"/{root}", recursive=True)
+
+
+@pytest.fixture(scope="session")
+def golden_dir() -> Path:
+    """The golden release directory (holds ``release/`` and ``cases/``)."""
+    env = os.environ.get("FNN_GOLDEN")
+    path = Path(env) if env else REPO_ROOT.parent / "shared" / "golden"
+    if not (path / "release").is_dir() or not (path / "cases").is_dir():
+        reason = (
+            f"golden release not found at {path} (expected release/ and cases/; "
+            f"set FNN_GOLDEN to its directory)"
+        )
+        if os.environ.get("FNN_REQUIRE_GOLDEN") == "1":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return path.resolve()

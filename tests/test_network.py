@@ -1,0 +1,63 @@
+"""Structure of the network: release-compatible state dict, parameter counts, reset semantics."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fnn_model import Network, NetworkConfig
+from fnn_model.synthetic import make_core, make_head, random_clips
+
+
+def test_state_dict_has_the_release_keys_and_shapes() -> None:
+    net = Network(NetworkConfig(), units=7)
+    state = net.state_dict()
+    assert len(state) == 338
+    assert sum(k.startswith("core.") for k in state) == 250
+    assert state["core.recurrent.proj_x.0.mask"].dtype == torch.bool
+    assert state["core.recurrent.proj_x.0.mask"].shape == (8, 8, 1, 1)
+    assert state["core.recurrent.proj_x.0.zero"].shape == (8, 8, 32, 32)
+    assert state["core.feedforward.blocks.2.convs.1.weights.3"].shape == (128, 32, 3, 3, 3)
+    assert state["perspective.retina.grid"].shape == (128, 192, 3)
+    assert state["perspective.monitor_pixel.power"].shape == ()
+    assert state["readout.feature.weights.0"].shape == (7, 1, 128)
+    assert not any(".skips.0." in k or "inputs.0.gains" in k or "skips.1.biases" in k for k in state)
+
+
+@pytest.mark.parametrize("units", [7, 9941])
+def test_parameter_count_matches_the_spec(units: int) -> None:
+    net = Network(NetworkConfig(), units)
+    assert sum(p.numel() for p in net.parameters()) == 4_538_229 + 522 * units
+    assert sum(b.numel() for b in net.buffers()) == 139_331
+
+
+def test_fresh_network_outputs_exactly_one() -> None:
+    net = Network(NetworkConfig.tiny(), units=5).eval()
+    out = net.predict(list(random_clips(1, 3, 32, 48)[0]))
+    assert out.shape == (3, 5)
+    np.testing.assert_array_equal(out, np.ones((3, 5), np.float32))
+
+
+def test_predict_resets_state_between_calls_and_clips_are_independent() -> None:
+    config = NetworkConfig.tiny()
+    net = Network(config, 6, core=make_core(config, 1), head=make_head(config, 6, 2)).eval()
+    clips = random_clips(3, 4, 36, 64, seed=3)
+    first = net.predict(list(clips[0]))
+    again = net.predict(list(clips[0]))
+    np.testing.assert_array_equal(first, again)
+    batch = net.predict(list(clips.transpose(1, 0, 2, 3)[..., None]))  # T x [N, H, W, 1]
+    assert batch.shape == (4, 3, 6)
+    np.testing.assert_allclose(batch[:, 0], first, rtol=1e-5)
+    assert not np.allclose(batch[:, 1], batch[:, 0])
+
+
+def test_output_at_t_depends_only_on_frames_up_to_t() -> None:
+    config = NetworkConfig.tiny()
+    net = Network(config, 4, core=make_core(config, 5), head=make_head(config, 4, 6)).eval()
+    clip = random_clips(1, 5, 32, 48, seed=1)[0]
+    changed = clip.copy()
+    changed[3:] = 255 - changed[3:]
+    a, b = net.predict(list(clip)), net.predict(list(changed))
+    np.testing.assert_array_equal(a[:3], b[:3])
+    assert not np.allclose(a[3:], b[3:])
