@@ -20,7 +20,8 @@ ScanKey = tuple[int, int]
 def _as_tensor(values: torch.Tensor | np.ndarray | None) -> torch.Tensor | None:
     if values is None or isinstance(values, torch.Tensor):
         return values
-    return torch.from_numpy(np.ascontiguousarray(values))
+    array = np.ascontiguousarray(values)
+    return torch.from_numpy(array if array.flags.writeable else array.copy())
 
 
 class Engine:

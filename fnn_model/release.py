@@ -139,7 +139,7 @@ class Release:
         try:
             is_file = fs.isfile(path)
             exists = is_file or fs.isdir(path)
-        except OSError as error:
+        except Exception as error:  # OSError, or a store client's own (botocore's EndpointConnectionError ...)
             raise ReleaseError(f"release {url}: cannot be reached ({type(error).__name__}: {error})") from None
         if not exists:
             raise ReleaseError(f"release {url}: no such directory or .zip file")

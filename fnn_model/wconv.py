@@ -94,7 +94,7 @@ class WConv(nn.Module):
         self._cache = None
 
     def reset_state(self) -> None:
-        """Forget the temporal history and the cached normalised weights (start of a new sequence)."""
+        """Forget the carried temporal partial sums and the cached weights (start of a new sequence)."""
         self._history = None
         self._cache = None
 
@@ -111,24 +111,49 @@ class WConv(nn.Module):
             weight = normalize(weight, gain, fan_dims=(2, 3, 4, 5))
         weight = weight.flatten(0, 1)
         bias = self.biases.stacked().flatten() if self.biases is not None else None
+        kernel = self._kernel(weight, bias)
         if not torch.is_grad_enabled():
-            self._cache = (weight, bias)
-        return weight, bias
+            self._cache = kernel
+        return kernel
+
+    def _kernel(self, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Effective weight `[S*O, I/g, T, k, k]` -> the 2-D kernel actually run, `[T*S*O, I/g, k, k]`.
+
+        All temporal taps are applied to the current frame in one grouped conv2d: output channels are ordered
+        (group, tap, channel) so each group's outputs stay contiguous; the bias goes to the current-frame tap.
+        """
+        groups, taps = self.streams * self.in_groups, self.temporal
+        per_group = weight.shape[0] // groups
+        kernel = weight.unflatten(0, (groups, per_group)).movedim(3, 1).flatten(0, 2)
+        if bias is not None and taps > 1:
+            bias = torch.cat([torch.zeros(groups, taps - 1, per_group), bias.view(groups, 1, per_group)], 1)
+        return kernel.contiguous(memory_format=torch.channels_last), None if bias is None else bias.flatten()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """`[N, S*I, H, W]` -> `[N, S*O, H', W']`."""
-        weight, bias = self.effective()
+        """`[N, S*I, H, W]` -> `[N, S*O, H', W']`.
+
+        With `T > 1`, `y_t = sum_tau conv(x_{t-T+1+tau}, W_tau)` is computed as tap outputs of the current
+        frame plus the carried tap outputs of the previous `T - 1` frames (zeros after a reset).
+        """
+        kernel, bias = self.effective()
         if self.pad:
             mode = "constant" if self.padding == "zeros" else "replicate"
             x = F.pad(x, (self.pad,) * 4, mode=mode)
+        x = x.contiguous(memory_format=torch.channels_last)
         groups = self.streams * self.in_groups
+        y = F.conv2d(x, kernel, bias, stride=self.stride, groups=groups)
         if self.temporal == 1:
-            return F.conv2d(x, weight[:, :, 0], bias, stride=self.stride, groups=groups)
-        past = self._history or [torch.zeros_like(x)] * (self.temporal - 1)
-        frames = [*past, x]
-        self._history = frames[1:]
-        stack = torch.stack(frames, dim=2)  # [N, S*I, T, H+2p, W+2p], oldest first
-        return F.conv3d(stack, weight, bias, stride=(1, self.stride, self.stride), groups=groups).squeeze(2)
+            return y
+        taps = y.unflatten(1, (groups, self.temporal, -1))  # [N, G, T, O/G, H', W']
+        current = taps[:, :, -1]
+        if self._history is not None:
+            current = current + self._history[0]
+        # carried[j] holds what frame t+1+j still needs from frames up to t
+        carried = [taps[:, :, -2 - j] for j in range(self.temporal - 1)]
+        if self._history is not None:
+            carried = [c + h for c, h in zip(carried[:-1], self._history[1:])] + carried[-1:]
+        self._history = carried
+        return current.flatten(1, 2)
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         """Apply as a per-stream linear layer: `[N, S*I]` -> `[N, S*O]` (spec 2.2)."""

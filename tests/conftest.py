@@ -4,6 +4,8 @@
   this process and in processes started later (Ray workers) reaches it without storage options.
 * ``s3_url`` : a fresh, empty ``s3://`` prefix for one test.
 * ``tmp_url`` : factory ``tmp_url(kind)`` -> a fresh URL of kind ``"local"``, ``"memory"`` or ``"s3"``.
+* ``ray_cluster`` (module): a private local Ray with 4 logical CPUs and ``RAY_GPUS`` fake GPUs (a module-level
+  constant of the test module, default 0), started after the moto server so workers inherit the AWS_* variables.
 * ``golden_dir`` (session): the golden release directory ($FNN_GOLDEN or ../shared/golden); skips when it is
   missing, fails instead when FNN_REQUIRE_GOLDEN=1.
 """
@@ -126,3 +128,33 @@ def golden_dir() -> Path:
             pytest.fail(reason)
         pytest.skip(reason)
     return path.resolve()
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(s3, request):
+    """A local Ray for one test module (see the module docstring).
+
+    The test process itself computes references with one torch thread: on a loaded 2-core machine, spinning
+    OpenMP threads next to the Ray workers slow the tiny model down by orders of magnitude.
+    """
+    import ray
+    import torch
+
+    from fnn_ray.worker import WorkerPool
+
+    if ray.is_initialized():
+        ray.shutdown()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    saved = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), saved]))
+    ray.init(num_cpus=4, num_gpus=getattr(request.module, "RAY_GPUS", 0), include_dashboard=False,
+             log_to_driver=False)
+    yield ray
+    WorkerPool.shutdown()
+    ray.shutdown()
+    torch.set_num_threads(threads)
+    if saved is None:
+        os.environ.pop("PYTHONPATH", None)
+    else:
+        os.environ["PYTHONPATH"] = saved

@@ -1,0 +1,1 @@
+"""fnn-ray: the FNN foundation model of mouse visual cortex (MICrONS digital twin), run at scale on Ray."""

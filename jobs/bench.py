@@ -1,0 +1,244 @@
+"""Throughput benchmark: the original per-frame `predict`, the multi-scan engine, and a Ray sweep, in ONE run on
+the same machine and weights (a synthetic release of the MICrONS architecture, 10,000 units per scan, 144x256
+frames).
+
+    python -m jobs.bench [--quick] [--json out.json] [--device cpu|cuda] [--dtype float32|bfloat16]
+                         [--scans K] [--units U] [--batches 1,2,4,8] [--no-sweep]
+
+Rows: a) baseline = `Network.predict`, frame by frame, batch 1, one scan at a time; b) engine = clips x scans in
+one batch (a curve over total batch sizes; the best is reported); c) sweep = `jobs.sweep` through Ray with one
+actor on the same device, stimuli and output on local disk. Each row gives scan-frames/s, achieved GFLOP/s
+(conv + matmul FLOPs counted by torch's FlopCounterMode), the fraction of this machine's measured matmul peak and
+peak memory. The JSON holds every figure plus the ratios `engine_vs_baseline` and `sweep_vs_engine`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from fnn_model import NetworkConfig
+from fnn_model.engine import Engine
+from fnn_model.release import Release
+from fnn_model.synthetic import random_clips
+
+
+@dataclass
+class Row:
+    """One measured configuration."""
+
+    name: str
+    scans: int
+    clips: int
+    frames: int
+    seconds: float
+    scan_frames_per_s: float
+    gflops: float
+    peak_fraction: float
+    peak_memory_mb: float
+
+
+class Memory:
+    """Peak memory of a phase: GPU allocator peak on CUDA, else the process's peak RSS so far."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def reset(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def peak_mb(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, size: int = 2048, repeats: int = 10) -> float:
+    """Best measured FLOP/s of a square matmul on `device` in `dtype`."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        a @ b
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def flops_per_scan_frame(release: Release, scan: tuple[int, int]) -> float:
+    """Steady-state FLOPs of one frame of one scan (the second frame of a clip, batch 1)."""
+    net = release.load_network(*scan)
+    frames = torch.from_numpy(random_clips(1, 2, seed=1)[0])[:, None, None].float() / 255
+    zeros = torch.zeros(1, 2)
+    net.reset()
+    with torch.inference_mode():
+        net(frames[0], zeros, zeros)
+        counter = FlopCounterMode(display=False)
+        with counter:
+            net(frames[1], zeros, zeros)
+    net.reset()
+    return float(counter.get_total_flops())
+
+
+def make_row(name: str, scans: int, clips: int, frames: int, seconds: float, flops: float, peak: float,
+             memory: Memory) -> Row:
+    rate = scans * clips * frames / seconds
+    return Row(name, scans, clips, frames, seconds, rate, rate * flops / 1e9, rate * flops / peak, memory.peak_mb())
+
+
+def bench_baseline(release: Release, scans: list[tuple[int, int]], frames: int, device: torch.device,
+                   flops: float, peak: float, memory: Memory) -> Row:
+    """The original way: `predict`, frame by frame, batch 1, one scan after the other."""
+    clip = list(random_clips(1, frames, seed=2)[0])
+    nets = [release.load_network(*scan).to(device) for scan in scans]
+    nets[0].predict(clip[:2])  # warm-up
+    memory.reset()
+    sync(device)
+    start = time.perf_counter()
+    for net in nets:
+        net.predict(clip)
+    sync(device)
+    return make_row("baseline: predict, batch 1", len(scans), 1, frames, time.perf_counter() - start, flops, peak,
+                    memory)
+
+
+def bench_engine(engine: Engine, scans: list[tuple[int, int]], clips: int, frames: int, flops: float, peak: float,
+                 memory: Memory) -> Row:
+    """`clips` clips x all scans in one batch per frame."""
+    data = random_clips(clips, frames, seed=3)
+    engine.predict(data[:, :2], scans)  # warm-up at this batch size
+    memory.reset()
+    sync(engine.device)
+    start = time.perf_counter()
+    engine.predict(data, scans)
+    sync(engine.device)
+    return make_row(f"engine: {len(scans)} scans x {clips} clips", len(scans), clips, frames,
+                    time.perf_counter() - start, flops, peak, memory)
+
+
+def bench_sweep(release_url: str, root: Path, scans: list[tuple[int, int]], clips: int, frames: int,
+                clips_per_batch: int, device: torch.device, dtype: str, flops: float, peak: float,
+                memory: Memory) -> Row:
+    """A Ray sweep with one actor on the same device; stimuli and output on local disk."""
+    from fnn_ray.driver import SweepConfig, run_sweep
+    from fnn_ray.stimuli import Clip, write_clips
+
+    stimuli = root / "stimuli"
+    data = random_clips(clips, frames, seed=4)
+    write_clips(str(stimuli), [Clip(f"clip-{n:04d}", data[n]) for n in range(clips)], clips_per_file=clips)
+    config = SweepConfig(release=release_url, stimuli=str(stimuli), output=str(root / "output"), scans=scans,
+                         actors=1, clips_per_batch=clips_per_batch, clips_per_shard=clips_per_batch, dtype=dtype,
+                         progress=False, verbose=False, local_ray=True,
+                         cpus_per_actor=float(torch.get_num_threads()) if device.type == "cpu" else None)
+    summary = run_sweep(config).raise_for_failures()
+    seconds = summary.scan_frames / summary.scan_frames_per_s
+    row = make_row(f"sweep: Ray, 1 actor, batch {clips_per_batch}", len(scans), clips, frames, seconds, flops,
+                   peak, memory)
+    row.peak_memory_mb = float("nan")  # measured in the actor's process, not here
+    return row
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m jobs.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a small run (< 3 minutes on a 2-core CPU)")
+    parser.add_argument("--json", help="write every figure to this JSON file")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="engine and sweep dtype (the baseline is always float32)")
+    parser.add_argument("--scans", type=int, default=None, help="scans (default 4, quick 2)")
+    parser.add_argument("--units", type=int, default=10_000, help="units per scan")
+    parser.add_argument("--frames", type=int, default=None, help="frames per clip (default 16, quick 4)")
+    parser.add_argument("--batches", default=None, help="clips per engine call, comma-separated (default 1,2,4,8)")
+    parser.add_argument("--no-sweep", action="store_true", help="skip the Ray sweep row")
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    n_scans = args.scans or (2 if args.quick else 4)
+    frames = args.frames or (4 if args.quick else 16)
+    batches = [int(b) for b in (args.batches or ("1,2,4" if args.quick else "1,2,4,8")).split(",")]
+    scan_keys = [(100 + k, 1) for k in range(n_scans)]
+
+    with tempfile.TemporaryDirectory(prefix="fnn-bench-") as tmp:
+        root = Path(tmp)
+        release_url = str(root / "release")
+        from fnn_model.synthetic import make_release
+
+        make_release(release_url, [(s, i, args.units) for s, i in scan_keys], NetworkConfig(), seed=0)
+        release = Release.open(release_url)
+        peak = matmul_peak(device, dtype)
+        flops = flops_per_scan_frame(release, scan_keys[0])
+        memory = Memory(device)
+        print(f"device {device} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads), "
+              f"{args.dtype}; {flops / 1e9:.3f} GFLOP per scan-frame; matmul peak {peak / 1e9:.1f} GFLOP/s")
+
+        rows = [bench_baseline(release, scan_keys, frames, device, flops, peak, memory)]
+        print_row(rows[-1], header=True)
+        engine = Engine(release.load_core(), device, dtype)
+        for key in scan_keys:
+            engine.add_head(key, release.load_head(*key))
+        curve = []
+        for clips in batches:
+            curve.append(bench_engine(engine, scan_keys, clips, frames, flops, peak, memory))
+            print_row(curve[-1])
+        best = max(curve, key=lambda r: r.scan_frames_per_s)
+        rows += curve
+        sweep = None
+        if not args.no_sweep:
+            sweep = bench_sweep(release_url, root, scan_keys, max(2 * best.clips, 2), frames,
+                                best.clips * n_scans, device, args.dtype, flops, peak, memory)
+            rows.append(sweep)
+            print_row(sweep)
+
+    result = {
+        "machine": {"device": str(device), "processor": platform.processor() or platform.machine(),
+                    "threads": torch.get_num_threads(), "torch": torch.__version__,
+                    "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
+        "settings": {"dtype": args.dtype, "scans": n_scans, "units": args.units, "frames": frames,
+                     "batches": batches, "quick": args.quick},
+        "flops_per_scan_frame": flops,
+        "matmul_peak_flops": peak,
+        "rows": [asdict(r) for r in rows],
+        "baseline": asdict(rows[0]),
+        "engine_best": asdict(best),
+        "sweep": asdict(sweep) if sweep else None,
+        "engine_vs_baseline": best.scan_frames_per_s / rows[0].scan_frames_per_s,
+        "sweep_vs_engine": sweep.scan_frames_per_s / best.scan_frames_per_s if sweep else None,
+    }
+    ratio = f"engine/baseline {result['engine_vs_baseline']:.2f}x"
+    if sweep:
+        ratio += f", sweep/engine {result['sweep_vs_engine']:.2f}x"
+    print(ratio)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1, default=lambda v: None))
+        print(f"wrote {args.json}")
+    return result
+
+
+def print_row(row: Row, header: bool = False) -> None:
+    if header:
+        print(f"{'configuration':40s} {'scan-frames/s':>13s} {'GFLOP/s':>8s} {'of peak':>8s} {'peak MB':>8s}")
+    print(f"{row.name:40s} {row.scan_frames_per_s:13.2f} {row.gflops:8.1f} {row.peak_fraction:8.1%} "
+          f"{row.peak_memory_mb:8.0f}")
+
+
+if __name__ == "__main__":
+    main()
