@@ -9,6 +9,10 @@ from torch import nn
 from fnn_model.wconv import StreamParameters
 
 
+#: Floats of sampled features per unit block (~2 MB): `block = READOUT_BLOCK // (N * S * C)` units.
+READOUT_BLOCK = 1 << 19
+
+
 class Position(nn.Module):
     """Unit positions: `mu` `[U, 2]` (eval uses `tanh(mu)`), `sigma` `[U, 2, 2]` (training-only spread)."""
 
@@ -16,6 +20,23 @@ class Position(nn.Module):
         super().__init__()
         self.mu = nn.Parameter(torch.zeros(units, 2))
         self.sigma = nn.Parameter(torch.eye(2).repeat(units, 1, 1) * 0.4)
+
+    def bilinear(self, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Bilinear sampling at `tanh(mu)` on a `height x width` map: flat indices and weights, `[U, 4]` each.
+
+        Same weights as `grid_sample(..., mode="bilinear", padding_mode="border", align_corners=False)`:
+        coordinates `((p + 1) * size - 1) / 2`, clamped to the map (border), then the four neighbours.
+        """
+        pos = torch.tanh(self.mu)
+        x = (((pos[:, 0] + 1) * width - 1) / 2).clamp(0, width - 1)
+        y = (((pos[:, 1] + 1) * height - 1) / 2).clamp(0, height - 1)
+        x0, y0 = x.floor(), y.floor()
+        fx, fy = x - x0, y - y0
+        x0, y0 = x0.long(), y0.long()
+        x1, y1 = (x0 + 1).clamp(max=width - 1), (y0 + 1).clamp(max=height - 1)
+        index = torch.stack([y0 * width + x0, y0 * width + x1, y1 * width + x0, y1 * width + x1], dim=1)
+        weight = torch.stack([(1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy], dim=1)
+        return index, weight
 
 
 class Feature(nn.Module):
@@ -27,7 +48,12 @@ class Feature(nn.Module):
 
 
 class Readout(nn.Module):
-    """Core output `[N, S*C, H, W]` -> per-stream log-rates `[N, S, U]`."""
+    """Core output `[N, S*C, H, W]` -> per-stream log-rates `[N, S, U]`.
+
+    Positions are fixed in eval, so the bilinear indices and weights are computed on first use and cached
+    (dropped by `reset_state` and weight loading) with the features laid out `[U, S, C]`. Units are processed
+    in blocks whose sampled features (`[block, N, S, C]`) stay in cache.
+    """
 
     def __init__(self, units: int, channels: int, streams: int) -> None:
         super().__init__()
@@ -35,13 +61,35 @@ class Readout(nn.Module):
         self.position = Position(units)
         self.feature = Feature(units, channels, streams)
         self.biases = StreamParameters(streams, units, 1, fill=0.0)
+        self._cache: tuple[tuple[int, int], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._register_load_state_dict_pre_hook(lambda *args: self.reset_state())
+
+    def reset_state(self) -> None:
+        """Drop the cached sampling matrix and feature layout."""
+        self._cache = None
+
+    def _prepared(self, height: int, width: int) -> tuple[torch.Tensor, ...]:
+        """(indices `[U, 4]`, weights `[U, 4]`, features `[U, S, C]`, biases `[S, U]`) for this map size."""
+        if self._cache is not None and self._cache[0] == (height, width) and not torch.is_grad_enabled():
+            return self._cache[1:]
+        prepared = (
+            *self.position.bilinear(height, width),
+            self.feature.weights.stacked()[:, :, 0].transpose(0, 1).contiguous(),
+            self.biases.stacked()[:, :, 0],
+        )
+        if not torch.is_grad_enabled():
+            self._cache = ((height, width), *prepared)
+        return prepared
 
     def forward(self, r: torch.Tensor) -> torch.Tensor:
         """`[N, S*C, H, W]` -> `[N, S, U]`."""
-        n = r.shape[0]
-        grid = torch.tanh(self.position.mu).expand(n, self.units, 2)[:, :, None, :]  # [N, U, 1, 2]
-        sampled = F.grid_sample(r, grid, mode="bilinear", padding_mode="border", align_corners=False)
-        sampled = sampled.view(n, self.streams, self.channels, self.units)  # [N, S, C, U]
-        weights = self.feature.weights.stacked()[:, :, 0]  # [S, U, C]
-        out = torch.einsum("nscu,suc->nsu", sampled, weights)
-        return out + self.biases.stacked()[None, :, :, 0]
+        n, _, height, width = r.shape
+        index, weight, features, biases = self._prepared(height, width)
+        table = r.float().reshape(n * self.streams * self.channels, height * width).t().contiguous()  # [HW, NSC]
+        out = r.new_empty(self.units, n, self.streams, dtype=torch.float32)
+        block = max(1, READOUT_BLOCK // table.shape[1])
+        for start in range(0, self.units, block):
+            part = slice(start, start + block)
+            sampled = F.embedding_bag(index[part], table, per_sample_weights=weight[part], mode="sum")
+            out[part] = (sampled.view(-1, n, self.streams, self.channels) * features[part, None]).sum(dim=-1)
+        return out.permute(1, 2, 0) + biases

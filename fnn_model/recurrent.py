@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fnn_model.config import RecurrentConfig
@@ -12,6 +11,9 @@ from fnn_model.ops import gcat
 from fnn_model.wconv import StreamParameters, WConv
 
 THIRD_ROOT = 3**-0.5
+
+#: (stream, group) attention maps computed at once: 8 maps of 384 x 384 floats are ~4.7 MB.
+ATTENTION_CHUNK = 8
 
 
 class Recurrent(nn.Module):
@@ -59,8 +61,13 @@ class Recurrent(nn.Module):
         q, k, v = (proj(z).view(n, s, g, -1, height * width) for proj in (self.proj_q, self.proj_k, self.proj_v))
         q = q / q.norm(dim=3, keepdim=True) * self.scales.stacked()[None, :, :, :, None]
         k = k / k.norm(dim=3, keepdim=True)
-        a = F.scaled_dot_product_attention(q.transpose(3, 4), k.transpose(3, 4), v.transpose(3, 4), scale=1.0)
-        return a.transpose(3, 4).reshape(z.shape)
+        q, k, v = (t.flatten(0, 2) for t in (q.transpose(3, 4), k, v))  # [N*S*G, P, C], [N*S*G, C, P] x2
+        out = torch.empty_like(v)
+        for chunk in range(0, len(q), ATTENTION_CHUNK):  # keeps each [chunk, P, P] weight block in cache
+            part = slice(chunk, chunk + ATTENTION_CHUNK)
+            weights = torch.softmax(q[part] @ k[part], dim=-1)  # [chunk, P, P']
+            torch.matmul(v[part], weights.transpose(1, 2), out=out[part])
+        return out.view(z.shape)
 
     def forward(self, f: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
         """`f` `[N, S*F, H, W]`, `m` `[N, S*M]` -> `[N, S*out, H, W]`."""
