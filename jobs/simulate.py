@@ -53,6 +53,7 @@ from typing import Sequence
 
 from fnn_ray.plan import HEAD_LOAD_COST, WorkItem, build_items, choose_clips_per_shard
 from fnn_ray.scheduler import Scheduler
+from fnn_ray.stimuli import Shard
 
 #: 13 scans, 104,171 units in total (8-5 is real; the other unit counts are made up for the simulation).
 MICRONS_LIKE_SCANS: tuple[tuple[tuple[int, int], int], ...] = (
@@ -77,22 +78,6 @@ DEFAULT_ACTORS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 @dataclass(frozen=True)
-class SimShard:
-    """Stand-in for :class:`fnn_ray.stimuli.Shard` with the fields the scheduler reads."""
-
-    url: str
-    path: str
-    row_start: int
-    row_stop: int
-    clip_ids: tuple[str, ...]
-    frames: int
-
-    @property
-    def shard_id(self) -> str:
-        return f"{self.row_start:06d}-{self.row_stop:06d}"
-
-
-@dataclass(frozen=True)
 class SimConfig:
     """Workload and actor model of one simulation."""
 
@@ -109,7 +94,7 @@ class SimConfig:
     seed: int = 0
     use_clock: bool = True  # give the scheduler the simulated clock (as the driver passes time.monotonic)
 
-    def shards(self, actors: int) -> list[SimShard]:
+    def shards(self, actors: int) -> list[Shard]:
         """The stimulus set cut into shards (the last one may be short)."""
         clips = math.ceil(self.total_frames / self.clip_frames)
         per = self.clips_per_shard or choose_clips_per_shard(
@@ -119,7 +104,7 @@ class SimConfig:
         for first in range(0, clips, per):
             ids = tuple(f"clip{c:05d}" for c in range(first, min(first + per, clips)))
             frames = min((first + len(ids)) * self.clip_frames, self.total_frames) - first * self.clip_frames
-            shards.append(SimShard("sim://stimuli", "sim", first, first + len(ids), ids, frames))
+            shards.append(Shard("sim://stimuli", "sim/part-00000.parquet", first, first + len(ids), ids, frames))
         return shards
 
     def fetch(self, item: WorkItem) -> float:

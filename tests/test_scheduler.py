@@ -18,27 +18,12 @@ from fnn_ray.plan import (
     choose_clips_per_shard,
 )
 from fnn_ray.scheduler import Scheduler, SchedulerError, balanced_assignment
+from fnn_ray.stimuli import Shard
 
 
-@dataclass(frozen=True)
-class FakeShard:
-    """Stand-in for fnn_ray.stimuli.Shard with the same fields."""
-
-    url: str
-    path: str
-    row_start: int
-    row_stop: int
-    clip_ids: tuple[str, ...]
-    frames: int
-
-    @property
-    def shard_id(self) -> str:
-        return f"shard-{self.row_start:05d}"
-
-
-def make_shards(n: int, clips_per_shard: int = 2, clip_frames: int = 300) -> list[FakeShard]:
+def make_shards(n: int, clips_per_shard: int = 2, clip_frames: int = 300) -> list[Shard]:
     return [
-        FakeShard(
+        Shard(
             url="memory://stimuli",
             path="stimuli.parquet",
             row_start=i * clips_per_shard,
