@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fnn_model.cache import Derived
 from fnn_model.wconv import StreamParameters, normalize
 
 
@@ -29,26 +30,19 @@ class InterGroup(nn.Module):
         for w in self.weights:
             nn.init.uniform_(w, -bound, bound)
         self.gains = StreamParameters(streams, groups, c_out, fill=init_gain)
-        self._cache: torch.Tensor | None = None
-        self._register_load_state_dict_pre_hook(lambda *args: self.reset_state())
-
-    def reset_state(self) -> None:
-        """Drop the cached dense weight."""
-        self._cache = None
+        self._dense = Derived()
 
     def dense(self) -> torch.Tensor:
-        """The stacked dense 1x1 weight `[S*G*c_out, G*c_in, 1, 1]` with zero diagonal blocks."""
-        if self._cache is not None and not torch.is_grad_enabled():
-            return self._cache
+        """The stacked dense 1x1 weight `[S*G*c_out, G*c_in, 1, 1]` with zero diagonal blocks (cached)."""
+        return self._dense.get(self, self._compute_dense)
+
+    def _compute_dense(self) -> torch.Tensor:
         g = self.groups
         _, _, c_out, c_in = self.zero.shape
         weight = normalize(self.weights.stacked(), self.gains.stacked(), fan_dims=(2, 4))  # [S, G, G-1, co, ci]
         mask = self.mask.expand(g, g, c_out, c_in)
         blocks = [self.zero.masked_scatter(mask, w) for w in weight]  # each [G(out), G(in), c_out, c_in]
-        dense = torch.stack(blocks).permute(0, 1, 3, 2, 4).reshape(-1, g * c_in, 1, 1)
-        if not torch.is_grad_enabled():
-            self._cache = dense
-        return dense
+        return torch.stack(blocks).permute(0, 1, 3, 2, 4).reshape(-1, g * c_in, 1, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """`[N, S*G*c_in, H, W]` -> `[N, S*G*c_out, H, W]`."""

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fnn_model.cache import Derived
 from fnn_model.wconv import StreamParameters
 
 
@@ -51,7 +52,7 @@ class Readout(nn.Module):
     """Core output `[N, S*C, H, W]` -> per-stream log-rates `[N, S, U]`.
 
     Positions are fixed in eval, so the bilinear indices and weights are computed on first use and cached
-    (dropped by `reset_state` and weight loading) with the features laid out `[U, S, C]`. Units are processed
+    (until a parameter changes) with the features laid out `[U, S, C]`. Units are processed
     in blocks whose sampled features (`[block, N, S, C]`) stay in cache.
     """
 
@@ -61,25 +62,15 @@ class Readout(nn.Module):
         self.position = Position(units)
         self.feature = Feature(units, channels, streams)
         self.biases = StreamParameters(streams, units, 1, fill=0.0)
-        self._cache: tuple[tuple[int, int], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-        self._register_load_state_dict_pre_hook(lambda *args: self.reset_state())
-
-    def reset_state(self) -> None:
-        """Drop the cached sampling matrix and feature layout."""
-        self._cache = None
+        self._tables: Derived[tuple[torch.Tensor, ...]] = Derived()
 
     def _prepared(self, height: int, width: int) -> tuple[torch.Tensor, ...]:
         """(indices `[U, 4]`, weights `[U, 4]`, features `[U, S, C]`, biases `[S, U]`) for this map size."""
-        if self._cache is not None and self._cache[0] == (height, width) and not torch.is_grad_enabled():
-            return self._cache[1:]
-        prepared = (
+        return self._tables.get(self, lambda: (
             *self.position.bilinear(height, width),
             self.feature.weights.stacked()[:, :, 0].transpose(0, 1).contiguous(),
             self.biases.stacked()[:, :, 0],
-        )
-        if not torch.is_grad_enabled():
-            self._cache = ((height, width), *prepared)
-        return prepared
+        ), key=(height, width))
 
     def forward(self, r: torch.Tensor) -> torch.Tensor:
         """`[N, S*C, H, W]` -> `[N, S, U]`."""

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fnn_model.cache import Derived
 from fnn_model.ops import EPS
 
 
@@ -50,8 +51,8 @@ class WConv(nn.Module):
     """Multi-stream grouped convolution with optional weight normalisation and a temporal kernel.
 
     Input `[N, S*I, H, W]`, output `[N, S*O, H', W']`. With `temporal > 1` the module keeps the last
-    `temporal - 1` padded inputs (zeros after `reset_state`) and convolves the stack oldest-first, so kernel
-    index `temporal - 1` multiplies the current frame.
+    `temporal - 1` frames' partial outputs (zeros after `reset_state`), equivalent to convolving the stack of
+    padded inputs oldest-first, so kernel index `temporal - 1` multiplies the current frame.
     """
 
     def __init__(
@@ -87,34 +88,23 @@ class WConv(nn.Module):
         self.gains = StreamParameters(streams, *group_shape, fill=init_gain) if wnorm and gain else None
         self.biases = StreamParameters(streams, *group_shape, fill=init_bias) if bias else None
         self._history: list[torch.Tensor] | None = None
-        self._cache: tuple[torch.Tensor, torch.Tensor | None] | None = None
-        self._register_load_state_dict_pre_hook(self._drop_cache)
-
-    def _drop_cache(self, *args: object) -> None:
-        self._cache = None
+        self._kernel_cache: Derived[tuple[torch.Tensor, torch.Tensor | None]] = Derived()
 
     def reset_state(self) -> None:
-        """Forget the carried temporal partial sums and the cached weights (start of a new sequence)."""
+        """Forget the carried temporal partial sums (start of a new sequence)."""
         self._history = None
-        self._cache = None
 
     def effective(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The stacked effective weight `[S*O, I/g_in, T, k, k]` and bias `[S*O]` (or None).
+        """The kernel actually run `[T*S*O, I/g, k, k]` and its bias (or None), cached while the weights stay."""
+        return self._kernel_cache.get(self, self._compute_kernel)
 
-        Cached between frames while autograd is off; the cache is dropped by `reset_state` and weight loading.
-        """
-        if self._cache is not None and not torch.is_grad_enabled():
-            return self._cache
+    def _compute_kernel(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         weight = self.weights.stacked()  # [S, O, I/g, T, k, k]
         if self.wnorm:
             gain = self.gains.stacked().flatten(1) if self.gains is not None else None
             weight = normalize(weight, gain, fan_dims=(2, 3, 4, 5))
-        weight = weight.flatten(0, 1)
         bias = self.biases.stacked().flatten() if self.biases is not None else None
-        kernel = self._kernel(weight, bias)
-        if not torch.is_grad_enabled():
-            self._cache = kernel
-        return kernel
+        return self._kernel(weight.flatten(0, 1), bias)
 
     def _kernel(self, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Effective weight `[S*O, I/g, T, k, k]` -> the 2-D kernel actually run, `[T*S*O, I/g, k, k]`.

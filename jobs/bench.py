@@ -68,7 +68,7 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def matmul_peak(device: torch.device, dtype: torch.dtype, size: int = 2048, repeats: int = 10) -> float:
+def matmul_peak(device: torch.device, dtype: torch.dtype, size: int = 2048, repeats: int = 30) -> float:
     """Best measured FLOP/s of a square matmul on `device` in `dtype`."""
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> dict:
         rows += curve
         sweep = None
         if not args.no_sweep:
-            sweep = bench_sweep(release_url, root, scan_keys, max(2 * best.clips, 2), frames,
+            sweep = bench_sweep(release_url, root, scan_keys, max(8 * best.clips, 8), frames,
                                 best.clips * n_scans, device, args.dtype, flops, peak, memory)
             rows.append(sweep)
             print_row(sweep)

@@ -61,3 +61,23 @@ def test_output_at_t_depends_only_on_frames_up_to_t() -> None:
     a, b = net.predict(list(clip)), net.predict(list(changed))
     np.testing.assert_array_equal(a[:3], b[:3])
     assert not np.allclose(a[3:], b[3:])
+
+
+def test_cached_weights_follow_parameter_changes() -> None:
+    """Normalised kernels and readout tables are cached across calls, but never outlive a weight change."""
+    config = NetworkConfig.tiny()
+    net = Network(config, 4, core=make_core(config, 1), head=make_head(config, 4, 2)).eval()
+    other = Network(config, 4, core=make_core(config, 3), head=make_head(config, 4, 4)).eval()
+    clip = list(random_clips(1, 3, 32, 48, seed=9)[0])
+    before = net.predict(clip)
+    np.testing.assert_array_equal(net.predict(clip), before)
+    net.load_state_dict(other.state_dict())
+    np.testing.assert_array_equal(net.predict(clip), other.predict(clip))
+    with torch.no_grad():
+        net.core.recurrent.proj_o.gains[0].mul_(2.0)
+        net.readout.position.mu.add_(0.3)
+    changed = net.predict(clip)
+    fresh = Network(config, 4)
+    fresh.load_state_dict(net.state_dict())
+    np.testing.assert_array_equal(changed, fresh.eval().predict(clip))
+    assert not np.allclose(changed, other.predict(clip))

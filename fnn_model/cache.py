@@ -1,0 +1,33 @@
+"""Values derived from a module's parameters (normalised weights, sampling tables), computed once and reused.
+
+A cached value is recomputed when any parameter of the module is modified in place (tensor version counter,
+which `load_state_dict` and optimiser steps bump), replaced or moved (`.to(...)`), when the extra key changes,
+or always while autograd is on (so gradients flow to the parameters).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable
+from typing import Generic, TypeVar
+
+import torch
+from torch import nn
+
+T = TypeVar("T")
+
+
+class Derived(Generic[T]):
+    """One cached value derived from `module`'s parameters."""
+
+    def __init__(self) -> None:
+        self._stamp: tuple | None = None
+        self._value: T | None = None
+
+    def get(self, module: nn.Module, compute: Callable[[], T], key: Hashable = None) -> T:
+        """The value, recomputed by `compute()` unless it is still current."""
+        if torch.is_grad_enabled():
+            return compute()
+        stamp = (key, *((p.data_ptr(), p._version, p.dtype) for p in module.parameters()))
+        if stamp != self._stamp:
+            self._value, self._stamp = compute(), stamp
+        return self._value
