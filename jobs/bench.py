@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
                         help="engine and sweep dtype (the baseline is always float32)")
     parser.add_argument("--scans", type=int, default=None, help="scans (default 4, quick 2)")
     parser.add_argument("--units", type=int, default=10_000, help="units per scan")
-    parser.add_argument("--frames", type=int, default=None, help="frames per clip (default 16, quick 4)")
+    parser.add_argument("--frames", type=int, default=None, help="frames per clip (default 16, quick 8)")
     parser.add_argument("--batches", default=None, help="clips per engine call, comma-separated (default 1,2,4,8)")
     parser.add_argument("--no-sweep", action="store_true", help="skip the Ray sweep row")
     args = parser.parse_args(argv)
@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device(args.device)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     n_scans = args.scans or (2 if args.quick else 4)
-    frames = args.frames or (4 if args.quick else 16)
+    frames = args.frames or (8 if args.quick else 16)
     batches = [int(b) for b in (args.batches or ("1,2,4" if args.quick else "1,2,4,8")).split(",")]
     scan_keys = [(100 + k, 1) for k in range(n_scans)]
 
