@@ -1,7 +1,7 @@
 """fnn_model: the FNN network (MICrONS digital twin) in PyTorch, state-dict compatible with the public release.
 
-Modules, bottom-up: `ops` and `wconv`/`intergroup` (building blocks), `feedforward` and `recurrent` (the shared
-core), `perspective`, `modulation` and `readout` (the per-scan head), `network` (assembly and `predict`),
+Modules, bottom-up: `config` (dataclasses), `ops`, `cache`, `wconv`, `intergroup` and `mlp` (building blocks),
+`feedforward` and `recurrent` (the shared core), `perspective`, `modulation` and `readout` (the per-scan head), `inputs` and `network` (assembly and `predict`),
 `release` (the on-disk release format on any fsspec URL), `synthetic` (random releases and clips), `microns` (the
 original package's convenience API) and `engine` (many scans x clips on one device in one batch).
 """
