@@ -32,6 +32,10 @@ class InterGroup(nn.Module):
         self.gains = StreamParameters(streams, groups, c_out, fill=init_gain)
         self._dense = Derived()
 
+    def reset_state(self) -> None:
+        """Recheck the cached dense weight against the parameters (start of a new sequence)."""
+        self._dense.recheck()
+
     def dense(self) -> torch.Tensor:
         """The stacked dense 1x1 weight `[S*G*c_out, G*c_in, 1, 1]` with zero diagonal blocks (cached)."""
         return self._dense.get(self, self._compute_dense)

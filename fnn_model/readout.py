@@ -52,7 +52,7 @@ class Readout(nn.Module):
     """Core output `[N, S*C, H, W]` -> per-stream log-rates `[N, S, U]`.
 
     Positions are fixed in eval, so the bilinear indices and weights are computed on first use and cached
-    (until a parameter changes) with the features laid out `[U, S, C]`. Units are processed
+    (until a parameter changes; checked at every sequence start) with the features laid out `[U, S, C]`. Units are processed
     in blocks whose sampled features (`[block, N, S, C]`) stay in cache.
     """
 
@@ -63,6 +63,10 @@ class Readout(nn.Module):
         self.feature = Feature(units, channels, streams)
         self.biases = StreamParameters(streams, units, 1, fill=0.0)
         self._tables: Derived[tuple[torch.Tensor, ...]] = Derived()
+
+    def reset_state(self) -> None:
+        """Recheck the cached sampling tables against the parameters (start of a new sequence)."""
+        self._tables.recheck()
 
     def _prepared(self, height: int, width: int) -> tuple[torch.Tensor, ...]:
         """(indices `[U, 4]`, weights `[U, 4]`, features `[U, S, C]`, biases `[S, U]`) for this map size."""

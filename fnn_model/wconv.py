@@ -91,8 +91,9 @@ class WConv(nn.Module):
         self._kernel_cache: Derived[tuple[torch.Tensor, torch.Tensor | None]] = Derived()
 
     def reset_state(self) -> None:
-        """Forget the carried temporal partial sums (start of a new sequence)."""
+        """Forget the carried temporal partial sums and recheck the cached kernel (start of a new sequence)."""
         self._history = None
+        self._kernel_cache.recheck()
 
     def effective(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The kernel actually run `[T*S*O, I/g, k, k]` and its bias (or None), cached while the weights stay."""
