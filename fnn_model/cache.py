@@ -40,3 +40,13 @@ class Derived(Generic[T]):
             self._value, self._stamp = compute(), stamp
         self._checked = True
         return self._value
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype autocast runs matmuls and convs in on `device` right now, or None when autocast is off there.
+
+    Weights derived once per sequence are cached in this dtype, so autocast does not recast them every frame.
+    """
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return None

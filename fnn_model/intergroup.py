@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fnn_model.cache import Derived
+from fnn_model.cache import Derived, autocast_dtype
 from fnn_model.wconv import StreamParameters, normalize
 
 
@@ -37,16 +37,19 @@ class InterGroup(nn.Module):
         self._dense.recheck()
 
     def dense(self) -> torch.Tensor:
-        """The stacked dense 1x1 weight `[S*G*c_out, G*c_in, 1, 1]` with zero diagonal blocks (cached)."""
-        return self._dense.get(self, self._compute_dense)
+        """The stacked dense 1x1 weight `[S*G*c_out, G*c_in, 1, 1]` with zero diagonal blocks (cached, in the
+        autocast dtype when autocast is on)."""
+        dtype = autocast_dtype(self.weights[0].device)
+        return self._dense.get(self, lambda: self._compute_dense(dtype), key=dtype)
 
-    def _compute_dense(self) -> torch.Tensor:
+    def _compute_dense(self, dtype: torch.dtype | None) -> torch.Tensor:
         g = self.groups
         _, _, c_out, c_in = self.zero.shape
         weight = normalize(self.weights.stacked(), self.gains.stacked(), fan_dims=(2, 4))  # [S, G, G-1, co, ci]
         mask = self.mask.expand(g, g, c_out, c_in)
         blocks = [self.zero.masked_scatter(mask, w) for w in weight]  # each [G(out), G(in), c_out, c_in]
-        return torch.stack(blocks).permute(0, 1, 3, 2, 4).reshape(-1, g * c_in, 1, 1)
+        dense = torch.stack(blocks).permute(0, 1, 3, 2, 4).reshape(-1, g * c_in, 1, 1)
+        return dense if dtype is None else dense.to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """`[N, S*G*c_in, H, W]` -> `[N, S*G*c_out, H, W]`."""

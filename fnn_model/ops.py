@@ -16,7 +16,7 @@ EPS = 1e-5
 
 def gelu(x: torch.Tensor) -> torch.Tensor:
     """Exact (erf) GELU scaled by `GELU_GAIN`."""
-    return F.gelu(x) * GELU_GAIN
+    return F.gelu(x).mul_(GELU_GAIN)
 
 
 def gcat(tensors: Sequence[torch.Tensor], groups: int) -> torch.Tensor:
@@ -24,12 +24,12 @@ def gcat(tensors: Sequence[torch.Tensor], groups: int) -> torch.Tensor:
 
     Each tensor is `[N_i, groups * c_i, *spatial_i]`; tensors after the first are expanded to the first tensor's
     batch and spatial size (a recurrent state may still be `[1, C, 1, 1]`). The output is
-    `[N, groups * sum(c_i), *spatial]` with, for every group g, chunk g of tensor 1, then of tensor 2, ...
+    `[N, groups * sum(c_i), *spatial]`, channels-last, with, for every group g, chunk g of tensor 1, then of
+    tensor 2, ...
     """
     first = tensors[0]
     batch, spatial = first.shape[0], first.shape[2:]
-    parts = [
-        t.expand(batch, t.shape[1], *spatial).reshape(batch, groups, t.shape[1] // groups, *spatial)
-        for t in tensors
+    parts = [  # [N, *spatial, groups, c_i]: a view of channels-last inputs
+        t.expand(batch, t.shape[1], *spatial).movedim(1, -1).unflatten(-1, (groups, -1)) for t in tensors
     ]
-    return torch.cat(parts, dim=2).flatten(1, 2)
+    return torch.cat(parts, dim=-1).flatten(-2).movedim(-1, 1)

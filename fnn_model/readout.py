@@ -80,7 +80,7 @@ class Readout(nn.Module):
         """`[N, S*C, H, W]` -> `[N, S, U]`."""
         n, _, height, width = r.shape
         index, weight, features, biases = self._prepared(height, width)
-        table = r.float().reshape(n * self.streams * self.channels, height * width).t().contiguous()  # [HW, NSC]
+        table = r.float().permute(2, 3, 0, 1).reshape(height * width, -1)  # [HW, N*S*C], cheap from channels-last
         out = r.new_empty(self.units, n, self.streams, dtype=torch.float32)
         block = max(1, READOUT_BLOCK // table.shape[1])
         for start in range(0, self.units, block):

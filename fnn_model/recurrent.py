@@ -16,6 +16,16 @@ THIRD_ROOT = 3**-0.5
 ATTENTION_CHUNK = 8
 
 
+def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """`[N, H*W, heads, C]` -> `[N*heads, H*W, C]` (a copy of C-long runs)."""
+    return x.transpose(1, 2).flatten(0, 1).contiguous()
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    """`x` divided by its L2 norm over the last dim (no epsilon)."""
+    return x / x.square().sum(dim=-1, keepdim=True).sqrt_()
+
+
 class Recurrent(nn.Module):
     """Feedforward features `f` `[N, S*F, H, W]` and modulation `m` `[N, S*M]` -> output `[N, S*out, H, W]`.
 
@@ -51,23 +61,28 @@ class Recurrent(nn.Module):
         self._state = None
 
     def attention(self, z: torch.Tensor) -> torch.Tensor:
-        """Global attention within each (stream, group) over the flattened positions: `[N, S*C, H, W]` -> same.
+        """Global attention within each (stream, group) over the flattened positions: `[N, S*C, H, W]` -> same
+        (channels-last).
 
         Queries and keys are L2-normalised over the group's channels (no epsilon); queries are then scaled
         per channel by `scales`; the softmax runs over key positions.
         """
         n, _, height, width = z.shape
-        s, g = self.streams, self.groups
-        q, k, v = (proj(z).view(n, s, g, -1, height * width) for proj in (self.proj_q, self.proj_k, self.proj_v))
-        q = q / q.norm(dim=3, keepdim=True) * self.scales.stacked()[None, :, :, :, None]
-        k = k / k.norm(dim=3, keepdim=True)
-        q, k, v = (t.flatten(0, 2) for t in (q.transpose(3, 4), k, v))  # [N*S*G, P, C], [N*S*G, C, P] x2
+        heads = self.streams * self.groups
+
+        def positions(proj: WConv) -> torch.Tensor:  # channels-last output viewed as [N, P, S*G, C/G]
+            return proj(z).permute(0, 2, 3, 1).reshape(n, height * width, heads, -1)
+
+        q, k, v = positions(self.proj_q), positions(self.proj_k), positions(self.proj_v)
+        q = _unit(q) * self.scales.stacked().to(q.dtype).flatten(0, 1)  # scales [S*G, C/G]
+        q, k, v = _heads(q, heads), _heads(_unit(k), heads), _heads(v, heads)  # [N*S*G, P, C/G]
         out = torch.empty_like(v)
         for chunk in range(0, len(q), ATTENTION_CHUNK):  # keeps each [chunk, P, P] weight block in cache
             part = slice(chunk, chunk + ATTENTION_CHUNK)
-            weights = torch.softmax(q[part] @ k[part], dim=-1)  # [chunk, P, P']
-            torch.matmul(v[part], weights.transpose(1, 2), out=out[part])
-        return out.view(z.shape)
+            weights = torch.softmax(q[part] @ k[part].transpose(1, 2), dim=-1)  # [chunk, P, P']
+            torch.matmul(weights, v[part], out=out[part])
+        out = out.view(n, heads, height * width, -1).transpose(1, 2).reshape(n, height, width, -1)
+        return out.permute(0, 3, 1, 2)
 
     def forward(self, f: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
         """`f` `[N, S*F, H, W]`, `m` `[N, S*M]` -> `[N, S*out, H, W]`."""

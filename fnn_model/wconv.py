@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fnn_model.cache import Derived
+from fnn_model.cache import Derived, autocast_dtype
 from fnn_model.ops import EPS
 
 
@@ -50,9 +50,9 @@ class StreamParameters(nn.ParameterList):
 class WConv(nn.Module):
     """Multi-stream grouped convolution with optional weight normalisation and a temporal kernel.
 
-    Input `[N, S*I, H, W]`, output `[N, S*O, H', W']`. With `temporal > 1` the module keeps the last
-    `temporal - 1` frames' partial outputs (zeros after `reset_state`), equivalent to convolving the stack of
-    padded inputs oldest-first, so kernel index `temporal - 1` multiplies the current frame.
+    Input `[N, S*I, H, W]`, output `[N, S*O, H', W']`. With `temporal > 1` the module keeps the last `temporal`
+    padded inputs in a ring buffer (zeros after `reset_state`) and convolves their stack oldest-first, so kernel
+    index `temporal - 1` multiplies the current frame.
     """
 
     def __init__(
@@ -75,6 +75,8 @@ class WConv(nn.Module):
         super().__init__()
         if in_channels % in_groups or out_channels % in_groups or out_channels % out_groups:
             raise ValueError(f"WConv: channels {in_channels}->{out_channels} do not divide into groups")
+        if temporal > 1 and padding != "zeros":
+            raise ValueError("WConv: temporal kernels need zero padding (the released network has no other)")
         self.streams, self.in_channels, self.out_channels = streams, in_channels, out_channels
         self.in_groups, self.temporal, self.spatial, self.stride = in_groups, temporal, spatial, stride
         self.padding, self.wnorm = padding, wnorm
@@ -87,79 +89,85 @@ class WConv(nn.Module):
         group_shape = (out_groups, out_channels // out_groups)
         self.gains = StreamParameters(streams, *group_shape, fill=init_gain) if wnorm and gain else None
         self.biases = StreamParameters(streams, *group_shape, fill=init_bias) if bias else None
-        self._history: list[torch.Tensor] | None = None
-        self._kernel_cache: Derived[tuple[torch.Tensor, torch.Tensor | None]] = Derived()
+        self._frames: torch.Tensor | None = None
+        self._step = 0
+        self._kernel_cache: Derived[tuple[list[torch.Tensor], torch.Tensor | None]] = Derived()
+
+    @property
+    def groups(self) -> int:
+        """Groups of the underlying conv: `streams * in_groups`."""
+        return self.streams * self.in_groups
 
     def reset_state(self) -> None:
-        """Forget the carried temporal partial sums and recheck the cached kernel (start of a new sequence)."""
-        self._history = None
+        """Forget the buffered past inputs and recheck the cached kernels (start of a new sequence)."""
+        self._frames, self._step = None, 0
         self._kernel_cache.recheck()
 
-    def effective(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The kernel actually run `[T*S*O, I/g, k, k]` and its bias (or None), cached while the weights stay."""
-        return self._kernel_cache.get(self, self._compute_kernel)
+    def effective(self) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """The 2-D kernels actually run and the bias (or None), cached while the weights stay, in the autocast
+        dtype when autocast is on (normalised in float32 first).
 
-    def _compute_kernel(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        Without a temporal kernel: one kernel `[S*O, I/g, k, k]`. With `T > 1` taps: `T` kernels
+        `[S*O, T*I/g, k, k]`, kernel `r` for the ring buffer whose newest frame sits in slot `r`.
+        """
+        dtype = autocast_dtype(self.weights[0].device)
+        return self._kernel_cache.get(self, lambda: self._compute_kernels(dtype), key=dtype)
+
+    def _compute_kernels(self, dtype: torch.dtype | None) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         weight = self.weights.stacked()  # [S, O, I/g, T, k, k]
         if self.wnorm:
             gain = self.gains.stacked().flatten(1) if self.gains is not None else None
             weight = normalize(weight, gain, fan_dims=(2, 3, 4, 5))
-        bias = self.biases.stacked().flatten() if self.biases is not None else None
-        return self._kernel(weight.flatten(0, 1), bias)
-
-    def _kernel(self, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Effective weight `[S*O, I/g, T, k, k]` -> the 2-D kernel actually run, `[T*S*O, I/g, k, k]`.
-
-        All temporal taps are applied to the current frame in one grouped conv2d: output channels are ordered
-        (group, tap, channel) so each group's outputs stay contiguous; the bias goes to the current-frame tap.
-        Spatial kernels are stored channels-last.
-        """
-        groups, taps = self.streams * self.in_groups, self.temporal
-        per_group = weight.shape[0] // groups
-        kernel = weight.unflatten(0, (groups, per_group)).movedim(3, 1).flatten(0, 2)
-        if bias is not None and taps > 1:
-            bias = torch.cat([torch.zeros(groups, taps - 1, per_group), bias.view(groups, 1, per_group)], 1)
-        if self.spatial > 1:
+        weight = weight.flatten(0, 1)  # [S*O, I/g, T, k, k]
+        taps = self.temporal
+        kernels = []
+        for newest in range(taps):
+            # slot s of the ring buffer holds the frame (newest - s) mod T steps old, i.e. tap T - 1 - that
+            order = [taps - 1 - (newest - slot) % taps for slot in range(taps)]
+            kernel = weight[:, :, order].transpose(1, 2).flatten(1, 2)  # [S*O, T*I/g, k, k], channels (slot, c)
             kernel = kernel.contiguous(memory_format=torch.channels_last)
-        return kernel, None if bias is None else bias.flatten()
+            kernels.append(kernel if dtype is None else kernel.to(dtype))
+        bias = self.biases.stacked().flatten() if self.biases is not None else None
+        return kernels, bias if bias is None or dtype is None else bias.to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """`[N, S*I, H, W]` -> `[N, S*O, H', W']`.
+        """`[N, S*I, H, W]` -> `[N, S*O, H', W']`, channels-last (oneDNN's grouped convs, 1x1 included, are
+        fastest channels-last on CPU, and the core keeps every feature map in that layout)."""
+        kernels, bias = self.effective()
+        if self.temporal > 1:
+            return self._temporal(x, kernels, bias)
+        if x.shape[2:] == (1, 1) and self.spatial == 1:
+            return self._pointwise(x, kernels[0], bias, self.groups)
+        padding = self.pad
+        if padding and self.padding == "replicate":
+            x, padding = F.pad(x, (padding,) * 4, mode="replicate"), 0
+        x = x.contiguous(memory_format=torch.channels_last)
+        return F.conv2d(x, kernels[0], bias, stride=self.stride, padding=padding, groups=self.groups)
 
-        With `T > 1`, `y_t = sum_tau conv(x_{t-T+1+tau}, W_tau)` is computed as tap outputs of the current
-        frame plus the carried tap outputs of the previous `T - 1` frames (zeros after a reset).
+    def _temporal(self, x: torch.Tensor, kernels: list[torch.Tensor], bias: torch.Tensor | None) -> torch.Tensor:
+        """Write the current frame into its ring-buffer slot, then convolve all `T` slots in one conv2d.
+
+        The buffer is `[N, G*T*I/g, H+2p, W+2p]` channels-last with channels ordered (group, slot, channel); its
+        zero border is the zero padding, so a frame costs one strided copy and one conv.
         """
-        kernel, bias = self.effective()
-        if self.pad:
-            mode = "constant" if self.padding == "zeros" else "replicate"
-            x = F.pad(x, (self.pad,) * 4, mode=mode)
-        if self.spatial > 1:  # oneDNN's grouped spatial convs are fastest channels-last; 1x1 convs are not
-            x = x.contiguous(memory_format=torch.channels_last)
-        groups = self.streams * self.in_groups
-        if self.spatial == 1 and self.temporal == 1 and self.stride == 1:
-            return self._pointwise(x, kernel, bias, groups)
-        y = F.conv2d(x, kernel, bias, stride=self.stride, groups=groups)
-        if self.temporal == 1:
-            return y
-        taps = y.unflatten(1, (groups, self.temporal, -1))  # [N, G, T, O/G, H', W']
-        current = taps[:, :, -1]
-        if self._history is not None:
-            current = current + self._history[0]
-        # carried[j] holds what frame t+1+j still needs from frames up to t
-        carried = [taps[:, :, -2 - j] for j in range(self.temporal - 1)]
-        if self._history is not None:
-            carried = [c + h for c, h in zip(carried[:-1], self._history[1:])] + carried[-1:]
-        self._history = carried
-        return current.flatten(1, 2)
+        n, _, height, width = x.shape
+        p, taps = self.pad, self.temporal
+        if self._frames is None:
+            shape = (n, self.groups * taps * (self.in_channels // self.in_groups), height + 2 * p, width + 2 * p)
+            self._frames = torch.zeros(shape, dtype=x.dtype, device=x.device).contiguous(
+                memory_format=torch.channels_last)
+        newest = self._step % taps
+        slots = self._frames.permute(0, 2, 3, 1).unflatten(3, (self.groups, taps, -1))  # [N, H', W', G, T, I/g]
+        slots[:, p:p + height, p:p + width, :, newest] = x.permute(0, 2, 3, 1).unflatten(3, (self.groups, -1))
+        self._step += 1
+        return F.conv2d(self._frames, kernels[newest], bias, stride=self.stride, groups=self.groups)
 
     @staticmethod
     def _pointwise(x: torch.Tensor, kernel: torch.Tensor, bias: torch.Tensor | None, groups: int) -> torch.Tensor:
-        """A grouped 1x1 conv as one batched matmul `[G, O/G, I/G] @ [N, G, I/G, H*W]` (on CPU, faster than
-        oneDNN's grouped 1x1 convs at every batch size we measured)."""
-        n, _, height, width = x.shape
+        """A grouped 1x1 conv of a `[N, G*I/G, 1, 1]` input (a linear layer) as one batched matmul
+        `[G, O/G, I/G] @ [N, G, I/G, 1]` (cheaper than a oneDNN conv call at this size)."""
         weight = kernel.view(groups, kernel.shape[0] // groups, kernel.shape[1])
-        y = torch.matmul(weight, x.reshape(n, groups, -1, height * width))  # [N, G, O/G, H*W]
-        y = y.view(n, -1, height, width)
+        y = torch.matmul(weight, x.reshape(len(x), groups, -1, 1)).view(len(x), -1, 1, 1)  # [N, G*O/G, 1, 1]
         return y if bias is None else y + bias[:, None, None]
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:

@@ -2,14 +2,17 @@
 the same machine and weights (a synthetic release of the MICrONS architecture, 10,000 units per scan, 144x256
 frames).
 
-    python -m jobs.bench [--quick] [--json out.json] [--device cpu|cuda] [--dtype float32|bfloat16]
+    python -m jobs.bench [--quick] [--json out.json] [--device cpu|cuda] [--dtypes float32,bfloat16]
                          [--scans K] [--units U] [--batches 1,2,4,8] [--no-sweep]
 
-Rows: a) baseline = `Network.predict`, frame by frame, batch 1, one scan at a time; b) engine = clips x scans in
-one batch (a curve over total batch sizes; the best is reported); c) sweep = `jobs.sweep` through Ray with one
-actor on the same device, stimuli and output on local disk. Each row gives scan-frames/s, achieved GFLOP/s
-(conv + matmul FLOPs counted by torch's FlopCounterMode), the fraction of this machine's measured matmul peak and
-peak memory. The JSON holds every figure plus the ratios `engine_vs_baseline` and `sweep_vs_engine`.
+Rows: a) baseline = `Network.predict`, frame by frame, batch 1, one scan at a time, float32; b) engine = clips x
+scans in one batch, in each of `--dtypes` (a curve over total batch sizes; the best is reported); c) sweep =
+`jobs.sweep` through Ray with one actor on the same device, with the best engine's dtype and batch, stimuli and
+output on local disk. Each row gives scan-frames/s, achieved GFLOP/s (conv + matmul FLOPs counted by torch's
+FlopCounterMode), the fraction of this machine's measured matmul peak in the row's dtype and peak memory. The JSON
+holds every figure plus the ratios `engine_vs_baseline` (best engine, any dtype), `engine_float32_vs_baseline`
+and `sweep_vs_engine`, and `bfloat16_max_rel_error`: the largest relative difference of any response between
+the bfloat16 and the float32 engine on the same clips.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -37,6 +41,7 @@ class Row:
     """One measured configuration."""
 
     name: str
+    dtype: str
     scans: int
     clips: int
     frames: int
@@ -61,6 +66,9 @@ class Memory:
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.device) / 2**20
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def sync(device: torch.device) -> None:
@@ -97,10 +105,11 @@ def flops_per_scan_frame(release: Release, scan: tuple[int, int]) -> float:
     return float(counter.get_total_flops())
 
 
-def make_row(name: str, scans: int, clips: int, frames: int, seconds: float, flops: float, peak: float,
+def make_row(name: str, dtype: str, scans: int, clips: int, frames: int, seconds: float, flops: float, peak: float,
              memory: Memory) -> Row:
     rate = scans * clips * frames / seconds
-    return Row(name, scans, clips, frames, seconds, rate, rate * flops / 1e9, rate * flops / peak, memory.peak_mb())
+    return Row(name, dtype, scans, clips, frames, seconds, rate, rate * flops / 1e9, rate * flops / peak,
+               memory.peak_mb())
 
 
 def bench_baseline(release: Release, scans: list[tuple[int, int]], frames: int, device: torch.device,
@@ -115,22 +124,29 @@ def bench_baseline(release: Release, scans: list[tuple[int, int]], frames: int, 
     for net in nets:
         net.predict(clip)
     sync(device)
-    return make_row("baseline: predict, batch 1", len(scans), 1, frames, time.perf_counter() - start, flops, peak,
-                    memory)
+    return make_row("baseline: predict, batch 1", "float32", len(scans), 1, frames, time.perf_counter() - start,
+                    flops, peak, memory)
 
 
 def bench_engine(engine: Engine, scans: list[tuple[int, int]], clips: int, frames: int, flops: float, peak: float,
-                 memory: Memory) -> Row:
-    """`clips` clips x all scans in one batch per frame."""
+                 memory: Memory) -> tuple[Row, dict]:
+    """`clips` clips x all scans in one batch per frame -> the row and the responses (per scan `[N, T, U]`)."""
     data = random_clips(clips, frames, seed=3)
     engine.predict(data[:, :2], scans)  # warm-up at this batch size
     memory.reset()
     sync(engine.device)
     start = time.perf_counter()
-    engine.predict(data, scans)
+    responses = engine.predict(data, scans)
     sync(engine.device)
-    return make_row(f"engine: {len(scans)} scans x {clips} clips", len(scans), clips, frames,
-                    time.perf_counter() - start, flops, peak, memory)
+    dtype = str(engine.dtype).removeprefix("torch.")
+    row = make_row(f"engine {dtype}: {len(scans)} scans x {clips} clips", dtype, len(scans), clips, frames,
+                   time.perf_counter() - start, flops, peak, memory)
+    return row, responses
+
+
+def max_rel_error(approx: dict, exact: dict) -> float:
+    """Largest `|approx - exact| / |exact|` over every response of every scan."""
+    return max(float(np.max(np.abs(approx[k] - exact[k]) / np.abs(exact[k]))) for k in exact)
 
 
 def bench_sweep(release_url: str, root: Path, scans: list[tuple[int, int]], clips: int, frames: int,
@@ -149,8 +165,8 @@ def bench_sweep(release_url: str, root: Path, scans: list[tuple[int, int]], clip
                          cpus_per_actor=float(torch.get_num_threads()) if device.type == "cpu" else None)
     summary = run_sweep(config).raise_for_failures()
     seconds = summary.scan_frames / summary.scan_frames_per_s
-    row = make_row(f"sweep: Ray, 1 actor, batch {clips_per_batch}", len(scans), clips, frames, seconds, flops,
-                   peak, memory)
+    row = make_row(f"sweep {dtype}: Ray, 1 actor, batch {clips_per_batch}", dtype, len(scans), clips, frames,
+                   seconds, flops, peak, memory)
     row.peak_memory_mb = float("nan")  # measured in the actor's process, not here
     return row
 
@@ -161,8 +177,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="a small run (< 3 minutes on a 2-core CPU)")
     parser.add_argument("--json", help="write every figure to this JSON file")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                        help="engine and sweep dtype (the baseline is always float32)")
+    parser.add_argument("--dtypes", default="float32,bfloat16",
+                        help="engine dtypes, comma-separated (float32, bfloat16); the baseline is always float32")
     parser.add_argument("--scans", type=int, default=None, help="scans (default 4, quick 2)")
     parser.add_argument("--units", type=int, default=10_000, help="units per scan")
     parser.add_argument("--frames", type=int, default=None, help="frames per clip (default 16, quick 8)")
@@ -171,7 +187,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    dtypes = {name: DTYPES[name] for name in args.dtypes.split(",")}
     n_scans = args.scans or (2 if args.quick else 4)
     frames = args.frames or (8 if args.quick else 16)
     batches = [int(b) for b in (args.batches or ("1,2,4" if args.quick else "1,2,4,8")).split(",")]
@@ -184,48 +200,65 @@ def main(argv: list[str] | None = None) -> dict:
 
         make_release(release_url, [(s, i, args.units) for s, i in scan_keys], NetworkConfig(), seed=0)
         release = Release.open(release_url)
-        peak = matmul_peak(device, dtype)
+        peaks = {name: matmul_peak(device, dtype) for name, dtype in {"float32": torch.float32, **dtypes}.items()}
         flops = flops_per_scan_frame(release, scan_keys[0])
         memory = Memory(device)
-        print(f"device {device} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads), "
-              f"{args.dtype}; {flops / 1e9:.3f} GFLOP per scan-frame; matmul peak {peak / 1e9:.1f} GFLOP/s")
+        print(f"device {device} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads); "
+              f"{flops / 1e9:.3f} GFLOP per scan-frame; matmul peak "
+              + ", ".join(f"{name} {peak / 1e9:.1f}" for name, peak in peaks.items()) + " GFLOP/s")
 
-        rows = [bench_baseline(release, scan_keys, frames, device, flops, peak, memory)]
+        rows = [bench_baseline(release, scan_keys, frames, device, flops, peaks["float32"], memory)]
         print_row(rows[-1], header=True)
-        engine = Engine(release.load_core(), device, dtype)
-        for key in scan_keys:
-            engine.add_head(key, release.load_head(*key))
-        curve = []
-        for clips in batches:
-            curve.append(bench_engine(engine, scan_keys, clips, frames, flops, peak, memory))
-            print_row(curve[-1])
+        curve, responses = [], {}
+        for name, dtype in dtypes.items():
+            engine = Engine(release.load_core(), device, dtype)
+            for key in scan_keys:
+                engine.add_head(key, release.load_head(*key))
+            for clips in batches:
+                row, responses[name, clips] = bench_engine(engine, scan_keys, clips, frames, flops, peaks[name],
+                                                           memory)
+                curve.append(row)
+                print_row(row)
+            del engine
         best = max(curve, key=lambda r: r.scan_frames_per_s)
         rows += curve
         sweep = None
         if not args.no_sweep:
             sweep = bench_sweep(release_url, root, scan_keys, max(8 * best.clips, 8), frames,
-                                best.clips * n_scans, device, args.dtype, flops, peak, memory)
+                                best.clips * n_scans, device, best.dtype, flops, peaks[best.dtype], memory)
             rows.append(sweep)
             print_row(sweep)
 
+    def best_of(dtype: str) -> Row | None:
+        return max((r for r in curve if r.dtype == dtype), key=lambda r: r.scan_frames_per_s, default=None)
+
+    exact = {clips: responses[name, clips] for name, clips in responses if name == "float32"}
+    approx = {clips: responses[name, clips] for name, clips in responses if name == "bfloat16"}
+    bf16_error = max((max_rel_error(approx[c], exact[c]) for c in exact if c in approx), default=None)
+    baseline_rate = rows[0].scan_frames_per_s
     result = {
         "machine": {"device": str(device), "processor": platform.processor() or platform.machine(),
                     "threads": torch.get_num_threads(), "torch": torch.__version__,
                     "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
-        "settings": {"dtype": args.dtype, "scans": n_scans, "units": args.units, "frames": frames,
+        "settings": {"dtypes": list(dtypes), "scans": n_scans, "units": args.units, "frames": frames,
                      "batches": batches, "quick": args.quick},
         "flops_per_scan_frame": flops,
-        "matmul_peak_flops": peak,
+        "matmul_peak_flops": peaks,
         "rows": [asdict(r) for r in rows],
         "baseline": asdict(rows[0]),
         "engine_best": asdict(best),
         "sweep": asdict(sweep) if sweep else None,
-        "engine_vs_baseline": best.scan_frames_per_s / rows[0].scan_frames_per_s,
+        "engine_vs_baseline": best.scan_frames_per_s / baseline_rate,
+        **{f"engine_{name}_vs_baseline": best_of(name).scan_frames_per_s / baseline_rate for name in dtypes},
         "sweep_vs_engine": sweep.scan_frames_per_s / best.scan_frames_per_s if sweep else None,
+        "bfloat16_max_rel_error": bf16_error,
     }
-    ratio = f"engine/baseline {result['engine_vs_baseline']:.2f}x"
+    ratio = f"engine/baseline {result['engine_vs_baseline']:.2f}x ({best.dtype})"
+    ratio += "".join(f", {name} {result[f'engine_{name}_vs_baseline']:.2f}x" for name in dtypes)
     if sweep:
-        ratio += f", sweep/engine {result['sweep_vs_engine']:.2f}x"
+        ratio += f"; sweep/engine {result['sweep_vs_engine']:.2f}x"
+    if bf16_error is not None:
+        ratio += f"; bfloat16 max relative error vs float32 {bf16_error:.2e}"
     print(ratio)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1, default=lambda v: None))
@@ -235,8 +268,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 def print_row(row: Row, header: bool = False) -> None:
     if header:
-        print(f"{'configuration':40s} {'scan-frames/s':>13s} {'GFLOP/s':>8s} {'of peak':>8s} {'peak MB':>8s}")
-    print(f"{row.name:40s} {row.scan_frames_per_s:13.2f} {row.gflops:8.1f} {row.peak_fraction:8.1%} "
+        print(f"{'configuration':48s} {'scan-frames/s':>13s} {'GFLOP/s':>8s} {'of peak':>8s} {'peak MB':>8s}")
+    print(f"{row.name:48s} {row.scan_frames_per_s:13.2f} {row.gflops:8.1f} {row.peak_fraction:8.1%} "
           f"{row.peak_memory_mb:8.0f}")
 
 
