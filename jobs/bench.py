@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import tempfile
@@ -149,6 +150,21 @@ def max_rel_error(approx: dict, exact: dict) -> float:
     return max(float(np.max(np.abs(approx[k] - exact[k]) / np.abs(exact[k]))) for k in exact)
 
 
+def release_bf16_error(url: str, device: torch.device, clips: int = 2, frames: int = 30) -> float:
+    """bfloat16 vs float32 engine on another release's weights (e.g. the golden one, whose weights give a far
+    wider range of responses than the synthetic ones), all its scans, random 144x256 clips."""
+    release = Release.open(url)
+    scans = [info.key for info in release.scans]
+    data = random_clips(clips, frames, seed=5)
+    responses = []
+    for dtype in (torch.float32, torch.bfloat16):
+        engine = Engine(release.load_core(), device, dtype)
+        for key in scans:
+            engine.add_head(key, release.load_head(*key))
+        responses.append(engine.predict(data, scans))
+    return max_rel_error(responses[1], responses[0])
+
+
 def bench_sweep(release_url: str, root: Path, scans: list[tuple[int, int]], clips: int, frames: int,
                 clips_per_batch: int, device: torch.device, dtype: str, flops: float, peak: float,
                 memory: Memory) -> Row:
@@ -184,6 +200,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--frames", type=int, default=None, help="frames per clip (default 16, quick 8)")
     parser.add_argument("--batches", default=None, help="clips per engine call, comma-separated (default 1,2,4,8)")
     parser.add_argument("--no-sweep", action="store_true", help="skip the Ray sweep row")
+    parser.add_argument("--error-release", default=None,
+                        help="also report the bfloat16 error on this release's weights (default: the golden release "
+                             "at $FNN_GOLDEN or ../shared/golden, when there)")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
@@ -235,6 +254,10 @@ def main(argv: list[str] | None = None) -> dict:
     exact = {clips: responses[name, clips] for name, clips in responses if name == "float32"}
     approx = {clips: responses[name, clips] for name, clips in responses if name == "bfloat16"}
     bf16_error = max((max_rel_error(approx[c], exact[c]) for c in exact if c in approx), default=None)
+    error_release = args.error_release or default_error_release()
+    release_error = None
+    if error_release and "bfloat16" in dtypes:
+        release_error = release_bf16_error(error_release, device)
     baseline_rate = rows[0].scan_frames_per_s
     result = {
         "machine": {"device": str(device), "processor": platform.processor() or platform.machine(),
@@ -252,6 +275,8 @@ def main(argv: list[str] | None = None) -> dict:
         **{f"engine_{name}_vs_baseline": best_of(name).scan_frames_per_s / baseline_rate for name in dtypes},
         "sweep_vs_engine": sweep.scan_frames_per_s / best.scan_frames_per_s if sweep else None,
         "bfloat16_max_rel_error": bf16_error,
+        "bfloat16_error_release": error_release,
+        "bfloat16_max_rel_error_on_that_release": release_error,
     }
     ratio = f"engine/baseline {result['engine_vs_baseline']:.2f}x ({best.dtype})"
     ratio += "".join(f", {name} {result[f'engine_{name}_vs_baseline']:.2f}x" for name in dtypes)
@@ -260,10 +285,18 @@ def main(argv: list[str] | None = None) -> dict:
     if bf16_error is not None:
         ratio += f"; bfloat16 max relative error vs float32 {bf16_error:.2e}"
     print(ratio)
+    if release_error is not None:
+        print(f"bfloat16 max relative error vs float32 on {error_release}: {release_error:.2e}")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1, default=lambda v: None))
         print(f"wrote {args.json}")
     return result
+
+
+def default_error_release() -> str | None:
+    """The golden release ($FNN_GOLDEN or ../shared/golden next to the repository), if present."""
+    root = Path(os.environ.get("FNN_GOLDEN") or Path(__file__).resolve().parents[2] / "shared" / "golden")
+    return str(root / "release") if (root / "release").is_dir() else None
 
 
 def print_row(row: Row, header: bool = False) -> None:
