@@ -14,8 +14,9 @@ Policy
    ``scans + actors - 1`` head loads.
 2. **Own queue first**: an actor takes items from the front of its own deque, one scan after the other.
 3. **Speed estimates** (only with a ``clock``): each actor's speed is a moving average of item cost per
-   second over its last items; its *time left* is its queued and in-flight cost over that speed, less what
-   the computing item has already run.
+   second over its last items, restarted from the newest item when that one is more than ``RATE_RESET``
+   (25 %) off (the actor's speed has changed: a straggler slowed down or recovered); its *time left* is its
+   queued and in-flight cost over that speed, less what the computing item has already run.
 4. **Stealing**: an actor whose deque is empty steals one item at a time from the actor with the most time
    left. It prefers an item of a scan it already holds (no head load) from any victim with at least half
    the longest time left, otherwise the tail of the most loaded victim. It steals only if it would finish
@@ -25,9 +26,18 @@ Policy
    of a scan it holds from the actor with the most time left to the end of its own queue, if it would
    still finish it at least half a mean item sooner. This evens out speed differences long before queues
    run dry, without extra head loads.
-6. **End game**: a *prefetch* request (the actor already has an item in flight) is refused once at most
+6. **End game**: once at most ``REPACK_ITEMS`` (3) items per actor are queued, and again each time that
+   number has halved, all queued items are dealt out afresh (:meth:`Scheduler._repack`): the earliest
+   common finishing time (found by bisection) by which a best-fit packing gets every actor done, items
+   first to actors that hold their scan, then to any with room for a head load as well. With an item or
+   two per actor left, item-by-item stealing leaves the tail to chance (a last item behind a head load or
+   on an actor that finishes late); the packing sees the whole fleet, e.g. it lets an actor of a scan take
+   one more item of it so that a peer has room for an item that needs a head load. Prefetching goes on to
+   the end: each actor's queue is its share of the plan. A failure or a join in the end game triggers a
+   repack at the next request. Without a clock the finishing times are too rough to pack by; instead a
+   *prefetch* request (the actor already has an item in flight) is refused once at most
    ``PREFETCH_RESERVE`` (1/4) queued items per live actor are left, so the last items are not locked behind
-   another item on a busy actor while a peer idles. The refused actor asks again when its item completes.
+   another item on a busy actor while a peer idles; the refused actor asks again when its item completes.
 7. **Failure**: the failed actor's in-flight and queued items are dealt, one at a time, to the live actor
    estimated to finish each first (counting a head load against actors that do not hold its scan). With no
    live actor left they wait in an orphan pool that the next :meth:`Scheduler.add_actor` takes over.
@@ -46,11 +56,13 @@ Driver protocol
 * When an actor dies: :meth:`Scheduler.fail_actor` (its items are requeued); discard anything it reports
   afterwards (:meth:`Scheduler.complete` from a failed actor raises :class:`SchedulerError`).
 * An item of a scan that is not among the actor's loaded heads needs that head loaded first
-  (:meth:`Scheduler.scans_of` grows when an actor steals or is given requeued work).
+  (:meth:`Scheduler.scans_of` changes when an actor steals, is given requeued work, or the queues are
+  repacked in the end game).
 """
 
 from __future__ import annotations
 
+import bisect
 import itertools
 from collections import Counter, deque
 from dataclasses import dataclass, field
@@ -199,6 +211,12 @@ class _Actor:
             self.queued_cost = 0.0  # no float drift on an empty queue
         return item
 
+    def clear(self) -> None:
+        """Empty the queue."""
+        self.queue.clear()
+        self.queued_cost = 0.0
+        self.queued_scans.clear()
+
     def head_cost(self, scan: Scan, head_load_cost: float) -> float:
         """Head load this actor would pay for an item of ``scan``."""
         return 0.0 if self.holds(scan) else head_load_cost
@@ -210,6 +228,91 @@ class _Estimate:
 
     speed: float  # cost per time unit
     left: float  # time until everything in flight and queued is done
+
+
+@dataclass(frozen=True)
+class _Bin:
+    """One live actor as :func:`_pack` sees it."""
+
+    actor: _Actor
+    speed: float  # cost per time unit
+    busy: float  # time until its in-flight items are done
+
+    def finish(self, head_load_cost: float) -> float:
+        """Time until it would be done with its queue as it is (plus a head load per queued scan not started)."""
+        new_scans = sum(1 for scan, n in self.actor.queued_scans.items() if n > 0 and scan not in self.actor.started)
+        return self.busy + (self.actor.queued_cost + head_load_cost * new_scans) / self.speed
+
+
+def _pack(
+    bins: Sequence[_Bin], items: Sequence[WorkItem], level: float, head_load_cost: float
+) -> list[list[WorkItem]] | None:
+    """Deal ``items`` (grouped by scan) to ``bins`` so that each is done by ``level``; ``None`` if this fails.
+
+    First every item goes to an actor that holds its scan (no head load), then what is left to any actor,
+    counting a head load where it does not hold the scan yet. Each goes *best fit*: to the actor with the
+    least room that still fits it, which keeps large gaps free for the items that need a head load.
+    """
+    room = [(level - b.busy) * b.speed for b in bins]
+    holders: dict[Scan, list[int]] = {}
+    for i, b in enumerate(bins):
+        for scan in b.actor.started:
+            holders.setdefault(scan, []).append(i)
+    plan: list[list[WorkItem]] = [[] for _ in bins]
+    rest = []
+    for item in items:
+        i = _best_holder(item, holders, room)
+        if i is None:
+            rest.append(item)
+        else:
+            room[i] -= item.cost
+            plan[i].append(item)
+    by_room = sorted((r, i) for i, r in enumerate(room))
+    for item in rest:
+        i = _best_holder(item, holders, room)
+        need = item.cost
+        if i is None:
+            at = bisect.bisect_left(by_room, (item.cost + head_load_cost, -1))
+            if at == len(by_room):
+                return None
+            i = by_room[at][1]
+            need += head_load_cost
+            holders.setdefault(item.scan, []).append(i)
+        del by_room[bisect.bisect_left(by_room, (room[i], i))]
+        room[i] -= need
+        bisect.insort(by_room, (room[i], i))
+        plan[i].append(item)
+    return plan
+
+
+def _earliest_plan(bins: Sequence[_Bin], head_load_cost: float, tolerance: float) -> list[list[WorkItem]] | None:
+    """The :func:`_pack` plan of all queued items with the earliest level (bisection to within ``tolerance``)
+    below the finishing time of the queues as they are; ``None`` if there is none."""
+    items = sorted((item for b in bins for item in b.actor.queue), key=lambda item: item.scan)
+    lo = min(b.busy for b in bins)
+    hi = max(b.finish(head_load_cost) for b in bins)
+    best = None
+    while hi - lo > tolerance:
+        mid = (lo + hi) / 2
+        plan = _pack(bins, items, mid, head_load_cost)
+        if plan is None:
+            lo = mid
+        else:
+            hi, best = mid, plan
+    return best
+
+
+def _best_holder(item: WorkItem, holders: dict[Scan, list[int]], room: list[float]) -> int | None:
+    """The holder of ``item``'s scan with the least room that still fits it, if any."""
+    fits = [(room[i], i) for i in holders.get(item.scan, ()) if room[i] >= item.cost]
+    return min(fits)[1] if fits else None
+
+
+def _moving_rate(rate: float | None, sample: float, alpha: float, reset: float) -> float:
+    """Moving average of speed samples; a sample further than ``reset`` (relative) from it starts afresh."""
+    if rate is None or abs(sample - rate) > reset * rate:
+        return sample
+    return (1 - alpha) * rate + alpha * sample
 
 
 class Scheduler:
@@ -228,12 +331,22 @@ class Scheduler:
     #: A victim with an item of a scan the thief holds is preferred while its time-to-empty is at least this
     #: fraction of the longest.
     PREFER_HELD_FRACTION = 0.5
-    #: Weight of the newest item in an actor's moving-average speed.
+    #: Weight of the newest item in an actor's moving-average speed...
     RATE_ALPHA = 0.3
-    #: Prefetch requests are refused once at most this many queued items per live actor are left.
-    PREFETCH_RESERVE = 0.25
+    #: ... unless it differs from the average by more than this fraction: then the actor's speed has changed
+    #: (a straggler slowed down or recovered) and the newest item alone is the estimate.
+    RATE_RESET = 0.25
     #: A queued item moves ahead of time (see :meth:`_pull`) only if that saves this many mean items of time.
     PULL_MARGIN_ITEMS = 0.5
+    #: The queues are first repacked (see :meth:`_repack`) once at most this many items per actor are queued...
+    REPACK_ITEMS = 3.0
+    #: ... and again each time the number of queued items has fallen to this fraction of the last repack's.
+    REPACK_FACTOR = 0.5
+    #: A repack aims at the earliest common finishing time to within this fraction of a mean item.
+    REPACK_TOLERANCE = 0.01
+    #: Without a clock (no repacking), prefetch requests are refused once at most this many queued items per
+    #: live actor are left.
+    PREFETCH_RESERVE = 0.25
 
     def __init__(
         self,
@@ -262,10 +375,13 @@ class Scheduler:
         self._queued_items = 0
         self._remaining_cost = sum(i.cost for i in self._items.values())
         self._mean_cost = self._remaining_cost / len(self._items) if self._items else 1.0
+        self._repack_below: float | None = None  # repack once at most this many items are queued (None: not yet)
         self.steals = 0
         """Number of items taken from another actor's queue, at once or ahead of time (a statistic)."""
         self.requeued = 0
         """Number of items handed back by :meth:`fail_actor` (a statistic)."""
+        self.repacks = 0
+        """Number of end-game repacks that changed the queues (a statistic)."""
 
         now = self._now()
         for name in actors:
@@ -323,16 +439,19 @@ class Scheduler:
     def next_item(self, actor: str) -> WorkItem | None:
         """Hand ``actor`` its next item: own queue first, then orphans, then a steal; ``None`` if none now.
 
-        Call it once per free slot (twice at start for one computing + one prefetched item). A prefetch
-        request (the actor already has an item in flight) is refused at the very end of the run, once at most
-        ``PREFETCH_RESERVE`` queued items per live actor are left, so the last items go to whoever is free
-        first; ask again when the in-flight item completes. ``None`` for an idle actor means no steal is
-        worthwhile *now*; it may become worthwhile later (after other completions, a failure or a join).
+        Call it once per free slot (twice at start for one computing + one prefetched item). ``None`` means
+        nothing for this actor *now*: no steal is worthwhile, or (without a clock) a prefetch request at the
+        very end of the run; it may change after other completions, a failure or a join. Near the end of the
+        run a call may first repack all queues (with a clock; see the module docstring).
         """
         state = self._actor(actor)
         now = self._now()
-        if state.inflight and self._queued_items <= self.PREFETCH_RESERVE * len(self._actors):
-            return None
+        if now is None:
+            if state.inflight and self._queued_items <= self.PREFETCH_RESERVE * len(self._actors):
+                return None
+        elif 0 < self._queued_items <= self._repack_limit():
+            self._repack(now)
+            self._repack_below = self.REPACK_FACTOR * self._queued_items
         if state.queue:
             item = state.take(0)
         elif self._orphans:
@@ -374,8 +493,7 @@ class Scheduler:
         self._remaining_cost -= item.cost
         if now is not None and state.current_since is not None and now > state.current_since:
             sample = cost / (now - state.current_since)
-            a = self.RATE_ALPHA
-            state.rate = sample if state.rate is None else (1 - a) * state.rate + a * sample
+            state.rate = _moving_rate(state.rate, sample, self.RATE_ALPHA, self.RATE_RESET)
         state.current_since = now  # the prefetched item (if any) starts computing now
 
     def fail_actor(self, actor: str) -> list[WorkItem]:
@@ -391,6 +509,7 @@ class Scheduler:
         lost = [item for item, _ in state.inflight.values()] + list(state.queue)
         self._queued_items += len(state.inflight)
         self.requeued += len(lost)
+        self._replan()
         if not self._actors:
             self._orphans.extend(lost)
             return lost
@@ -417,6 +536,7 @@ class Scheduler:
         state = self._new_actor(actor, self._now())
         while self._orphans:
             state.push(self._orphans.popleft())
+        self._replan()
 
     # ------------------------------------------------------------------ internals
 
@@ -487,6 +607,41 @@ class Scheduler:
         if mine.left + item.cost / mine.speed + margin < self._victim_done(victim, estimates[victim.name], index):
             state.push(victim.take(index))
             self.steals += 1
+
+    def _replan(self) -> None:
+        """After a failure or a join in the end game, repack at the next :meth:`next_item`."""
+        if self._repack_below is not None:
+            self._repack_below = float(self._queued_items)
+
+    def _repack_limit(self) -> float:
+        """Repack when at most this many items are queued."""
+        if self._repack_below is None:
+            return self.REPACK_ITEMS * len(self._actors)
+        return self._repack_below
+
+    def _repack(self, now: float) -> None:
+        """End game: deal all queued items out afresh so that the last actor is estimated to finish as early as
+        possible: :func:`_pack` against a common finishing time, the earliest it manages found by bisection.
+
+        Stealing and pulling move one item at a time between two actors. Near the end, when each actor has
+        one or two items left, that leaves the tail to chance: the last items end up behind a head load, or
+        on an actor that finishes late. Packing all queued items at once sees the whole fleet: it can, say,
+        give an item of a scan to the actor of that scan with time to spare, so that another actor of the
+        scan has room for an item that needs a head load. The queues stay as they are unless the packing
+        beats them.
+        """
+        estimates = self._estimates(now)
+        bins = [_Bin(s, estimates[s.name].speed, estimates[s.name].left - s.queued_cost / estimates[s.name].speed)
+                for s in self._actors.values()]
+        tolerance = self.REPACK_TOLERANCE * self._mean_cost / max(b.speed for b in bins)
+        plan = _earliest_plan(bins, self.head_load_cost, tolerance)
+        if plan is None:
+            return
+        for b, planned in zip(bins, plan):
+            b.actor.clear()
+            for item in planned:
+                b.actor.push(item)
+        self.repacks += 1
 
     @staticmethod
     def _victim_done(victim: _Actor, estimate: _Estimate, index: int) -> float:

@@ -175,6 +175,7 @@ class SimResult:
     ratio_work: float
     head_loads: int
     steals: int
+    repacks: int
     requeued: int
     wasted: float
     replacement: bool = False
@@ -361,6 +362,7 @@ def simulate(scenario: str, actors: int, config: SimConfig = SimConfig()) -> Sim
         ratio_work=makespan / lb_work,
         head_loads=sim.head_loads,
         steals=sim.scheduler.steals,
+        repacks=sim.scheduler.repacks,
         requeued=sim.scheduler.requeued,
         wasted=sim.wasted,
         replacement=scenario == "failure+replace",
@@ -370,14 +372,14 @@ def simulate(scenario: str, actors: int, config: SimConfig = SimConfig()) -> Sim
 def format_table(results: Sequence[SimResult]) -> str:
     header = (
         f"{'scenario':<16} {'actors':>6} {'clips':>5} {'items':>6} {'makespan':>10} {'lower_bd':>10} "
-        f"{'ratio':>6} {'lb_work':>10} {'r_work':>6} {'heads':>6} {'steals':>6} {'requeue':>7}"
+        f"{'ratio':>6} {'lb_work':>10} {'r_work':>6} {'heads':>6} {'steals':>6} {'repack':>6} {'requeue':>7}"
     )
     lines = [header, "-" * len(header)]
     for r in results:
         lines.append(
             f"{r.scenario:<16} {r.actors:>6} {r.clips_per_shard:>5} {r.items:>6} {r.makespan:>10.0f} "
             f"{r.lower_bound:>10.0f} {r.ratio:>6.3f} {r.lb_work:>10.0f} {r.ratio_work:>6.3f} "
-            f"{r.head_loads:>6} {r.steals:>6} {r.requeued:>7}"
+            f"{r.head_loads:>6} {r.steals:>6} {r.repacks:>6} {r.requeued:>7}"
         )
     return "\n".join(lines)
 

@@ -17,7 +17,16 @@ from fnn_ray.plan import (
     build_items,
     choose_clips_per_shard,
 )
-from fnn_ray.scheduler import Scheduler, SchedulerError, balanced_assignment
+from fnn_ray.scheduler import (
+    Scheduler,
+    SchedulerError,
+    _Actor,
+    _Bin,
+    _earliest_plan,
+    _moving_rate,
+    _pack,
+    balanced_assignment,
+)
 from fnn_ray.stimuli import Shard
 
 
@@ -300,10 +309,10 @@ def test_constructor_rejects_duplicates():
         Scheduler(items, ["a", "a"])
 
 
-def test_prefetch_is_refused_only_at_the_very_end():
+def test_without_a_clock_prefetch_is_refused_only_at_the_very_end():
     items = make_items(8)
     actors = ["a", "b"]
-    sched = Scheduler(items, actors)
+    sched = Scheduler(items, actors)  # no clock: no end-game repacking, the last items stay unlocked instead
     assert sched.next_item("a") is not None
     assert sched.next_item("a") is not None  # prefetch granted while plenty is queued
     # drain everything else until the queue is almost empty
@@ -315,6 +324,80 @@ def test_prefetch_is_refused_only_at_the_very_end():
     # "a" still has work in flight: with nothing (or almost nothing) queued a prefetch gets None
     assert sched.in_flight("a")
     assert sched.next_item("a") is None or sched.queued <= 1
+
+
+# ---------------------------------------------------------------------------------------------------- end game
+
+
+def test_moving_rate_smooths_jitter_and_follows_a_change():
+    assert _moving_rate(None, 2.0, 0.3, 0.25) == 2.0
+    assert _moving_rate(1.0, 1.1, 0.3, 0.25) == pytest.approx(1.03)  # jitter: averaged
+    assert _moving_rate(1.0 / 3, 1.0, 0.3, 0.25) == 1.0  # a straggler recovered: the newest item alone
+    assert _moving_rate(1.0, 0.5, 0.3, 0.25) == 0.5
+
+
+def packing_bins(busy_b: float = 0.0) -> tuple[list[_Bin], list[WorkItem]]:
+    """a and b hold scan X = (1, 1), c holds Y = (2, 2); c has all three Y items queued, a and b one X each."""
+    xs = build_items([((1, 1), 100)], make_shards(2, clips_per_shard=1))
+    ys = build_items([((2, 2), 100)], make_shards(3, clips_per_shard=1))
+    actors = [_Actor(name, order) for order, name in enumerate("abc")]
+    for actor, scan, queued in zip(actors, [(1, 1), (1, 1), (2, 2)], [xs[:1], xs[1:], ys]):
+        actor.started.add(scan)
+        for item in queued:
+            actor.push(item)
+    return [_Bin(a, 1.0, busy) for a, busy in zip(actors, [0.0, busy_b, 0.0])], xs + ys
+
+
+def test_pack_fills_the_holders_of_a_scan_first_then_pays_a_head_load():
+    bins, items = packing_bins()
+    cost = items[0].cost  # all five items cost the same
+    head = cost / 2
+    # best fit: both X on a, which leaves b the room for the third Y and its head load (1.5 items)
+    plan = _pack(bins, items, 2 * cost + 1, head)
+    assert plan is not None
+    assert [Counter(i.scan for i in p) for p in plan] == [{(1, 1): 2}, {(2, 2): 1}, {(2, 2): 2}]
+    assert _pack(bins, items, 2 * cost - 1, head) is None
+
+
+def test_earliest_plan_beats_the_queues_or_leaves_them():
+    bins, items = packing_bins()
+    cost, head = items[0].cost, items[0].cost / 2
+    # as queued, c would need 3 items; the best plan takes 2
+    plan = _earliest_plan(bins, head, tolerance=1.0)
+    assert [Counter(i.scan for i in p) for p in plan] == [{(1, 1): 2}, {(2, 2): 1}, {(2, 2): 2}]
+    # with b busy for 2 more items, nothing beats c doing its 3 items: the queues stay
+    bins, _ = packing_bins(busy_b=2 * cost)
+    assert _earliest_plan(bins, head, tolerance=1.0) is None
+
+
+def clocked_run(n_shards: int, speeds: dict[str, float], fail: str) -> tuple[Scheduler, Counter]:
+    """Each actor keeps two items in flight and computes them one after the other at its speed (cost per time
+    unit); the scheduler reads the simulated time. ``fail`` dies in the end game, with 6 items queued."""
+    t = [0.0]
+    sched = Scheduler(make_items(n_shards), list(speeds), clock=lambda: t[0])
+    done_at: dict[str, float] = {}  # actor -> when its computing item completes
+    ran: Counter = Counter()
+    while not sched.finished:
+        for actor in sched.actors:
+            while len(sched.in_flight(actor)) < 2 and sched.next_item(actor) is not None:
+                pass
+            if actor not in done_at and sched.in_flight(actor):
+                done_at[actor] = t[0] + sched.in_flight(actor)[0].cost / speeds[actor]
+        actor = min(done_at, key=lambda a: (done_at[a], a))
+        t[0] = done_at.pop(actor)
+        item = sched.in_flight(actor)[0]
+        sched.complete(actor, item)
+        ran[item.key] += 1
+        if fail in sched.actors and sched.queued <= 6:
+            sched.fail_actor(fail)
+            done_at.pop(fail, None)
+    return sched, ran
+
+
+def test_end_game_repacks_hand_out_every_item_exactly_once():
+    sched, ran = clocked_run(12, {"a": 1.0, "b": 0.5, "c": 1.5, "d": 1.0}, fail="d")
+    assert sched.finished and sched.repacks >= 1
+    assert len(ran) == 60 and set(ran.values()) == {1}
 
 
 # ---------------------------------------------------------------------------------------------------- failure

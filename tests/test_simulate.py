@@ -8,7 +8,7 @@ import pytest
 
 from jobs.simulate import MICRONS_LIKE_SCANS, SCENARIOS, SimConfig, SpeedProfile, main, simulate
 
-# a small stimulus set (10,000 frames = 34 clips) keeps the whole file well under 5 s
+# a small stimulus set (10,000 frames = 34 clips) keeps the file quick; one test runs the full workload (~2 s)
 SMALL = SimConfig(total_frames=10_000)
 
 
@@ -34,6 +34,13 @@ def test_makespan_near_lower_bound(scenario, actors):
     result = simulate(scenario, actors, SMALL)
     assert result.makespan >= result.lower_bound * (1 - 1e-9)
     assert result.ratio <= 1.06, result
+
+
+def test_stragglers_at_256_actors_within_5_percent():
+    """The full workload (one clip per item, ~13 items per actor): the end-game repacking keeps the tail short."""
+    result = simulate("stragglers", 256)
+    assert result.clips_per_shard == 1 and result.items == 3250
+    assert result.ratio <= 1.05, result
 
 
 @pytest.mark.parametrize("scenario", ["failure", "failure+replace"])
