@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fnn_model.cache import Derived
 from fnn_model.config import RecurrentConfig
 from fnn_model.intergroup import InterGroup
 from fnn_model.ops import gcat
@@ -39,6 +40,7 @@ class Recurrent(nn.Module):
         self.conv = WConv(c.in_channels + c.hidden_channels, c.common_channels, s, g, g, spatial=c.spatial, gain=False,
                           bias=False)
         self.scales = StreamParameters(s, g, c.common_channels // g, fill=1.0)
+        self._scales: Derived[torch.Tensor] = Derived()
         self.proj_x = nn.ModuleList([
             InterGroup(c.hidden_channels, c.in_channels, g, s, init_gain=THIRD_ROOT),
             WConv(feature_channels, c.in_channels, s, out_groups=g, init_gain=THIRD_ROOT),
@@ -57,8 +59,9 @@ class Recurrent(nn.Module):
         self._state: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def reset_state(self) -> None:
-        """Zero the LSTM state."""
+        """Zero the LSTM state and recheck the cached attention scales (start of a new sequence)."""
         self._state = None
+        self._scales.recheck()
 
     def attention(self, z: torch.Tensor) -> torch.Tensor:
         """Global attention within each (stream, group) over the flattened positions: `[N, S*C, H, W]` -> same
@@ -74,7 +77,8 @@ class Recurrent(nn.Module):
             return proj(z).permute(0, 2, 3, 1).reshape(n, height * width, heads, -1)
 
         q, k, v = positions(self.proj_q), positions(self.proj_k), positions(self.proj_v)
-        q = _unit(q) * self.scales.stacked().to(q.dtype).flatten(0, 1)  # scales [S*G, C/G]
+        scales = self._scales.get(self, lambda: self.scales.stacked().flatten(0, 1).to(q.dtype), key=q.dtype)
+        q = _unit(q) * scales  # scales [S*G, C/G]
         q, k, v = _heads(q, heads), _heads(_unit(k), heads), _heads(v, heads)  # [N*S*G, P, C/G]
         out = torch.empty_like(v)
         for chunk in range(0, len(q), ATTENTION_CHUNK):  # keeps each [chunk, P, P] weight block in cache

@@ -35,6 +35,7 @@ from fnn_model import NetworkConfig
 from fnn_model.engine import Engine
 from fnn_model.release import Release
 from fnn_model.synthetic import random_clips
+from fnn_ray.worker import torch_dtype
 
 
 @dataclass
@@ -67,9 +68,6 @@ class Memory:
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.device) / 2**20
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def sync(device: torch.device) -> None:
@@ -156,13 +154,17 @@ def release_bf16_error(url: str, device: torch.device, clips: int = 2, frames: i
     release = Release.open(url)
     scans = [info.key for info in release.scans]
     data = random_clips(clips, frames, seed=5)
-    responses = []
-    for dtype in (torch.float32, torch.bfloat16):
-        engine = Engine(release.load_core(), device, dtype)
-        for key in scans:
-            engine.add_head(key, release.load_head(*key))
-        responses.append(engine.predict(data, scans))
-    return max_rel_error(responses[1], responses[0])
+    exact, approx = (load_engine(release, scans, device, dtype).predict(data, scans)
+                     for dtype in (torch.float32, torch.bfloat16))
+    return max_rel_error(approx, exact)
+
+
+def load_engine(release: Release, scans: list[tuple[int, int]], device: torch.device, dtype: torch.dtype) -> Engine:
+    """An engine on `device` holding the release's core and the heads of `scans`."""
+    engine = Engine(release.load_core(), device, dtype)
+    for key in scans:
+        engine.add_head(key, release.load_head(*key))
+    return engine
 
 
 def bench_sweep(release_url: str, root: Path, scans: list[tuple[int, int]], clips: int, frames: int,
@@ -206,7 +208,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
-    dtypes = {name: DTYPES[name] for name in args.dtypes.split(",")}
+    dtypes = {str(dtype).removeprefix("torch."): dtype for dtype in map(torch_dtype, args.dtypes.split(","))}
     n_scans = args.scans or (2 if args.quick else 4)
     frames = args.frames or (8 if args.quick else 16)
     batches = [int(b) for b in (args.batches or ("1,2,4" if args.quick else "1,2,4,8")).split(",")]
@@ -230,9 +232,7 @@ def main(argv: list[str] | None = None) -> dict:
         print_row(rows[-1], header=True)
         curve, responses = [], {}
         for name, dtype in dtypes.items():
-            engine = Engine(release.load_core(), device, dtype)
-            for key in scan_keys:
-                engine.add_head(key, release.load_head(*key))
+            engine = load_engine(release, scan_keys, device, dtype)
             for clips in batches:
                 row, responses[name, clips] = bench_engine(engine, scan_keys, clips, frames, flops, peaks[name],
                                                            memory)
