@@ -109,7 +109,8 @@ class SweepSummary:
     scans computed by this run. ``failures`` hold one message per failed item (file / row / clip).
     ``assigned`` / ``ran`` map actor names to the item keys first queued on / run by that actor; ``workers``
     what each initial actor reported at start (device, threads, pid, GPU ids); ``timings`` total seconds per
-    phase (read, wait, head, compute, write) summed over committed items.
+    phase (read, wait, head, compute, write) summed over committed items; ``peak_memory_mb`` the largest peak
+    memory a worker reported (GPU allocator peak on CUDA workers, else the worker process's resident set).
     """
 
     output_url: str
@@ -135,6 +136,7 @@ class SweepSummary:
     ran: dict[str, list[Key]] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     workers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    peak_memory_mb: float = 0.0
 
     @property
     def ok(self) -> bool:
@@ -461,6 +463,7 @@ def _drive(config: SweepConfig, release_url: str, output_url: str, items: list[W
                 summary.scan_frames += result.scan_frames
                 summary.ran[name].append(item.key)
                 timings.update(result.timings)
+                summary.peak_memory_mb = max(summary.peak_memory_mb, result.peak_memory_mb)
                 manifest.mark_done([item.key])
                 progress.update(result.scan_frames)
                 if time.monotonic() - last_save > 10:

@@ -95,7 +95,7 @@ def format_summary(summary: SweepSummary) -> str:
         f"  scan-frames: {s.scan_frames:,} (frames x scans) in {s.wall_s:.1f} s wall, {s.compute_s:.1f} s on the "
         f"workers = {s.scan_frames_per_s:,.1f} scan-frames/s",
         f"  workers: {s.actors} actor(s) on {s.device}; {s.actor_restarts} restart(s), {s.steals} steal(s), "
-        f"{s.requeued} requeued, {s.retries} retry(ies)",
+        f"{s.requeued} requeued, {s.retries} retry(ies); peak worker memory {s.peak_memory_mb:,.0f} MiB",
     ]
     if s.failures:
         lines.append(f"  {len(s.failures)} item(s) failed and were NOT committed:")

@@ -34,7 +34,8 @@ import numpy as np
 from fnn_ray.plan import WorkItem
 from fnn_ray.stimuli import Clip
 
-__all__ = ["ItemResult", "SweepWorker", "WorkerOptions", "WorkerPool", "batch_clips", "predict_clips", "torch_dtype"]
+__all__ = ["ItemResult", "SweepWorker", "WorkerOptions", "WorkerPool", "batch_clips", "peak_rss_mb", "predict_clips",
+           "torch_dtype"]
 
 ScanKey = tuple[int, int]
 T = TypeVar("T")
@@ -49,6 +50,20 @@ def torch_dtype(name: str):
         return table[str(name).lower()]
     except KeyError:
         raise ValueError(f"dtype must be float32 or bfloat16, got {name!r}") from None
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process in MiB (Linux: ``VmHWM``, which ``/proc/self/clear_refs`` can reset;
+    elsewhere the lifetime peak from ``getrusage``)."""
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration, ValueError, IndexError):
+        import resource
+        import sys
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # bytes on macOS, KiB elsewhere
+        return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
 @dataclass(frozen=True)
@@ -73,7 +88,8 @@ class ItemResult:
     """What a worker reports for one committed item (small: no frames, no responses).
 
     ``timings`` holds seconds spent in ``read``, ``wait`` (for the compute thread), ``head`` (loading a head),
-    ``compute`` and ``write``; ``seconds`` is the whole call.
+    ``compute`` and ``write``; ``seconds`` is the whole call. ``peak_memory_mb``: the worker's peak so far, the
+    GPU allocator's on a CUDA worker, else the process's resident set.
     """
 
     key: tuple[int, int, str]
@@ -85,6 +101,7 @@ class ItemResult:
     seconds: float
     timings: dict[str, float]
     device: str
+    peak_memory_mb: float = float("nan")
 
     @property
     def scan_frames(self) -> int:
@@ -261,8 +278,15 @@ class SweepWorker:
         return ItemResult(
             key=item.key, url=url, clips=len(clips), frames=frames, units=len(unit_ids),
             rows=len(clips) * len(unit_ids), seconds=time.perf_counter() - start, timings=timings,
-            device=str(self.engine.device),
+            device=str(self.engine.device), peak_memory_mb=self._peak_memory_mb(),
         )
+
+    def _peak_memory_mb(self) -> float:
+        import torch
+
+        if self.engine.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.engine.device) / 2**20
+        return peak_rss_mb()
 
     def _predict(self, item: WorkItem, clips: list[Clip], timings: dict[str, float], queued: float, delay_s: float,
                  crash: bool) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:

@@ -3,16 +3,18 @@ the same machine and weights (a synthetic release of the MICrONS architecture, 1
 frames).
 
     python -m jobs.bench [--quick] [--json out.json] [--device cpu|cuda] [--dtypes float32,bfloat16]
-                         [--scans K] [--units U] [--batches 1,2,4,8] [--no-sweep]
+                         [--scans K] [--units U] [--batches 1,2,4,8] [--repeats 3] [--no-sweep]
 
 Rows: a) baseline = `Network.predict`, frame by frame, batch 1, one scan at a time, float32; b) engine = clips x
 scans in one batch, in each of `--dtypes` (a curve over total batch sizes; the best is reported); c) sweep =
 `jobs.sweep` through Ray with one actor on the same device, with the best engine's dtype and batch, stimuli and
-output on local disk. Each row gives scan-frames/s, achieved GFLOP/s (conv + matmul FLOPs counted by torch's
-FlopCounterMode), the fraction of this machine's measured matmul peak in the row's dtype and peak memory. The JSON
-holds every figure plus the ratios `engine_vs_baseline` (best engine, any dtype), `engine_float32_vs_baseline`
-and `sweep_vs_engine`, and `bfloat16_max_rel_error`: the largest relative difference of any response between
-the bfloat16 and the float32 engine on the same clips.
+output on local disk. Every row counts the fastest of `--repeats` timed runs (the sweep's actor is kept).
+Each row gives scan-frames/s, achieved GFLOP/s (conv + matmul FLOPs counted by torch's FlopCounterMode), the
+fraction of this machine's measured matmul peak in the row's dtype and peak memory (per row: the GPU allocator's
+peak, or the process's peak resident set; the sweep's is its worker's). The JSON holds every figure plus the
+ratios `engine_vs_baseline` (best engine, any dtype), `engine_float32_vs_baseline` and `sweep_vs_engine`, and
+`bfloat16_max_rel_error`: the largest relative difference of any response between the bfloat16 and the float32
+engine on the same clips.
 """
 
 from __future__ import annotations
@@ -21,11 +23,12 @@ import argparse
 import json
 import os
 import platform
-import resource
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -35,7 +38,9 @@ from fnn_model import NetworkConfig
 from fnn_model.engine import Engine
 from fnn_model.release import Release
 from fnn_model.synthetic import random_clips
-from fnn_ray.worker import torch_dtype
+from fnn_ray.worker import peak_rss_mb, torch_dtype
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -55,7 +60,8 @@ class Row:
 
 
 class Memory:
-    """Peak memory of a phase: GPU allocator peak on CUDA, else the process's peak RSS so far."""
+    """Peak memory of a phase: the GPU allocator's peak on CUDA; on CPU the process's peak resident set since
+    `reset` (Linux: VmHWM, reset through /proc/self/clear_refs), else its peak RSS so far."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -63,11 +69,16 @@ class Memory:
     def reset(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+            return
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # 5: reset the peak RSS (VmHWM) to the current RSS
+        except OSError:
+            pass
 
     def peak_mb(self) -> float:
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.device) / 2**20
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return peak_rss_mb()
 
 
 def sync(device: torch.device) -> None:
@@ -111,35 +122,39 @@ def make_row(name: str, dtype: str, scans: int, clips: int, frames: int, seconds
                memory.peak_mb())
 
 
+def best_time(run: Callable[[], T], repeats: int, device: torch.device, memory: Memory) -> tuple[float, T]:
+    """The fastest of `repeats` timed calls of `run` (the usual defence against a noisy machine) and the result of
+    the last; peak memory is tracked from the first call on."""
+    memory.reset()
+    best, result = float("inf"), None
+    for _ in range(max(1, repeats)):
+        sync(device)
+        start = time.perf_counter()
+        result = run()
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return best, result
+
+
 def bench_baseline(release: Release, scans: list[tuple[int, int]], frames: int, device: torch.device,
-                   flops: float, peak: float, memory: Memory) -> Row:
+                   flops: float, peak: float, memory: Memory, repeats: int) -> Row:
     """The original way: `predict`, frame by frame, batch 1, one scan after the other."""
     clip = list(random_clips(1, frames, seed=2)[0])
     nets = [release.load_network(*scan).to(device) for scan in scans]
     nets[0].predict(clip[:2])  # warm-up
-    memory.reset()
-    sync(device)
-    start = time.perf_counter()
-    for net in nets:
-        net.predict(clip)
-    sync(device)
-    return make_row("baseline: predict, batch 1", "float32", len(scans), 1, frames, time.perf_counter() - start,
-                    flops, peak, memory)
+    seconds, _ = best_time(lambda: [net.predict(clip) for net in nets], repeats, device, memory)
+    return make_row("baseline: predict, batch 1", "float32", len(scans), 1, frames, seconds, flops, peak, memory)
 
 
 def bench_engine(engine: Engine, scans: list[tuple[int, int]], clips: int, frames: int, flops: float, peak: float,
-                 memory: Memory) -> tuple[Row, dict]:
+                 memory: Memory, repeats: int) -> tuple[Row, dict]:
     """`clips` clips x all scans in one batch per frame -> the row and the responses (per scan `[N, T, U]`)."""
     data = random_clips(clips, frames, seed=3)
     engine.predict(data[:, :2], scans)  # warm-up at this batch size
-    memory.reset()
-    sync(engine.device)
-    start = time.perf_counter()
-    responses = engine.predict(data, scans)
-    sync(engine.device)
+    seconds, responses = best_time(lambda: engine.predict(data, scans), repeats, engine.device, memory)
     dtype = str(engine.dtype).removeprefix("torch.")
     row = make_row(f"engine {dtype}: {len(scans)} scans x {clips} clips", dtype, len(scans), clips, frames,
-                   time.perf_counter() - start, flops, peak, memory)
+                   seconds, flops, peak, memory)
     return row, responses
 
 
@@ -169,23 +184,32 @@ def load_engine(release: Release, scans: list[tuple[int, int]], device: torch.de
 
 def bench_sweep(release_url: str, root: Path, scans: list[tuple[int, int]], clips: int, frames: int,
                 clips_per_batch: int, device: torch.device, dtype: str, flops: float, peak: float,
-                memory: Memory) -> Row:
-    """A Ray sweep with one actor on the same device; stimuli and output on local disk."""
+                memory: Memory, repeats: int) -> Row:
+    """A Ray sweep with one actor on the same device; stimuli and output on local disk. The fastest of `repeats`
+    sweeps (each to a new output) counts; the actor is kept between them, as a session's sweeps keep it."""
     from fnn_ray.driver import SweepConfig, run_sweep
     from fnn_ray.stimuli import Clip, write_clips
+    from fnn_ray.worker import WorkerPool
 
     stimuli = root / "stimuli"
     data = random_clips(clips, frames, seed=4)
     write_clips(str(stimuli), [Clip(f"clip-{n:04d}", data[n]) for n in range(clips)], clips_per_file=clips)
-    config = SweepConfig(release=release_url, stimuli=str(stimuli), output=str(root / "output"), scans=scans,
-                         actors=1, clips_per_batch=clips_per_batch, clips_per_shard=clips_per_batch, dtype=dtype,
-                         progress=False, verbose=False, local_ray=True,
-                         cpus_per_actor=float(torch.get_num_threads()) if device.type == "cpu" else None)
-    summary = run_sweep(config).raise_for_failures()
-    seconds = summary.scan_frames / summary.scan_frames_per_s
+    seconds, peak_mb = float("inf"), 0.0
+    try:
+        for run in range(max(1, repeats)):
+            config = SweepConfig(release=release_url, stimuli=str(stimuli), output=str(root / f"output-{run}"),
+                                 scans=scans, actors=1, clips_per_batch=clips_per_batch,
+                                 clips_per_shard=clips_per_batch, dtype=dtype, progress=False, verbose=False,
+                                 local_ray=True, reuse_workers=True,
+                                 cpus_per_actor=float(torch.get_num_threads()) if device.type == "cpu" else None)
+            summary = run_sweep(config).raise_for_failures()
+            seconds = min(seconds, summary.scan_frames / summary.scan_frames_per_s)
+            peak_mb = max(peak_mb, summary.peak_memory_mb)
+    finally:
+        WorkerPool.shutdown()
     row = make_row(f"sweep {dtype}: Ray, 1 actor, batch {clips_per_batch}", dtype, len(scans), clips, frames,
                    seconds, flops, peak, memory)
-    row.peak_memory_mb = float("nan")  # measured in the actor's process, not here
+    row.peak_memory_mb = peak_mb  # the actor's process (GPU: its allocator), not this one
     return row
 
 
@@ -201,6 +225,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--units", type=int, default=10_000, help="units per scan")
     parser.add_argument("--frames", type=int, default=None, help="frames per clip (default 16, quick 8)")
     parser.add_argument("--batches", default=None, help="clips per engine call, comma-separated (default 1,2,4,8)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="timed runs of each row; the fastest counts (default 3)")
     parser.add_argument("--no-sweep", action="store_true", help="skip the Ray sweep row")
     parser.add_argument("--error-release", default=None,
                         help="also report the bfloat16 error on this release's weights (default: the golden release "
@@ -228,14 +254,14 @@ def main(argv: list[str] | None = None) -> dict:
               f"{flops / 1e9:.3f} GFLOP per scan-frame; matmul peak "
               + ", ".join(f"{name} {peak / 1e9:.1f}" for name, peak in peaks.items()) + " GFLOP/s")
 
-        rows = [bench_baseline(release, scan_keys, frames, device, flops, peaks["float32"], memory)]
+        rows = [bench_baseline(release, scan_keys, frames, device, flops, peaks["float32"], memory, args.repeats)]
         print_row(rows[-1], header=True)
         curve, responses = [], {}
         for name, dtype in dtypes.items():
             engine = load_engine(release, scan_keys, device, dtype)
             for clips in batches:
                 row, responses[name, clips] = bench_engine(engine, scan_keys, clips, frames, flops, peaks[name],
-                                                           memory)
+                                                           memory, args.repeats)
                 curve.append(row)
                 print_row(row)
             del engine
@@ -243,8 +269,9 @@ def main(argv: list[str] | None = None) -> dict:
         rows += curve
         sweep = None
         if not args.no_sweep:
-            sweep = bench_sweep(release_url, root, scan_keys, max(8 * best.clips, 8), frames,
-                                best.clips * n_scans, device, best.dtype, flops, peaks[best.dtype], memory)
+            sweep = bench_sweep(release_url, root, scan_keys, max(4 * best.clips, 8), frames,
+                                best.clips * n_scans, device, best.dtype, flops, peaks[best.dtype], memory,
+                                args.repeats)
             rows.append(sweep)
             print_row(sweep)
 
@@ -264,7 +291,7 @@ def main(argv: list[str] | None = None) -> dict:
                     "threads": torch.get_num_threads(), "torch": torch.__version__,
                     "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
         "settings": {"dtypes": list(dtypes), "scans": n_scans, "units": args.units, "frames": frames,
-                     "batches": batches, "quick": args.quick},
+                     "batches": batches, "quick": args.quick, "repeats": args.repeats},
         "flops_per_scan_frame": flops,
         "matmul_peak_flops": peaks,
         "rows": [asdict(r) for r in rows],

@@ -76,6 +76,7 @@ def test_sweep_s3_equals_engine_and_rerun_is_noop(ray_cluster, data, s3, capsys)
     assert summary.ok, summary.failures
     assert (summary.items_total, summary.items_done, summary.items_skipped) == (6, 6, 0)  # 2 scans x (2 + 1) shards
     assert summary.scan_frames == 2 * sum(max(1, FRAMES - (n % 4) * (FRAMES // 10)) for n in range(CLIPS))
+    assert 50 < summary.peak_memory_mb < 64 * 1024  # the workers' peak resident memory, MiB
 
     table = read_responses(output)
     keys = table.select(["session", "scan_idx", "clip_id", "unit_id"]).to_pandas()

@@ -46,6 +46,7 @@ def test_concurrent_calls_match_sequential(data, tmp_path):
         results = list(pool.map(lambda item: worker.run(item, str(tmp_path / "overlapped")), items))
     assert [r.key for r in results] == [item.key for item in items]
     assert all(r.timings["wait"] >= 0 and r.timings["compute"] > 0 for r in results)
+    assert all(50 < r.peak_memory_mb < 64 * 1024 for r in results)  # this process's peak resident set, MiB
     assert len(worker.heads()) == 1
     sequential = committed(str(tmp_path / "one-by-one"), items)
     overlapped = committed(str(tmp_path / "overlapped"), items)
