@@ -82,9 +82,14 @@ class Engine:
         for head in heads:
             head.reset_state()
         with torch.inference_mode(), self._autocast():
+            # the eye often stays put (no perspective data: zeros): then each head's sampling grid is made once
+            still = t > 0 and (perspectives is None or bool((eye == eye[:, :1]).all()))
+            grids = ([head.perspective.sampling_grid(eye[:, 0], *frames.shape[2:]) for head in heads] if still
+                     else [None] * len(heads))
             for step in range(steps):
                 stimulus = frames[:, step, None].float() / 255  # [N, 1, H, W]
-                encoded = [head.encode(stimulus, eye[:, step], behaviour[:, step]) for head in heads]
+                encoded = [head.encode(stimulus, eye[:, step], behaviour[:, step], grid)
+                           for head, grid in zip(heads, grids)]
                 images = torch.cat([image for image, _ in encoded])  # [K*N, C, Hr, Wr]
                 features = torch.cat([feature for _, feature in encoded])  # [K*N, S*F]
                 core_out = self.core(images, features).chunk(len(heads))

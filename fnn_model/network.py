@@ -62,13 +62,14 @@ class ScanHead(nn.Module):
         """Start a new sequence."""
         reset_state(self)
 
-    def encode(self, stimulus: torch.Tensor, eye: torch.Tensor, behaviour: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(self, stimulus: torch.Tensor, eye: torch.Tensor, behaviour: torch.Tensor,
+               grid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs of one frame -> core inputs: retina image `[N, C, Hr, Wr]`, modulation features `[N, S*F]`.
 
-        `stimulus` `[N, C, H, W]` in [0, 1]; `eye` `[N, P]`; `behaviour` `[N, M]`.
+        `stimulus` `[N, C, H, W]` in [0, 1]; `eye` `[N, P]`; `behaviour` `[N, M]`; `grid` the perspective's
+        sampling grid for `eye` when already computed (`[N, Hr, Wr, 2]`).
         """
-        return self.perspective(stimulus, eye), self.modulation(behaviour)
+        return self.perspective(stimulus, eye, grid=grid), self.modulation(behaviour)
 
     def rates(self, core_output: torch.Tensor) -> torch.Tensor:
         """Core output `[N, S*out, h, w]` -> firing rates `[N, U]` (exp of the stream-mean log-rate)."""

@@ -113,9 +113,15 @@ class Perspective(nn.Module):
         gy = (((v * width) / height) * k) * (grid_h - 1) / grid_h
         return torch.stack([gx, gy], dim=-1)
 
-    def forward(self, stimulus: torch.Tensor, eye: torch.Tensor, periphery: str = "dark") -> torch.Tensor:
-        """`stimulus` `[N, C, H_i, W_i]`, `eye` `[N, P]` (same N) -> `[N, C, H_r, W_r]`."""
-        grid = self.sampling_grid(eye, stimulus.shape[2], stimulus.shape[3])
+    def forward(self, stimulus: torch.Tensor, eye: torch.Tensor, periphery: str = "dark",
+                grid: torch.Tensor | None = None) -> torch.Tensor:
+        """`stimulus` `[N, C, H_i, W_i]`, `eye` `[N, P]` (same N) -> `[N, C, H_r, W_r]`.
+
+        `grid`: `sampling_grid(eye, H_i, W_i)` computed beforehand, to reuse while the eye stays put (`eye` is
+        then not read).
+        """
+        if grid is None:
+            grid = self.sampling_grid(eye, stimulus.shape[2], stimulus.shape[3])
         padding = "zeros" if periphery == "dark" else "border"
         image = F.grid_sample(self.monitor_pixel(stimulus), grid, mode="bilinear", padding_mode=padding,
                               align_corners=False)

@@ -43,6 +43,22 @@ def test_engine_equals_predict_for_every_scan_and_clip(parts, engine) -> None:
             np.testing.assert_allclose(out[key][n], expected, rtol=1e-5)
 
 
+@pytest.mark.parametrize("moving", [False, True], ids=["eyes-still", "one-eye-moving"])
+def test_eye_held_still_or_moving_matches_predict(parts, engine, moving) -> None:
+    """A still eye (the engine samples each head's grid once per call) gives the per-frame `predict` numbers."""
+    core, heads = parts
+    clips = random_clips(2, 4, 36, 64, seed=6)
+    eye, behaviour = random_behaviour(2, 4, seed=6)
+    eye[:] = eye[:, :1]  # each clip's eye stays where it started (the two clips' positions differ)
+    if moving:
+        eye[1, 2:] += 0.5
+    out = engine.predict(clips, [(8, 5)], eye, behaviour)
+    net = Network(CONFIG, heads[(8, 5)].units, core=core, head=heads[(8, 5)])
+    for n in range(2):
+        expected = net.predict(list(clips[n]), list(eye[n]), list(behaviour[n]))
+        np.testing.assert_allclose(out[(8, 5)][n], expected, rtol=1e-5)
+
+
 def test_ragged_lengths_match_clips_run_alone(engine) -> None:
     clips = random_clips(2, 6, 32, 48, seed=4)
     short = clips[1, :3]
