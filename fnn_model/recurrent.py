@@ -17,11 +17,6 @@ THIRD_ROOT = 3**-0.5
 ATTENTION_CHUNK = 8
 
 
-def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
-    """`[N, H*W, heads, C]` -> `[N*heads, H*W, C]` (a copy of C-long runs)."""
-    return x.transpose(1, 2).flatten(0, 1).contiguous()
-
-
 def _unit(x: torch.Tensor) -> torch.Tensor:
     """`x` divided by its L2 norm over the last dim (no epsilon)."""
     return x / x.square().sum(dim=-1, keepdim=True).sqrt_()
@@ -68,24 +63,28 @@ class Recurrent(nn.Module):
         (channels-last).
 
         Queries and keys are L2-normalised over the group's channels (no epsilon); queries are then scaled
-        per channel by `scales`; the softmax runs over key positions.
+        per channel by `scales`; the softmax runs over key positions. The q/k/v projections (grouped 1x1 convs)
+        run as one batched matmul each over a head-major view of the channels-last `z`, so they come out as
+        `[S*G, N*P, C/G]` without a layout copy.
         """
         n, _, height, width = z.shape
-        heads = self.streams * self.groups
+        heads, positions = self.streams * self.groups, height * width
+        by_head = z.permute(0, 2, 3, 1).reshape(n * positions, heads, -1).transpose(0, 1)  # [S*G, N*P, C/G] view
 
-        def positions(proj: WConv) -> torch.Tensor:  # channels-last output viewed as [N, P, S*G, C/G]
-            return proj(z).permute(0, 2, 3, 1).reshape(n, height * width, heads, -1)
+        def project(proj: WConv) -> torch.Tensor:  # -> [S*G, N*P, C/G]
+            kernel = proj.effective()[0][0]  # [S*G*C/G, C/G, 1, 1]
+            return torch.bmm(by_head, kernel.view(heads, -1, kernel.shape[1]).transpose(1, 2))
 
-        q, k, v = positions(self.proj_q), positions(self.proj_k), positions(self.proj_v)
+        q, k, v = project(self.proj_q), project(self.proj_k), project(self.proj_v)
         scales = self._scales.get(self, lambda: self.scales.stacked().flatten(0, 1).to(q.dtype), key=q.dtype)
-        q = _unit(q) * scales  # scales [S*G, C/G]
-        q, k, v = _heads(q, heads), _heads(_unit(k), heads), _heads(v, heads)  # [N*S*G, P, C/G]
+        q = (_unit(q) * scales[:, None]).view(heads * n, positions, -1)  # scales [S*G, C/G]
+        k, v = _unit(k).view(heads * n, positions, -1), v.view(heads * n, positions, -1)  # [S*G*N, P, C/G]
         out = torch.empty_like(v)
         for chunk in range(0, len(q), ATTENTION_CHUNK):  # keeps each [chunk, P, P] weight block in cache
             part = slice(chunk, chunk + ATTENTION_CHUNK)
             weights = torch.softmax(q[part] @ k[part].transpose(1, 2), dim=-1)  # [chunk, P, P']
             torch.matmul(weights, v[part], out=out[part])
-        out = out.view(n, heads, height * width, -1).transpose(1, 2).reshape(n, height, width, -1)
+        out = out.view(heads, n, height, width, -1).permute(1, 2, 3, 0, 4).reshape(n, height, width, -1)
         return out.permute(0, 3, 1, 2)
 
     def forward(self, f: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
