@@ -270,8 +270,8 @@ def main(argv: list[str] | None = None) -> dict:
         sweep = None
         if not args.no_sweep:
             per_item = best.clips * n_scans  # one scan per item: the best engine batch, in clips of that scan
-            sweep = bench_sweep(release_url, root, scan_keys, 2 * per_item, frames, per_item, device, best.dtype,
-                                flops, peaks[best.dtype], memory, args.repeats)  # 2 items per scan: I/O overlaps
+            sweep = bench_sweep(release_url, root, scan_keys, 3 * per_item, frames, per_item, device, best.dtype,
+                                flops, peaks[best.dtype], memory, args.repeats)  # 3 items per scan: I/O overlaps
             rows.append(sweep)
             print_row(sweep)
 
