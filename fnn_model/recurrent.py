@@ -70,12 +70,8 @@ class Recurrent(nn.Module):
         n, _, height, width = z.shape
         heads, positions = self.streams * self.groups, height * width
         by_head = z.permute(0, 2, 3, 1).reshape(n * positions, heads, -1).transpose(0, 1)  # [S*G, N*P, C/G] view
-
-        def project(proj: WConv) -> torch.Tensor:  # -> [S*G, N*P, C/G]
-            kernel = proj.effective()[0][0]  # [S*G*C/G, C/G, 1, 1]
-            return torch.bmm(by_head, kernel.view(heads, -1, kernel.shape[1]).transpose(1, 2))
-
-        q, k, v = project(self.proj_q), project(self.proj_k), project(self.proj_v)
+        q, k, v = (torch.bmm(by_head, proj.group_matrices().transpose(1, 2))  # [S*G, N*P, C/G]
+                   for proj in (self.proj_q, self.proj_k, self.proj_v))
         scales = self._scales.get(self, lambda: self.scales.stacked().flatten(0, 1).to(q.dtype), key=q.dtype)
         q = (_unit(q) * scales[:, None]).view(heads * n, positions, -1)  # scales [S*G, C/G]
         k, v = _unit(k).view(heads * n, positions, -1), v.view(heads * n, positions, -1)  # [S*G*N, P, C/G]

@@ -137,7 +137,7 @@ class WConv(nn.Module):
         if self.temporal > 1:
             return self._temporal(x, kernels, bias)
         if x.shape[2:] == (1, 1) and self.spatial == 1:
-            return self._pointwise(x, kernels[0], bias, self.groups)
+            return self._pointwise(x, self.group_matrices(), bias)
         padding = self.pad
         if padding and self.padding == "replicate":
             x, padding = F.pad(x, (padding,) * 4, mode="replicate"), 0
@@ -162,12 +162,19 @@ class WConv(nn.Module):
         self._step += 1
         return F.conv2d(self._frames, kernels[newest], bias, stride=self.stride, groups=self.groups)
 
+    def group_matrices(self) -> torch.Tensor:
+        """A 1x1 (non-temporal) conv's effective kernel as one matrix per group, `[G, O/G, I/G]` (a view of the
+        cached kernel), for running it as a batched matmul."""
+        if self.spatial != 1 or self.temporal != 1:
+            raise ValueError(f"WConv: group matrices need a 1x1 kernel, this one is {self.temporal}x{self.spatial}")
+        kernel = self.effective()[0][0]  # [G*O/G, I/G, 1, 1]
+        return kernel.view(self.groups, -1, kernel.shape[1])
+
     @staticmethod
-    def _pointwise(x: torch.Tensor, kernel: torch.Tensor, bias: torch.Tensor | None, groups: int) -> torch.Tensor:
+    def _pointwise(x: torch.Tensor, matrices: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """A grouped 1x1 conv of a `[N, G*I/G, 1, 1]` input (a linear layer) as one batched matmul
         `[G, O/G, I/G] @ [N, G, I/G, 1]` (cheaper than a oneDNN conv call at this size)."""
-        weight = kernel.view(groups, kernel.shape[0] // groups, kernel.shape[1])
-        y = torch.matmul(weight, x.reshape(len(x), groups, -1, 1)).view(len(x), -1, 1, 1)  # [N, G*O/G, 1, 1]
+        y = torch.matmul(matrices, x.reshape(len(x), len(matrices), -1, 1)).view(len(x), -1, 1, 1)  # [N, G*O/G, 1, 1]
         return y if bias is None else y + bias[:, None, None]
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:

@@ -34,8 +34,8 @@ import numpy as np
 from fnn_ray.plan import WorkItem
 from fnn_ray.stimuli import Clip
 
-__all__ = ["ItemResult", "SweepWorker", "WorkerOptions", "WorkerPool", "batch_clips", "peak_rss_mb", "predict_clips",
-           "torch_dtype"]
+__all__ = ["ItemResult", "SweepWorker", "WorkerOptions", "WorkerPool", "batch_clips", "peak_memory_mb",
+           "predict_clips", "torch_dtype"]
 
 ScanKey = tuple[int, int]
 T = TypeVar("T")
@@ -52,9 +52,14 @@ def torch_dtype(name: str):
         raise ValueError(f"dtype must be float32 or bfloat16, got {name!r}") from None
 
 
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process in MiB (Linux: ``VmHWM``, which ``/proc/self/clear_refs`` can reset;
-    elsewhere the lifetime peak from ``getrusage``)."""
+def peak_memory_mb(device) -> float:
+    """Peak memory in MiB for work on ``device`` (a ``torch.device``): the CUDA allocator's peak on a GPU, else
+    the process's peak resident set (Linux: ``VmHWM``, which ``/proc/self/clear_refs`` can reset; elsewhere the
+    lifetime peak from ``getrusage``)."""
+    if device.type == "cuda":
+        import torch
+
+        return torch.cuda.max_memory_allocated(device) / 2**20
     try:
         with open("/proc/self/status") as status:
             return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
@@ -278,15 +283,8 @@ class SweepWorker:
         return ItemResult(
             key=item.key, url=url, clips=len(clips), frames=frames, units=len(unit_ids),
             rows=len(clips) * len(unit_ids), seconds=time.perf_counter() - start, timings=timings,
-            device=str(self.engine.device), peak_memory_mb=self._peak_memory_mb(),
+            device=str(self.engine.device), peak_memory_mb=peak_memory_mb(self.engine.device),
         )
-
-    def _peak_memory_mb(self) -> float:
-        import torch
-
-        if self.engine.device.type == "cuda":
-            return torch.cuda.max_memory_allocated(self.engine.device) / 2**20
-        return peak_rss_mb()
 
     def _predict(self, item: WorkItem, clips: list[Clip], timings: dict[str, float], queued: float, delay_s: float,
                  crash: bool) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:

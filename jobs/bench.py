@@ -26,7 +26,7 @@ import platform
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -38,7 +38,7 @@ from fnn_model import NetworkConfig
 from fnn_model.engine import Engine
 from fnn_model.release import Release
 from fnn_model.synthetic import random_clips
-from fnn_ray.worker import peak_rss_mb, torch_dtype
+from fnn_ray.worker import peak_memory_mb, torch_dtype
 
 T = TypeVar("T")
 
@@ -76,9 +76,7 @@ class Memory:
             pass
 
     def peak_mb(self) -> float:
-        if self.device.type == "cuda":
-            return torch.cuda.max_memory_allocated(self.device) / 2**20
-        return peak_rss_mb()
+        return peak_memory_mb(self.device)
 
 
 def sync(device: torch.device) -> None:
@@ -194,15 +192,14 @@ def bench_sweep(release_url: str, root: Path, scans: list[tuple[int, int]], clip
     stimuli = root / "stimuli"
     data = random_clips(clips, frames, seed=4)
     write_clips(str(stimuli), [Clip(f"clip-{n:04d}", data[n]) for n in range(clips)], clips_per_file=clips)
+    config = SweepConfig(release=release_url, stimuli=str(stimuli), output=str(root / "output-0"), scans=scans,
+                         actors=1, clips_per_batch=clips_per_batch, clips_per_shard=clips_per_batch, dtype=dtype,
+                         progress=False, verbose=False, local_ray=True, reuse_workers=True,
+                         cpus_per_actor=float(torch.get_num_threads()) if device.type == "cpu" else None)
     seconds, peak_mb = float("inf"), 0.0
     try:
         for run in range(max(1, repeats)):
-            config = SweepConfig(release=release_url, stimuli=str(stimuli), output=str(root / f"output-{run}"),
-                                 scans=scans, actors=1, clips_per_batch=clips_per_batch,
-                                 clips_per_shard=clips_per_batch, dtype=dtype, progress=False, verbose=False,
-                                 local_ray=True, reuse_workers=True,
-                                 cpus_per_actor=float(torch.get_num_threads()) if device.type == "cpu" else None)
-            summary = run_sweep(config).raise_for_failures()
+            summary = run_sweep(replace(config, output=str(root / f"output-{run}"))).raise_for_failures()
             seconds = min(seconds, summary.scan_frames / summary.scan_frames_per_s)
             peak_mb = max(peak_mb, summary.peak_memory_mb)
     finally:
