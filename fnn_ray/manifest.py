@@ -64,14 +64,17 @@ def _scrub(value: Any) -> Any:
 class Manifest:
     """Summary of one run.
 
-    ``scans`` are ``(session, scan_idx)`` pairs with ``units[k]`` units each; ``clips`` / ``frames`` are the
-    totals of the stimulus dataset; ``items_done`` holds the committed ``(session, scan_idx, item_id)``
-    triples; ``started`` / ``updated`` are ISO-8601 UTC timestamps; ``config`` is a short, secret-free
-    summary of the run's settings.
+    ``job``: what ran (``sweep``, ``tuning``, ...); ``inputs``: what it ran on (stimulus URL or generator
+    parameters; a rerun of other inputs into the same output is refused); ``scans`` are ``(session, scan_idx)``
+    pairs with ``units[k]`` units each; ``clips`` / ``frames`` are the stimulus totals; ``items_done`` holds the
+    committed ``(session, scan_idx, item_id)`` triples (reconciled with the ledger at the start and end of every
+    run); ``started`` / ``updated`` are ISO-8601 UTC timestamps; ``config`` is a short, secret-free summary of
+    the run's settings.
     """
 
+    job: str
     release_url: str
-    stimuli_url: str
+    inputs: dict[str, Any]
     scans: list[tuple[int, int]]
     units: list[int]
     clips: int
@@ -85,7 +88,7 @@ class Manifest:
 
     def __post_init__(self) -> None:
         self.release_url = storage.redact_url(self.release_url)
-        self.stimuli_url = storage.redact_url(self.stimuli_url)
+        self.inputs = _scrub(dict(self.inputs))
         self.scans = [(int(s), int(i)) for s, i in self.scans]
         self.units = [int(u) for u in self.units]
         if len(self.units) != len(self.scans):

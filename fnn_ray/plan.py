@@ -1,8 +1,9 @@
 """Work planning: what one unit of work is, what it costs, and how the stimulus set is cut into units.
 
-A *work item* is one (scan, shard) pair: run the per-scan FNN model over every clip of one stimulus shard and
-write the responses of all of that scan's units. Items are independent (the network state is reset at the
-start of every clip), so they can run in any order on any actor.
+A *work item* is one (scan, part) pair: run the per-scan FNN model over every clip of one *part* of a stimulus
+source (a shard of a Parquet dataset, a block of generated clips, the repeats of some recorded videos) and commit
+what the job's reducer makes of the responses. Items are independent (the network state is reset at the start
+of every clip), so they can run in any order on any actor.
 
 Cost model
 ----------
@@ -32,10 +33,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, AbstractSet, Sequence
-
-if TYPE_CHECKING:  # only for type hints: plan.py must not depend on the stimulus I/O module at run time
-    from fnn_ray.stimuli import Shard
+from collections.abc import Mapping
+from typing import AbstractSet, Protocol, Sequence
 
 __all__ = [
     "CORE_COST",
@@ -43,6 +42,7 @@ __all__ = [
     "HEAD_LOAD_COST",
     "CostModel",
     "DEFAULT_COST_MODEL",
+    "Part",
     "WorkItem",
     "build_items",
     "choose_clips_per_shard",
@@ -75,18 +75,35 @@ class CostModel:
 DEFAULT_COST_MODEL = CostModel()
 
 
+class Part(Protocol):
+    """A block of stimulus clips, as a source lists it (picklable, small: no frames).
+
+    ``part_id``: filename-safe and unique within the source; ``frames``: total frames of its clips; ``where``:
+    where its clips come from, for messages (a file URL, a generator's name).
+    """
+
+    @property
+    def part_id(self) -> str: ...
+
+    @property
+    def frames(self) -> int: ...
+
+    @property
+    def where(self) -> str: ...
+
+
 @dataclass(frozen=True, eq=False)
 class WorkItem:
-    """One unit of work: all clips of ``shard`` through the model of scan ``(session, scan_idx)``.
+    """One unit of work: all clips of ``part`` through the model of scan ``(session, scan_idx)``.
 
-    Equality and hashing use :attr:`key` only, so items can live in sets and dicts even when the shard
+    Equality and hashing use :attr:`key` only, so items can live in sets and dicts even when the part
     object itself is not hashable.
     """
 
     session: int
     scan_idx: int
     units: int
-    shard: Shard
+    part: Part
 
     @property
     def scan(self) -> tuple[int, int]:
@@ -95,13 +112,13 @@ class WorkItem:
 
     @property
     def item_id(self) -> str:
-        """The shard's id (unique within a stimulus set)."""
-        return self.shard.shard_id
+        """The part's id (unique within a source)."""
+        return self.part.part_id
 
     @property
     def frames(self) -> int:
-        """Number of frames in the shard."""
-        return int(self.shard.frames)
+        """Number of frames in the part."""
+        return int(self.part.frames)
 
     @property
     def cost(self) -> float:
@@ -127,15 +144,16 @@ class WorkItem:
 
 def build_items(
     scans: Sequence[tuple[tuple[int, int], int]],
-    shards: Sequence[Shard],
+    parts: Sequence[Part] | Mapping[tuple[int, int], Sequence[Part]],
     skip: AbstractSet[tuple[int, int, str]] = frozenset(),
 ) -> list[WorkItem]:
-    """Cross every scan with every shard, leaving out the keys in ``skip`` (work already done).
+    """Cross every scan with its parts (the same ``parts`` for every scan, or a mapping scan -> parts), leaving
+    out the keys in ``skip`` (work already done).
 
     ``scans`` holds ``((session, scan_idx), units)`` pairs. The result is scan-major (scans in the given
-    order, shards in the given order within a scan), which keeps it deterministic.
+    order, parts in the given order within a scan), which keeps it deterministic.
 
-    Raises ``ValueError`` on a repeated scan, a repeated shard id, or a scan with fewer than one unit.
+    Raises ``ValueError`` on a repeated scan, a repeated part id, or a scan with fewer than one unit.
     """
     seen_scans: set[tuple[int, int]] = set()
     for (session, scan_idx), units in scans:
@@ -144,16 +162,14 @@ def build_items(
         if units < 1:
             raise ValueError(f"scan {session}-{scan_idx} has {units} units")
         seen_scans.add((session, scan_idx))
-    shard_ids = [s.shard_id for s in shards]
-    if len(set(shard_ids)) != len(shard_ids):
-        raise ValueError("shard ids are not unique")
-
     items: list[WorkItem] = []
     for (session, scan_idx), units in scans:
-        for shard in shards:
-            if (session, scan_idx, shard.shard_id) in skip:
-                continue
-            items.append(WorkItem(int(session), int(scan_idx), int(units), shard))
+        own = parts[(session, scan_idx)] if isinstance(parts, Mapping) else parts
+        ids = [p.part_id for p in own]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"part ids of scan {session}-{scan_idx} are not unique")
+        items.extend(WorkItem(int(session), int(scan_idx), int(units), part) for part in own
+                     if (session, scan_idx, part.part_id) not in skip)
     return items
 
 

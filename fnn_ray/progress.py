@@ -1,111 +1,168 @@
-"""Progress display of a sweep: a tqdm bar in scan-frames, and the final summary printout.
+"""What a job tells its user: the plan before it computes, progress while it runs, the summary at the end.
 
-A *scan-frame* is one stimulus frame through the model of one scan; an item (one scan x one shard) is worth
-its shard's frame count. The bar's total is the scan-frames still to compute, so its rate is scan-frames/s
-and its ETA is by work, not by item count; the postfix shows items done/total and failures.
+Progress is counted in *scan-frames* (one stimulus frame through the model of one scan; an item is worth its
+part's frames). On a terminal it is a tqdm bar; in a log (``ray job logs``, CI, a file) it is one line every
+``log_every_s`` seconds or 5% of the work, whichever comes first, with the rate and an ETA at the measured rate.
 """
 
 from __future__ import annotations
 
 import sys
+import time
 from typing import TYPE_CHECKING, TextIO
 
 if TYPE_CHECKING:
-    from fnn_ray.driver import SweepSummary
+    from fnn_ray.job import Job, JobSummary
 
-__all__ = ["Progress", "format_summary", "read_snippet"]
+__all__ = ["Progress", "format_bytes", "format_plan", "format_summary"]
+
+
+def format_bytes(n: float) -> str:
+    """``1536`` -> ``"1.5 KiB"``."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
 
 
 class Progress:
-    """A tqdm bar over ``scan_frames`` scan-frames of ``items`` items (``enabled=False``: silent)."""
+    """Progress over ``scan_frames`` scan-frames of ``items`` items (``enabled=False``: silent)."""
 
-    def __init__(self, items: int, scan_frames: int, enabled: bool = True, file: TextIO | None = None) -> None:
-        self.items, self.done, self.failed = items, 0, 0
+    def __init__(self, items: int, scan_frames: int, enabled: bool = True, file: TextIO | None = None,
+                 desc: str = "run", log_every_s: float = 10.0) -> None:
+        self.items, self.total, self.done, self.failed, self.frames = items, scan_frames, 0, 0, 0
+        self.file = file or sys.stderr
+        self.enabled, self.desc, self.log_every_s = enabled and items > 0, desc, log_every_s
+        self._start = time.monotonic()
+        self._last_line, self._last_fraction = self._start, 0.0
         self._bar = None
-        if enabled and items:
+        if self.enabled and self.file.isatty():
             from tqdm.auto import tqdm
 
-            self._bar = tqdm(
-                total=scan_frames, unit="scan-frame", unit_scale=True, dynamic_ncols=True,
-                desc="sweep", file=file or sys.stderr, smoothing=0.1,
-            )
+            self._bar = tqdm(total=scan_frames, unit="scan-frame", unit_scale=True, dynamic_ncols=True, desc=desc,
+                             file=self.file, smoothing=0.1)
             self._postfix()
 
     def _postfix(self) -> None:
         if self._bar is not None:
-            text = f"items {self.done}/{self.items}"
-            if self.failed:
-                text += f", {self.failed} failed"
+            text = f"items {self.done}/{self.items}" + (f", {self.failed} failed" if self.failed else "")
             self._bar.set_postfix_str(text, refresh=False)
 
     def update(self, scan_frames: int, failed: bool = False) -> None:
         """One item finished (``failed``: it did not commit) worth ``scan_frames``."""
         self.done += 1
         self.failed += int(failed)
+        self.frames += scan_frames
         if self._bar is not None:
             self._postfix()
             self._bar.update(scan_frames)
+        self.tick()
+
+    def line(self) -> str:
+        """``"tuning: 12/48 items (25%), 1,234 scan-frames/s, ETA 3m05s"``."""
+        elapsed = time.monotonic() - self._start
+        fraction = self.frames / self.total if self.total else 1.0
+        rate = self.frames / elapsed if elapsed > 0 else 0.0
+        eta = f", ETA {_duration((self.total - self.frames) / rate)}" if rate > 0 and self.frames < self.total else ""
+        failed = f", {self.failed} failed" if self.failed else ""
+        return (f"{self.desc}: {self.done}/{self.items} items ({100 * fraction:.0f}%){failed}, "
+                f"{rate:,.1f} scan-frames/s{eta}")
+
+    def tick(self) -> None:
+        """In a log: print :meth:`line` when ``log_every_s`` passed or 5% more work is done since the last one."""
+        if not self.enabled or self._bar is not None or not self.done:
+            return
+        now, fraction = time.monotonic(), self.frames / self.total if self.total else 1.0
+        if now - self._last_line >= self.log_every_s or fraction - self._last_fraction >= 0.05 or \
+                self.done == self.items and self._last_fraction < 1.0:
+            self._last_line, self._last_fraction = now, fraction
+            print(self.line(), file=self.file, flush=True)
 
     def write(self, message: str) -> None:
         """Print a line without breaking the bar."""
         if self._bar is not None:
-            self._bar.write(message, file=sys.stderr)
-        else:
-            print(message, file=sys.stderr)
+            self._bar.write(message, file=self.file)
+        elif self.enabled:
+            print(message, file=self.file, flush=True)
 
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
 
-    def __enter__(self) -> Progress:
-        return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def read_snippet(output_url: str) -> str:
-    """A short pandas / pyarrow snippet that reads the responses written under ``output_url``."""
-    from fnn_ray.responses import responses_url
+def format_plan(job: Job, summary: JobSummary) -> str:
+    """What a job is about to do: scans, units, clips, frames, scan-frames and the size of its output."""
     from fnn_ray.storage import redact_url
 
-    url = redact_url(responses_url(output_url))
-    return (
-        "import pyarrow.dataset as ds, pandas as pd, numpy as np\n"
-        f"table = ds.dataset({url!r}, format='parquet', partitioning='hive').to_table()\n"
-        "df = table.to_pandas()   # columns: clip_id, unit_id, readout_id, response (float32 per frame), "
-        "session, scan_idx\n"
-        "one = df[(df.session == df.session[0]) & (df.clip_id == df.clip_id[0])]\n"
-        "rates = np.stack(one.sort_values('readout_id').response)   # [units, frames] of one clip and scan\n"
-        "# or: from fnn_ray.responses import read_responses; read_responses(OUTPUT_URL)"
-    )
+    scans = ", ".join(f"{s}-{i}" for s, i in summary.scans)
+    size = sum(u for _, u in job.scans) * job.frames * job.bytes_per_unit_frame
+    to_do = summary.items_total - summary.items_skipped
+    lines = [
+        f"fnn-ray {job.name}: {len(summary.scans)} scan(s) ({scans}), {summary.units:,} units; {job.clips:,} clips, "
+        f"{job.frames:,} frames -> {job.frames * len(summary.scans):,} scan-frames",
+        f"  {summary.items_total} item(s) ({len(summary.scans)} scan(s) x {summary.parts} part(s)): "
+        f"{summary.items_skipped} already committed, {to_do} to compute",
+        f"  output {redact_url(job.output_url)}: about {format_bytes(size)} in {job.reducer.data_dir}/",
+    ]
+    lines += [f"  recomputing a damaged commit: {r}" for r in summary.repaired]
+    if summary.strays:
+        lines.append(f"  WARNING: {len(summary.strays)} file(s) in {job.reducer.data_dir}/ were not written by a "
+                     f"commit and are ignored (read results with fnn_ray's readers, or delete them): "
+                     + ", ".join(summary.strays[:5]) + (" ..." if len(summary.strays) > 5 else ""))
+    lines += [f"  WARNING: {w}" for w in summary.warnings]
+    return "\n".join(lines)
 
 
-def format_summary(summary: SweepSummary) -> str:
-    """The end-of-run printout: items, scan-frames, wall time, rate, failures, and how to read the output."""
+def format_summary(summary: JobSummary) -> str:
+    """The end-of-run printout: items, scan-frames, wall time, rate, failures and what to do next."""
     from fnn_ray.storage import redact_url
 
-    s = summary
+    s, run = summary, summary.execution
+    state = ("interrupted" if s.interrupted else "finished" if s.ok else "FAILED" if s.items_failed or s.failures
+             else "stopped")
     lines = [
         "",
-        f"fnn-ray sweep {'finished' if s.ok else 'FAILED' if s.failed else 'stopped'}: "
-        f"{s.items_done} item(s) computed, {s.items_skipped} already committed, {s.items_failed} failed, "
-        f"{s.items_total} in total ({len(s.scans)} scan(s) x {s.shards} shard(s))",
-        f"  scan-frames: {s.scan_frames:,} (frames x scans) in {s.wall_s:.1f} s wall, {s.compute_s:.1f} s on the "
-        f"workers = {s.scan_frames_per_s:,.1f} scan-frames/s",
-        f"  workers: {s.actors} actor(s) on {s.device}; {s.actor_restarts} restart(s), {s.steals} steal(s), "
-        f"{s.requeued} requeued, {s.retries} retry(ies); peak worker memory {s.peak_memory_mb:,.0f} MiB",
+        f"fnn-ray {s.job} {state}: {s.items_done} item(s) computed, {s.items_skipped} already committed, "
+        f"{s.items_failed} failed, {s.pending} pending; {s.items_total} in total ({len(s.scans)} scan(s) x "
+        f"{s.parts} part(s))",
     ]
+    if run is not None:
+        lines += [
+            f"  scan-frames: {run.scan_frames:,} in {s.wall_s:.1f} s wall, {run.compute_s:.1f} s on the workers = "
+            f"{s.scan_frames_per_s:,.1f} scan-frames/s",
+            f"  workers: {run.actors} on {run.device}; {run.actor_restarts} restart(s), {run.steals} steal(s), "
+            f"{run.requeued} requeued, {run.retries} retry(ies); peak worker memory {run.peak_memory_mb:,.0f} MiB",
+        ]
+        if run.frame_bytes:
+            lines.append(f"  stimulus reads: {format_bytes(run.bytes_read)} for {format_bytes(run.frame_bytes)} of "
+                         f"frames ({run.bytes_read / run.frame_bytes:.2f} bytes read per frame byte)")
     if s.failures:
-        lines.append(f"  {len(s.failures)} item(s) failed and were NOT committed:")
+        lines.append(f"  {len(s.failures)} problem(s); failed items were NOT committed:")
         lines += [f"    - {message}" for message in s.failures[:20]]
         if len(s.failures) > 20:
             lines.append(f"    ... and {len(s.failures) - 20} more")
-        lines.append("  fix the data, then rerun the same command: only the missing items are computed.")
-    if s.pending and not s.failures:
+        store = run is not None and run.store_failures
+        data = s.items_failed - (run.store_failures if run else 0)
+        if store:
+            lines.append(f"  {run.store_failures} item(s) failed because the store was unreachable: rerun the same "
+                         f"command when it is back; only the missing items are computed.")
+        if data > 0:
+            lines.append("  fix the data named above, then rerun the same command: only the missing items are "
+                         "computed.")
+    if s.interrupted:
+        lines.append(f"  stopped by {s.interrupted}: {s.committed} of {s.items_total} item(s) are committed; rerun "
+                     f"the same command to resume.")
+    elif s.pending and not s.failures:
         lines.append(f"  {s.pending} item(s) not computed yet: rerun the same command to finish.")
-    lines.append(f"  output: {redact_url(s.responses_url)}  (manifest: {redact_url(s.manifest_url)})")
-    lines.append("  read it with:")
-    lines += ["    " + line for line in read_snippet(s.output_url).splitlines()]
+    lines += [f"  WARNING: {w}" for w in s.warnings]
+    lines.append(f"  output: {redact_url(s.output_url)}  (manifest: {redact_url(s.manifest_url)})")
     return "\n".join(lines)

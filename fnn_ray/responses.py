@@ -4,7 +4,8 @@ Layout (``<output>`` is the run's output URL; ``manifest.json`` sits next to ``r
 Parquet dataset has its own directory)::
 
     <output>/responses/session=<s>/scan_idx=<i>/part-<item_id>.parquet
-    <output>/responses/_staging/...          # in-flight writes; ignored by pyarrow.dataset and by this module
+    <output>/responses/session=<s>/scan_idx=<i>/_staging/...   # in-flight writes (ignored by pyarrow.dataset)
+    <output>/_ledger/...                                       # the commits (fnn_ray.ledger)
 
 One row per (clip, unit), ordered by clip (in the item's order) then ``readout_id``:
 
@@ -17,12 +18,11 @@ One row per (clip, unit), ordered by clip (in the item's order) then ``readout_i
 
 ``session`` / ``scan_idx`` are not stored in the files: they are hive partition columns (int32 when read with
 :func:`read_responses`). Read the dataset with ``pyarrow.dataset.dataset(responses_url(out),
-partitioning="hive")`` or ``pandas.read_parquet(responses_url(out))``.
+partitioning="hive")``, or better :func:`read_responses`, which reads only committed parts.
 """
 
 from __future__ import annotations
 
-import posixpath
 import re
 from typing import Any, Mapping, Sequence
 
@@ -30,9 +30,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
-import pyarrow.parquet as pq
 
 from fnn_ray import storage
+from fnn_ray.ledger import Ledger
 
 __all__ = [
     "RESPONSES_DIR",
@@ -41,6 +41,7 @@ __all__ = [
     "committed_items",
     "read_responses",
     "response_path",
+    "response_table",
     "responses_url",
     "write_responses",
 ]
@@ -57,11 +58,11 @@ SCHEMA = pa.schema(
         ("response", pa.list_(pa.float32())),
     ]
 )
+_ITEM_ID = re.compile(r"^[A-Za-z0-9._=-]+$")
+
 #: Hive partition columns (directory names).
 PARTITION_SCHEMA = pa.schema([("session", pa.int32()), ("scan_idx", pa.int32())])
 
-_ITEM_ID = re.compile(r"^[A-Za-z0-9._=-]+$")
-_PART = re.compile(r"^session=(-?\d+)/scan_idx=(-?\d+)/part-([A-Za-z0-9._=-]+)\.parquet$")
 
 
 def responses_url(output_url: str) -> str:
@@ -76,12 +77,15 @@ def response_path(output_url: str, session: int, scan_idx: int, item_id: str) ->
     )
 
 
-def _response_table(
+def response_table(
     clip_ids: Sequence[str],
     responses: Sequence[np.ndarray],
     unit_ids: np.ndarray,
     readout_ids: np.ndarray,
 ) -> pa.Table:
+    """The rows of one item: ``responses[c]`` is the float ``[T_c, U]`` prediction for ``clip_ids[c]``;
+    ``unit_ids`` (int64 ``[U]``) and ``readout_ids`` (int32 ``[U]``) label its columns. Rows in clip order,
+    then by ``readout_id``."""
     if len(clip_ids) != len(responses):
         raise ValueError(f"{len(clip_ids)} clip ids but {len(responses)} response arrays")
     if not clip_ids:
@@ -138,48 +142,21 @@ def write_responses(
     readout_ids: np.ndarray,
     storage_options: Mapping[str, Any] | None = None,
 ) -> str:
-    """Write one work item's responses and commit the part file atomically; return its URL.
-
-    ``responses[c]`` is the float ``[T_c, U]`` prediction for ``clip_ids[c]`` (every frame of the clip);
-    ``unit_ids`` (int64 ``[U]``) and ``readout_ids`` (int32 ``[U]``) label its columns. Rows are written in
-    clip order, then by ``readout_id``. Writing the same ``(session, scan_idx, item_id)`` again replaces the
-    file (no duplicate rows).
-    """
+    """Commit one work item's responses (:func:`response_table`) at :func:`response_path` and record the commit
+    in the ledger; return the file's URL. Writing the same item again replaces it (no duplicate rows)."""
     if not isinstance(item_id, str) or not _ITEM_ID.match(item_id):
         raise ValueError(f"item_id must match {_ITEM_ID.pattern}, got {item_id!r}")
-    table = _response_table(clip_ids, responses, unit_ids, readout_ids)
-    sink = pa.BufferOutputStream()
-    pq.write_table(
-        table,
-        sink,
-        row_group_size=max(1, min(table.num_rows, 1 << 20)),
-        use_dictionary=["clip_id"],
-        compression="snappy",
-    )
-    fs, root = storage.filesystem(responses_url(output_url), storage_options)
-    rel = f"session={int(session)}/scan_idx={int(scan_idx)}/part-{item_id}.parquet"
-    storage.commit_bytes(fs, posixpath.join(root, rel), sink.getvalue(), posixpath.join(root, storage.STAGING_DIR))
+    table = response_table(clip_ids, responses, unit_ids, readout_ids)
+    file = f"{RESPONSES_DIR}/session={int(session)}/scan_idx={int(scan_idx)}/part-{item_id}.parquet"
+    Ledger(output_url, storage_options).commit_table((int(session), int(scan_idx), item_id), file, table)
     return response_path(output_url, session, scan_idx, item_id)
 
 
 def committed_items(
     output_url: str, storage_options: Mapping[str, Any] | None = None
 ) -> set[tuple[int, int, str]]:
-    """The ``(session, scan_idx, item_id)`` of every committed part file (staging files are ignored)."""
-    fs, root = storage.filesystem(responses_url(output_url), storage_options)
-    root = root.rstrip("/")
-    fs.invalidate_cache(root)
-    try:
-        paths = fs.find(root)
-    except FileNotFoundError:
-        return set()
-    out = set()
-    for p in paths:
-        rel = p.rstrip("/")[len(root) :].lstrip("/") if p.startswith(root) else ""
-        m = _PART.match(rel)
-        if m:
-            out.add((int(m.group(1)), int(m.group(2)), m.group(3)))
-    return out
+    """The ``(session, scan_idx, item_id)`` of every committed, intact part file (see :mod:`fnn_ray.ledger`)."""
+    return {c.key for c in Ledger(output_url, storage_options).committed_files(RESPONSES_DIR)}
 
 
 def read_responses(
@@ -189,22 +166,39 @@ def read_responses(
     columns: Sequence[str] | None = None,
     filter: ds.Expression | None = None,
 ) -> pa.Table:
-    """Read the whole response dataset (or ``columns`` / rows matching ``filter``) into one Table.
+    """Read the committed part files (or ``columns`` / rows matching ``filter``) into one Table.
 
-    Columns: ``clip_id, unit_id, readout_id, response`` plus the partition columns ``session, scan_idx``
-    (int32). An output without responses yields an empty table with that schema.
+    Only files that the ledger records as committed and intact are read: a stray copy or a truncated part in
+    the directory is never returned. Columns: ``clip_id, unit_id, readout_id, response`` plus the partition
+    columns ``session, scan_idx`` (int32). An output without responses yields an empty table with that schema.
+    For large outputs filter on ``session`` / ``scan_idx`` / ``clip_id`` instead of reading everything.
     """
-    fs, root = storage.filesystem(responses_url(output_url), storage_options)
-    fs.invalidate_cache(root)
     full = pa.schema(list(SCHEMA) + list(PARTITION_SCHEMA))
-    if not committed_items(output_url, storage_options):
+    ledger = Ledger(output_url, storage_options)
+    files = [ledger.path(c.file) for c in ledger.committed_files(RESPONSES_DIR)]
+    if not files:
         table = full.empty_table()
         return table.select(list(columns)) if columns is not None else table
     dataset = ds.dataset(
-        root,
-        filesystem=fs,
+        files,
+        filesystem=ledger.fs,
         format="parquet",
         schema=full,
         partitioning=ds.partitioning(PARTITION_SCHEMA, flavor="hive"),
+        partition_base_dir=ledger.path(RESPONSES_DIR),
     )
     return dataset.to_table(columns=list(columns) if columns is not None else None, filter=filter)
+
+
+def read_snippet(output_url: str) -> str:
+    """How to read the responses under ``output_url`` without loading everything (printed after a sweep)."""
+    out = storage.redact_url(output_url)
+    return (
+        "read it with:\n"
+        "    from fnn_ray.responses import read_responses\n"
+        "    import pyarrow.dataset as ds, numpy as np\n"
+        f"    t = read_responses({out!r}, filter=(ds.field('session') == 8) & (ds.field('scan_idx') == 5))\n"
+        "    df = t.to_pandas()   # clip_id, unit_id, readout_id, response (float32 per frame), session, scan_idx\n"
+        "    one = df[df.clip_id == df.clip_id.iloc[0]].sort_values('readout_id')\n"
+        "    rates = np.stack(one.response)   # [units, frames] of one clip and scan"
+    )

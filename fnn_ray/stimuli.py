@@ -181,6 +181,16 @@ class Shard:
         """URL of the shard's file (for messages; credentials redacted)."""
         return _file_url(self.url, self.file, self.path)
 
+    @property
+    def part_id(self) -> str:
+        """The shard as a work-item part (:class:`fnn_ray.plan.Part`): its :attr:`shard_id`."""
+        return self.shard_id
+
+    @property
+    def where(self) -> str:
+        """Where the part's clips come from (for messages): :attr:`file_url`."""
+        return self.file_url
+
 
 def _file_url(url: str, rel: str, path: str) -> str:
     base = storage.redact_url(url).rstrip("/")

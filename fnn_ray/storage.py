@@ -15,37 +15,65 @@ processes write to the same prefixes and s3fs caches filesystem instances per pr
 
 Credentials are never logged and never put into error messages: use :func:`redact_url` on any URL that is
 shown to a user.
+
+Transient store errors (the store unreachable, a connection cut, a timeout, throttling, a 5xx) are told apart
+from data errors (a missing key, a bad file, a denied request) by :func:`is_transient`; :func:`retry` calls an
+operation again with exponential backoff and full jitter until a time budget is spent, then raises
+:class:`StoreUnavailable`. Through s3fs a store that refuses or resets connections surfaces (after botocore's
+own retries, a few seconds per call) as ``botocore.exceptions.EndpointConnectionError`` caused by an
+``aiohttp.ClientConnectorError`` / ``ClientOSError`` and a ``ConnectionRefusedError`` /
+``ConnectionResetError``; s3fs turns S3 error codes into ``OSError`` subclasses with the ``ClientError`` as
+``__cause__``. A cut connection does not poison s3fs's cached filesystem instance: the next call after the
+store is back succeeds on the same instance. :func:`commit_bytes` is safe to retry as a whole.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import errno
+import logging
 import os
 import posixpath
+import random
 import re
+import socket
+import time
 import uuid
-from typing import Any, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Mapping, TypeVar
 
+import aiohttp
+import botocore.exceptions
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
+from botocore.parsers import ResponseParserError
 from fsspec import AbstractFileSystem
+from fsspec.exceptions import FSTimeoutError
 
 __all__ = [
     "STAGING_DIR",
+    "Retry",
+    "StoreUnavailable",
     "commit_bytes",
     "filesystem",
     "is_local",
+    "is_transient",
     "join",
     "open_parquet",
     "redact_url",
+    "retry",
 ]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 #: Name of the staging directory used by :func:`commit_bytes` (the leading '_' makes pyarrow.dataset skip it).
 STAGING_DIR = "_staging"
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
-_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*://)[^/@]*@")
+_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*://)[^/@\s]*@")
 
 
 def _scheme(url: str) -> str:
@@ -54,7 +82,7 @@ def _scheme(url: str) -> str:
 
 
 def redact_url(url: str) -> str:
-    """Return ``url`` with any ``user:password@`` part replaced by ``***@`` (safe for messages)."""
+    """Return ``url`` (or a message holding URLs) with any ``user:password@`` part replaced by ``***@``."""
     return _USERINFO.sub(r"\1***@", str(url))
 
 
@@ -176,5 +204,131 @@ def open_parquet(fs: AbstractFileSystem, path: str, url: str | None = None) -> I
         try:
             pf = pq.ParquetFile(f)
         except (pa.ArrowException, OSError, ValueError) as e:
+            if is_transient(e):
+                raise
             raise ValueError(f"{name}: not a valid parquet file ({e})") from None
         yield pf
+
+
+# ------------------------------------------------------------------------------------ transient errors
+#: errno values of a store that cannot be reached right now.
+_TRANSIENT_ERRNO = frozenset({
+    errno.ECONNREFUSED, errno.ECONNRESET, errno.ECONNABORTED, errno.ETIMEDOUT, errno.EPIPE,
+    errno.ENETUNREACH, errno.ENETDOWN, errno.EHOSTUNREACH, errno.EAGAIN,
+})
+#: S3 error codes that mean 'try again later'.
+_TRANSIENT_CODES = frozenset({
+    "SlowDown", "Throttling", "ThrottlingException", "ThrottledException", "RequestThrottled",
+    "RequestThrottledException", "TooManyRequestsException", "RequestLimitExceeded", "RequestTimeout",
+    "RequestTimeoutException", "InternalError", "ServiceUnavailable", "503", "500",
+})
+#: Errors that are about the data or the request, never retried even when they wrap a transient one.
+_PERMANENT = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError,
+              ValueError, TypeError, KeyError)
+#: Exception types that mean the store could not be reached (or answered too late): see :func:`is_transient`.
+#: botocore ConnectionError: EndpointConnectionError, ConnectTimeoutError, ProxyConnectionError;
+#: HTTPClientError: ConnectionClosedError, ReadTimeoutError; ResponseParserError: throttling responses with a
+#: broken body (s3fs retries these too).
+_TRANSIENT_TYPES = (
+    ConnectionError, TimeoutError, socket.timeout, asyncio.TimeoutError, FSTimeoutError,
+    botocore.exceptions.ConnectionError, botocore.exceptions.HTTPClientError, ResponseParserError,
+    aiohttp.ClientConnectionError, aiohttp.ClientPayloadError,
+)
+
+
+def _transient_one(exc: BaseException) -> bool:
+    if isinstance(exc, _TRANSIENT_TYPES):
+        return True
+    response = getattr(exc, "response", None)  # botocore ClientError
+    if isinstance(response, Mapping):
+        code = str((response.get("Error") or {}).get("Code", ""))
+        status = int((response.get("ResponseMetadata") or {}).get("HTTPStatusCode") or 0)
+        return code in _TRANSIENT_CODES or status == 429 or status >= 500
+    return isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNO
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True when ``exc`` means the store could not be reached or asked to try again later.
+
+    Transient: refused / reset / closed connections, timeouts, botocore ``EndpointConnectionError`` /
+    ``ConnectionClosedError`` / ``ReadTimeoutError``, aiohttp connection and payload errors, S3 error
+    responses with status 5xx or 429 or code ``SlowDown`` / ``Throttling`` / ``RequestTimeout`` /
+    ``InternalError`` / ``ServiceUnavailable``, and ``OSError`` with errno ECONNREFUSED, ECONNRESET, ETIMEDOUT,
+    ... The chain of causes is searched too (s3fs wraps ``ClientError`` into ``OSError``). Never transient:
+    a top-level ``FileNotFoundError``, ``PermissionError``, ``FileExistsError``, ``ValueError`` (bad data),
+    ``TypeError`` or ``KeyError``.
+    """
+    if isinstance(exc, _PERMANENT):
+        return False
+    seen: set[int] = set()
+    todo: BaseException | None = exc
+    while todo is not None and id(todo) not in seen:
+        if _transient_one(todo):
+            return True
+        seen.add(id(todo))
+        todo = todo.__cause__ or (None if todo.__suppress_context__ else todo.__context__)
+    return False
+
+
+class StoreUnavailable(RuntimeError):
+    """The store stayed unreachable for a whole retry budget; ``.what`` names the operation."""
+
+    def __init__(self, message: str, what: str) -> None:
+        super().__init__(message)
+        self.what = what
+
+
+@dataclass(frozen=True)
+class Retry:
+    """Retry policy for transient store errors: exponential backoff with full jitter within a time budget.
+
+    The n-th wait (n = 0, 1, ...) is uniform in ``[0, min(cap_s, base_s * 2**n)]``, cut to the budget left;
+    one more attempt is made when the budget runs out during a wait. A call in progress is never interrupted,
+    so the total time can exceed ``budget_s`` by one call (through s3fs with botocore's default retries,
+    a call to an unreachable store takes a few seconds before it fails).
+    """
+
+    budget_s: float
+    base_s: float = 0.5
+    cap_s: float = 30.0
+
+    def call(self, fn: Callable[..., T], *args: Any, what: str, **kwargs: Any) -> T:
+        """``fn(*args, **kwargs)``, again after each transient error until the budget is spent.
+
+        Errors that are not transient (:func:`is_transient`) propagate at once. When the budget is spent,
+        raises :class:`StoreUnavailable` ("store unreachable for <budget>: <what>: <last error>; rerun when
+        it is back") from the last error.
+        """
+        deadline = time.monotonic() + self.budget_s
+        attempt = 0
+        while True:
+            try:
+                return fn(*args, **kwargs)
+            except Exception as e:
+                if not is_transient(e):
+                    raise
+                left = deadline - time.monotonic()
+                error = redact_url(f"{type(e).__name__}: {e}")
+                if left <= 0:
+                    raise StoreUnavailable(
+                        f"store unreachable for {_duration(self.budget_s)}: {what}: {error}; "
+                        "rerun when it is back",
+                        what,
+                    ) from e
+                wait = min(left, random.uniform(0.0, min(self.cap_s, self.base_s * 2.0**attempt)))
+                log.warning("%s: %s; retrying in %.1f s (%.0f s of the retry budget left)", what, error, wait, left)
+                attempt += 1
+                time.sleep(wait)
+
+
+def retry(fn: Callable[..., T], *args: Any, budget_s: float, what: str, **kwargs: Any) -> T:
+    """``Retry(budget_s).call(fn, *args, what=what, **kwargs)``: the default policy (base 0.5 s, cap 30 s)."""
+    return Retry(budget_s).call(fn, *args, what=what, **kwargs)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:g} s"
+    if seconds < 7200:
+        return f"{seconds / 60:g} min"
+    return f"{seconds / 3600:g} h"

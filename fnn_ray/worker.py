@@ -1,12 +1,14 @@
-"""The Ray actor that runs sweep work items: one shared core per actor, scan heads loaded on demand.
+"""The Ray actor that runs work items: one shared core per actor, scan heads loaded on demand.
 
-An item (:class:`fnn_ray.plan.WorkItem`: one scan x one stimulus shard) goes through :meth:`SweepWorker.run`:
+An item (:class:`fnn_ray.plan.WorkItem`: one scan x one part of a stimulus source) goes through
+:meth:`Worker.run` with the job's :class:`Task` (source, reducer, output):
 
-1. read the shard's clips straight from object storage (:func:`fnn_ray.stimuli.read_shard`);
+1. read the part's clips (:meth:`fnn_ray.sources.Source.read`: from object storage, or generated here);
 2. on the worker's compute thread: make sure the scan's head is loaded (bounded LRU cache), then predict the
    clips in batches of ``clips_per_batch`` clips, padded to the longest clip of the batch (``lengths`` tells the
-   engine where each clip ends);
-3. write the responses straight back (:func:`fnn_ray.responses.write_responses`, an atomic commit).
+   engine where each clip ends); a clip's ``context_frames`` are run but dropped;
+3. reduce the responses (:mod:`fnn_ray.reducers`), commit the table atomically and record the commit in the
+   ledger (:mod:`fnn_ray.ledger`). Store I/O is retried through transient faults for ``store_timeout_s``.
 
 Only a small :class:`ItemResult` goes back to the driver; frames and responses never pass through it.
 
@@ -20,7 +22,6 @@ threads spinning against the busy one (measured on 2 cores: 15-25% slower than o
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections import OrderedDict
@@ -32,9 +33,11 @@ from typing import Any, TypeVar
 import numpy as np
 
 from fnn_ray.plan import WorkItem
+from fnn_ray.reducers import Reducer, Units
+from fnn_ray.sources import Source
 from fnn_ray.stimuli import Clip
 
-__all__ = ["ItemResult", "SweepWorker", "WorkerOptions", "WorkerPool", "batch_clips", "peak_memory_mb",
+__all__ = ["ItemResult", "Task", "Worker", "WorkerOptions", "batch_clips", "item_label", "peak_memory_mb",
            "predict_clips", "torch_dtype"]
 
 ScanKey = tuple[int, int]
@@ -73,7 +76,7 @@ def peak_memory_mb(device) -> float:
 
 @dataclass(frozen=True)
 class WorkerOptions:
-    """How one :class:`SweepWorker` is built.
+    """How one :class:`Worker` is built.
 
     ``storage_options`` reach the release, stimuli and output stores (never printed: ``repr=False``).
     The output URL is given per item, so that one worker can serve several sweeps of the same release.
@@ -89,16 +92,28 @@ class WorkerOptions:
 
 
 @dataclass(frozen=True)
+class Task:
+    """What a job asks of a worker for each of its items: read from ``source``, reduce with ``reducer``, commit
+    under ``output_url``; store I/O rides out transient faults for ``store_timeout_s`` seconds."""
+
+    source: Source
+    reducer: Reducer
+    output_url: str
+    store_timeout_s: float = 300.0
+
+
+@dataclass(frozen=True)
 class ItemResult:
     """What a worker reports for one committed item (small: no frames, no responses).
 
-    ``timings`` holds seconds spent in ``read``, ``wait`` (for the compute thread), ``head`` (loading a head),
-    ``compute`` and ``write``; ``seconds`` is the whole call. ``peak_memory_mb``: the worker's peak so far, the
-    GPU allocator's on a CUDA worker, else the process's resident set.
+    ``file``: the committed file, relative to the output URL. ``timings`` holds seconds spent in ``read``,
+    ``wait`` (for the compute thread), ``head`` (loading a head), ``compute``, ``reduce`` and ``write``; ``seconds`` is the whole call. ``peak_memory_mb``: the worker's peak so far, the
+    GPU allocator's on a CUDA worker, else the process's resident set. ``bytes_read`` / ``frame_bytes``: stimulus
+    bytes fetched from the store and the frame bytes they held (0 for generated stimuli).
     """
 
     key: tuple[int, int, str]
-    url: str
+    file: str
     clips: int
     frames: int
     units: int
@@ -107,6 +122,8 @@ class ItemResult:
     timings: dict[str, float]
     device: str
     peak_memory_mb: float = float("nan")
+    bytes_read: int = 0
+    frame_bytes: int = 0
 
     @property
     def scan_frames(self) -> int:
@@ -144,10 +161,11 @@ def _stack_vectors(values: Sequence[np.ndarray | None], steps: int) -> np.ndarra
 
 
 def predict_clips(engine, scan: ScanKey, clips: Sequence[Clip], clips_per_batch: int) -> list[np.ndarray]:
-    """Responses of one scan to ``clips``: float32 ``[T_c, U]`` per clip, in order.
+    """Responses of one scan to ``clips``: float32 ``[T_c - context_c, U]`` per clip, in order.
 
     Clips are batched ``clips_per_batch`` at a time (same frame size per batch), padded to the longest clip of
-    the batch as uint8 ``[N, T_max, H, W]`` with ``lengths``; each clip starts from a reset state.
+    the batch as uint8 ``[N, T_max, H, W]`` with ``lengths``; each clip starts from a reset state, and the
+    responses to its first ``context_frames`` frames (movie context, run but not kept) are dropped.
     """
     out: list[np.ndarray | None] = [None] * len(clips)
     for batch in batch_clips(clips, max(1, int(clips_per_batch))):
@@ -166,12 +184,12 @@ def predict_clips(engine, scan: ScanKey, clips: Sequence[Clip], clips_per_batch:
             lengths=lengths,
         )[scan]  # [N, T_max, U]
         for n, i in enumerate(batch):
-            out[i] = np.ascontiguousarray(result[n, : lengths[n]])
+            out[i] = np.ascontiguousarray(result[n, getattr(clips[i], "context_frames", 0): lengths[n]])
     return out  # type: ignore[return-value]
 
 
-class SweepWorker:
-    """Runs work items on one device. Use as a Ray actor: ``ray.remote(SweepWorker).options(...).remote(opts)``.
+class Worker:
+    """Runs work items on one device. Use as a Ray actor: ``ray.remote(Worker).options(...).remote(opts)``.
 
     The core is loaded once (``Release.open(...).load_core()``) into an :class:`fnn_model.engine.Engine`; scan
     heads and their unit tables are loaded on demand and kept in an LRU cache of ``max_heads`` scans.
@@ -185,7 +203,7 @@ class SweepWorker:
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fnn-compute")
         self.release = Release.open(options.release_url, storage_options=options.storage_options)
         self.engine = self._on_compute_thread(self._load_engine, options.threads or _assigned_cpus())
-        self._heads: OrderedDict[ScanKey, tuple[np.ndarray, np.ndarray]] = OrderedDict()  # scan -> unit/readout ids
+        self._heads: OrderedDict[ScanKey, Units] = OrderedDict()
         self.items_done = 0
 
     def _on_compute_thread(self, fn: Callable[..., T], *args: Any) -> T:
@@ -221,8 +239,8 @@ class SweepWorker:
         return list(self._heads)
 
     # ------------------------------------------------------------------ work
-    def _head(self, scan: ScanKey) -> tuple[np.ndarray, np.ndarray]:
-        """Make sure ``scan``'s head is on the engine (compute thread only); return its (unit_ids, readout_ids)."""
+    def _head(self, scan: ScanKey) -> Units:
+        """Make sure ``scan``'s head is on the engine (compute thread only); return its units."""
         if scan in self._heads:
             self._heads.move_to_end(scan)
             return self._heads[scan]
@@ -232,7 +250,7 @@ class SweepWorker:
         head = self.release.load_head(*scan)
         units = self.release.units(*scan)
         self.engine.add_head(scan, head)
-        ids = (units.unit_id.to_numpy(np.int64), units.readout_id.to_numpy(np.int32))
+        ids = Units(units.unit_id.to_numpy(np.int64), units.readout_id.to_numpy(np.int32))
         self._heads[scan] = ids
         return ids
 
@@ -242,56 +260,59 @@ class SweepWorker:
             self._on_compute_thread(self._head, tuple(scan))
         return self.heads()
 
-    def run(self, item: WorkItem, output_url: str, delay_s: float = 0.0, crash: bool = False) -> ItemResult:
-        """Read, predict and commit one item under ``output_url``; return its descriptor.
+    def run(self, item: WorkItem, task: Task, delay_s: float = 0.0, crash: bool = False) -> ItemResult:
+        """Read, predict, reduce and commit one item of ``task``; return its descriptor.
 
         Raises ``ValueError`` / ``FileNotFoundError`` (bad or missing data: the message names the item and the
-        stimulus file, row and clip) or whatever the store raised (transient errors: the driver retries).
-        Test-only fault injection: ``delay_s`` more seconds of compute (a slow device); ``crash``: the process
-        exits abruptly in the middle of the item (a lost node).
+        file, row and clip), :class:`fnn_ray.storage.StoreUnavailable` (the store stayed unreachable for
+        ``task.store_timeout_s``) or whatever else went wrong. Test-only fault injection: ``delay_s`` more
+        seconds of compute (a slow device); ``crash``: the process exits abruptly mid-item (a lost node).
         """
         label = item_label(item)
         try:
-            return self._run(item, label, output_url, delay_s, crash)
+            return self._run(item, task, delay_s, crash)
         except FileNotFoundError as e:
             raise FileNotFoundError(f"item {label}: {e}") from None
         except (ValueError, KeyError) as e:
             raise ValueError(f"item {label}: {e}") from None
 
-    def _run(self, item: WorkItem, label: str, output_url: str, delay_s: float, crash: bool) -> ItemResult:
-        from fnn_ray import responses, stimuli
+    def _run(self, item: WorkItem, task: Task, delay_s: float, crash: bool) -> ItemResult:
+        from fnn_ray import storage
+        from fnn_ray.ledger import Ledger
 
         start = time.perf_counter()
         timings: dict[str, float] = {}
-        clips = stimuli.read_shard(item.shard, self.options.storage_options)
-        if [c.clip_id for c in clips] != list(item.shard.clip_ids):
-            raise ValueError(f"{item.shard.file_url} rows [{item.shard.row_start}, "
-                             f"{item.shard.row_stop}) do not hold the listed clips")
+        io: dict[str, float] = {}
+        label = item_label(item)
+        clips = storage.retry(task.source.read, item, io, budget_s=task.store_timeout_s, what=f"reading {label}")
         timings["read"] = time.perf_counter() - start
 
-        unit_ids, readout_ids, rates = self._on_compute_thread(
-            self._predict, item, clips, timings, time.perf_counter(), delay_s, crash)
+        units, rates = self._on_compute_thread(self._predict, item, clips, timings, time.perf_counter(), delay_s,
+                                               crash)
+        mark = time.perf_counter()
+        table = task.reducer.reduce(item, units, zip(clips, rates))
+        timings["reduce"] = time.perf_counter() - mark
 
         mark = time.perf_counter()
-        url = responses.write_responses(
-            output_url, item.session, item.scan_idx, item.item_id,
-            [c.clip_id for c in clips], rates, unit_ids, readout_ids, self.options.storage_options,
-        )
+        ledger = Ledger(task.output_url, self.options.storage_options)
+        file = task.reducer.file(item)
+        storage.retry(ledger.commit_table, item.key, file, table, budget_s=task.store_timeout_s,
+                      what=f"committing {label}")
         timings["write"] = time.perf_counter() - mark
         self.items_done += 1
-        frames = sum(c.num_frames for c in clips)
         return ItemResult(
-            key=item.key, url=url, clips=len(clips), frames=frames, units=len(unit_ids),
-            rows=len(clips) * len(unit_ids), seconds=time.perf_counter() - start, timings=timings,
+            key=item.key, file=file, clips=len(clips), frames=sum(c.num_frames for c in clips),
+            units=len(units.unit_ids), rows=table.num_rows, seconds=time.perf_counter() - start, timings=timings,
             device=str(self.engine.device), peak_memory_mb=peak_memory_mb(self.engine.device),
+            bytes_read=int(io.get("bytes_read", 0)), frame_bytes=int(io.get("frame_bytes", 0)),
         )
 
     def _predict(self, item: WorkItem, clips: list[Clip], timings: dict[str, float], queued: float, delay_s: float,
-                 crash: bool) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
-        """Step 2 of an item, on the compute thread: (unit_ids, readout_ids, rates per clip); fills ``timings``."""
+                 crash: bool) -> tuple[Units, list[np.ndarray]]:
+        """Step 2 of an item, on the compute thread: (units, responses per clip); fills ``timings``."""
         mark = time.perf_counter()
         timings["wait"] = mark - queued
-        unit_ids, readout_ids = self._head(item.scan)
+        units = self._head(item.scan)
         timings["head"] = time.perf_counter() - mark
         mark = time.perf_counter()
         rates = predict_clips(self.engine, item.scan, clips, self.options.clips_per_batch)
@@ -300,14 +321,7 @@ class SweepWorker:
         if delay_s:
             time.sleep(delay_s)
         timings["compute"] = time.perf_counter() - mark
-        return unit_ids, readout_ids, rates
-
-
-def _last_line(error: BaseException) -> str:
-    """The gist of a Ray error (its last line, e.g. ``ReleaseError: release ...: no such directory``)."""
-    cause = getattr(error, "cause", None)
-    lines = [line.strip() for line in str(cause or error).splitlines() if line.strip()]
-    return lines[-1] if lines else type(error).__name__
+        return units, rates
 
 
 def _default_device() -> str:
@@ -334,84 +348,3 @@ def _assigned_cpus() -> int | None:
         return int(round(cpus)) if cpus else None
     except Exception:
         return None
-
-
-class WorkerPool:
-    """The Ray actors of a sweep: starts them (``max_concurrency=2``, no Ray restarts: the driver replaces dead
-    workers itself), and with ``reuse`` keeps them after the sweep for the next sweep in this process that uses
-    the same release and settings (the core stays loaded; don't rewrite a release in place meanwhile).
-    """
-
-    _idle: dict[str, list[Any]] = {}  # pool key -> idle actor handles, shared by the sweeps of this process
-
-    #: Environment variables passed on to the workers (which may run on other nodes): where the object store is,
-    #: never credentials (those come from ``storage_options`` or each node's own AWS configuration).
-    PROPAGATED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
-
-    def __init__(self, options: WorkerOptions, resources: Mapping[str, float], reuse: bool = False) -> None:
-        import ray
-
-        self.options, self.resources, self.reuse = options, dict(resources), reuse
-        env = {k: os.environ[k] for k in self.PROPAGATED_ENV if os.environ.get(k)}
-        extra = {"runtime_env": {"env_vars": env}} if env else {}
-        self._remote = ray.remote(SweepWorker).options(max_concurrency=2, max_restarts=0, **self.resources, **extra)
-        node = ray.get_runtime_context().get_node_id()  # a new cluster -> a new key (old handles are dead)
-        self._key = json.dumps([node, options.release_url, options.dtype, options.clips_per_batch, options.max_heads,
-                                options.device, options.threads, sorted(self.resources.items()),
-                                options.storage_options, env], sort_keys=True, default=str)
-
-    def spawn(self) -> Any:
-        """A new actor (not waited for: its first call fails with RayActorError if it cannot start)."""
-        return self._remote.remote(self.options)
-
-    def start(self, n: int, timeout_s: float | None = None) -> list[tuple[Any, dict[str, Any]]]:
-        """``n`` ready actors with their :meth:`SweepWorker.ready` info: idle ones first, then new ones.
-
-        Raises RuntimeError (with the worker's own error) when a new actor cannot start, or when not all are
-        ready within ``timeout_s`` (e.g. the cluster lacks the resources for ``n`` workers).
-        """
-        import ray
-
-        idle = self._idle.get(self._key, []) if self.reuse else []
-        handles = [idle.pop() for _ in range(min(n, len(idle)))]
-        handles += [self.spawn() for _ in range(n - len(handles))]
-        refs = [h.ready.remote() for h in handles]
-        done, waiting = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
-        out, problem = [], None
-        for handle, ref in zip(handles, refs):
-            if ref in waiting:
-                problem = problem or (f"{len(waiting)} of {n} sweep worker(s) did not start within {timeout_s:.0f} s; "
-                                      f"each needs {self.resources} and the cluster has "
-                                      f"{ {k: v for k, v in ray.cluster_resources().items() if '/' not in k and ':' not in k} }")
-                continue
-            try:
-                out.append((handle, ray.get(ref)))
-            except ray.exceptions.RayError as e:
-                problem = problem or f"sweep workers could not start: {_last_line(e)}"
-        if problem:
-            for handle in handles:
-                ray.kill(handle, no_restart=True)
-            raise RuntimeError(problem)
-        return out
-
-    def finish(self, handles: Sequence[Any]) -> None:
-        """The sweep is over: keep live ``handles`` for reuse, or kill them."""
-        import ray
-
-        if self.reuse:
-            self._idle.setdefault(self._key, []).extend(handles)
-        else:
-            for handle in handles:
-                ray.kill(handle, no_restart=True)
-
-    @classmethod
-    def shutdown(cls) -> int:
-        """Kill every idle worker kept for reuse; returns how many."""
-        import ray
-
-        handles = [h for hs in cls._idle.values() for h in hs]
-        cls._idle.clear()
-        if ray.is_initialized():
-            for handle in handles:
-                ray.kill(handle, no_restart=True)
-        return len(handles)

@@ -185,9 +185,9 @@ def bench_sweep(release_url: str, root: Path, scans: list[tuple[int, int]], clip
                 memory: Memory, repeats: int) -> Row:
     """A Ray sweep with one actor on the same device; stimuli and output on local disk. The fastest of `repeats`
     sweeps (each to a new output) counts; the actor is kept between them, as a session's sweeps keep it."""
-    from fnn_ray.driver import SweepConfig, run_sweep
+    from fnn_ray.sweep import SweepConfig, run_sweep
     from fnn_ray.stimuli import Clip, write_clips
-    from fnn_ray.worker import WorkerPool
+    from fnn_ray.pool import WorkerPool
 
     stimuli = root / "stimuli"
     data = random_clips(clips, frames, seed=4)
@@ -201,7 +201,7 @@ def bench_sweep(release_url: str, root: Path, scans: list[tuple[int, int]], clip
         for run in range(max(1, repeats)):
             summary = run_sweep(replace(config, output=str(root / f"output-{run}"))).raise_for_failures()
             seconds = min(seconds, summary.scan_frames / summary.scan_frames_per_s)
-            peak_mb = max(peak_mb, summary.peak_memory_mb)
+            peak_mb = max(peak_mb, summary.execution.peak_memory_mb)
     finally:
         WorkerPool.shutdown()
     row = make_row(f"sweep {dtype}: Ray, 1 actor, batch {clips_per_batch}", dtype, len(scans), clips, frames,

@@ -140,7 +140,7 @@ def ray_cluster(s3, request):
     import ray
     import torch
 
-    from fnn_ray.worker import WorkerPool
+    from fnn_ray.pool import WorkerPool
 
     if ray.is_initialized():
         ray.shutdown()

@@ -11,7 +11,8 @@ from __future__ import annotations
 import pytest
 
 from fnn_model.config import NetworkConfig
-from fnn_ray.driver import SweepConfig, run_sweep
+from fnn_ray.executor import Faults
+from fnn_ray.sweep import SweepConfig, run_sweep
 from fnn_ray.plan import HEAD_LOAD_COST, WorkItem
 from fnn_ray.responses import committed_items, read_responses
 from jobs.make_synthetic import make_synthetic
@@ -43,15 +44,15 @@ def cost_of(keys, items: dict) -> float:
 def test_one_actor_per_gpu_scans_spread_by_cost(ray_cluster, data):
     summary = run_sweep(config(data, "even"))
     assert summary.ok and summary.items_done == 24
-    assert summary.actors == RAY_GPUS and summary.device.endswith("(GPU cluster)")
+    assert summary.execution.actors == RAY_GPUS and summary.execution.device.endswith("(GPU cluster)")
     # a GPU each, but the model runs on the CPU since torch sees no CUDA device here
-    assert sorted(w["gpu_ids"][0] for w in summary.workers.values()) == ["0", "1", "2", "3"]
-    assert all(w["device"] == "cpu" and len(w["gpu_ids"]) == 1 for w in summary.workers.values())
+    assert sorted(w["gpu_ids"][0] for w in summary.execution.workers.values()) == ["0", "1", "2", "3"]
+    assert all(w["device"] == "cpu" and len(w["gpu_ids"]) == 1 for w in summary.execution.workers.values())
 
     # every actor did work, and every item ran exactly once
-    ran = [k for keys in summary.ran.values() for k in keys]
+    ran = [k for keys in summary.execution.ran.values() for k in keys]
     assert sorted(ran) == sorted(committed_items(data[2] / "even")) and len(set(ran)) == 24
-    assert set(summary.ran) == set(summary.workers) and all(summary.ran.values())
+    assert set(summary.execution.ran) == set(summary.execution.workers) and all(summary.execution.ran.values())
 
     # the initial assignment cuts the scan-ordered line into segments of equal cost counting the head loads
     # they imply: every actor gets a share, a few scans only, and at most scans + actors - 1 head loads
@@ -60,10 +61,10 @@ def test_one_actor_per_gpu_scans_spread_by_cost(ray_cluster, data):
     shards = {s.shard_id: s for s in list_shards(data[1], 2)}
     units = {(s, i): u for s, i, u in SCANS}
     items = {(s, i, sid): WorkItem(s, i, units[(s, i)], shards[sid])
-             for keys in summary.assigned.values() for s, i, sid in keys}
+             for keys in summary.execution.assigned.values() for s, i, sid in keys}
     assert len(items) == 24
-    held = [{(s, i) for s, i, _ in keys} for keys in summary.assigned.values()]
-    costs = [cost_of(keys, items) + HEAD_LOAD_COST * len(h) for keys, h in zip(summary.assigned.values(), held)]
+    held = [{(s, i) for s, i, _ in keys} for keys in summary.execution.assigned.values()]
+    costs = [cost_of(keys, items) + HEAD_LOAD_COST * len(h) for keys, h in zip(summary.execution.assigned.values(), held)]
     assert max(costs) <= 1.5 * min(costs), costs
     assert all(1 <= len(h) <= 2 for h in held) and sum(len(h) for h in held) <= len(SCANS) + RAY_GPUS - 1
     assert set().union(*held) == {(s, i) for s, i, _ in SCANS}
@@ -75,11 +76,11 @@ def test_one_actor_per_gpu_scans_spread_by_cost(ray_cluster, data):
 def test_idle_actors_steal_from_a_slow_one(ray_cluster, data):
     # a head of the tiny network loads in about the time of a few frames: tell the scheduler, so that stealing
     # another scan's items pays off
-    summary = run_sweep(config(data, "slow", actor_delay_s={0: 0.6}, head_load_cost=5.0))
+    summary = run_sweep(config(data, "slow", faults=Faults(actor_delay_s={0: 0.6}), head_load_cost=5.0))
     assert summary.ok and summary.items_done == 24
-    slow = summary.assigned["actor-0"]
-    stolen = [k for name, keys in summary.ran.items() if name != "actor-0" for k in keys if k in slow]
-    assert summary.steals >= 1 and stolen, (summary.assigned, summary.ran)
-    assert len(summary.ran.get("actor-0", [])) < len(slow)
-    assert all(summary.ran.get(name) for name in summary.workers)
+    slow = summary.execution.assigned["actor-0"]
+    stolen = [k for name, keys in summary.execution.ran.items() if name != "actor-0" for k in keys if k in slow]
+    assert summary.execution.steals >= 1 and stolen, (summary.execution.assigned, summary.execution.ran)
+    assert len(summary.execution.ran.get("actor-0", [])) < len(slow)
+    assert all(summary.execution.ran.get(name) for name in summary.execution.workers)
     assert len(committed_items(data[2] / "slow")) == 24

@@ -128,7 +128,7 @@ def test_staged_file_is_invisible(kind, tmp_url):
     # simulate a writer that died after staging but before committing
     fs, root = storage.filesystem(responses.responses_url(out))
     sink = pa.BufferOutputStream()
-    pq.write_table(responses._response_table(*make_item(seed=8)), sink)
+    pq.write_table(responses.response_table(*make_item(seed=8)), sink)
     storage_path = f"{root}/{storage.STAGING_DIR}/0123abcd.part-dead.000000-000003.parquet"
     if storage.is_local(fs):
         fs.makedirs(f"{root}/{storage.STAGING_DIR}", exist_ok=True)
@@ -196,8 +196,9 @@ def test_write_responses_rejects_unsafe_item_ids(item_id, tmp_url):
 # ------------------------------------------------------------------------------------------- manifest
 def sample_manifest(**kw):
     args = dict(
+        job="sweep",
         release_url="s3://releases/fnn",
-        stimuli_url="s3://user:pa55word@stimuli/clips",
+        inputs={"stimuli": "s3://user:pa55word@stimuli/clips"},
         scans=[(4, 7), (8, 5)],
         units=[23, 64],
         clips=10,
@@ -252,8 +253,8 @@ def test_manifest_never_stores_credentials(s3, s3_url):
         assert secret not in text
     data = json.loads(text)
     assert data["config"] == {"batch": 2, "nested": [{"ok": 1}]}
-    assert data["stimuli_url"] == "s3://***@stimuli/clips"
-    assert set(data) == {"release_url", "stimuli_url", "scans", "units", "clips", "frames", "items_total",
+    assert data["inputs"] == {"stimuli": "s3://***@stimuli/clips"}
+    assert set(data) == {"job", "release_url", "inputs", "scans", "units", "clips", "frames", "items_total",
                          "items_done", "started", "updated", "version", "config"}
     text2 = sample_manifest().to_json()
     assert "LEAK" not in text2 and "AKIA" not in text2

@@ -83,14 +83,14 @@ def test_work_item_properties_and_cost():
     assert CostModel().head_load_cost == HEAD_LOAD_COST
 
 
-def test_work_item_equality_uses_key_and_tolerates_unhashable_shards():
+def test_work_item_equality_uses_key_and_tolerates_unhashable_parts():
     @dataclass
     class MutableShard:  # unhashable (eq without frozen), like a plain dataclass with a list field
         clip_ids: list
         frames: int = 300
 
         @property
-        def shard_id(self) -> str:
+        def part_id(self) -> str:
             return "s0"
 
     a = WorkItem(4, 7, 10, MutableShard(["c0"]))

@@ -17,7 +17,7 @@ from fnn_model.config import NetworkConfig
 from fnn_model.engine import Engine
 from fnn_model.release import Release
 from fnn_ray import storage
-from fnn_ray.driver import SweepConfig, run_sweep
+from fnn_ray.sweep import SweepConfig, run_sweep
 from fnn_ray.responses import committed_items, read_responses
 from fnn_ray.stimuli import read_shard, list_shards
 from jobs.make_synthetic import make_synthetic
@@ -76,7 +76,7 @@ def test_sweep_s3_equals_engine_and_rerun_is_noop(ray_cluster, data, s3, capsys)
     assert summary.ok, summary.failures
     assert (summary.items_total, summary.items_done, summary.items_skipped) == (6, 6, 0)  # 2 scans x (2 + 1) shards
     assert summary.scan_frames == 2 * sum(max(1, FRAMES - (n % 4) * (FRAMES // 10)) for n in range(CLIPS))
-    assert 50 < summary.peak_memory_mb < 64 * 1024  # the workers' peak resident memory, MiB
+    assert 50 < summary.execution.peak_memory_mb < 64 * 1024  # the workers' peak resident memory, MiB
 
     table = read_responses(output)
     keys = table.select(["session", "scan_idx", "clip_id", "unit_id"]).to_pandas()

@@ -23,7 +23,9 @@ from fnn_model.config import NetworkConfig
 from fnn_model.engine import Engine
 from fnn_model.release import Release, ReleaseError
 from fnn_ray import storage
-from fnn_ray.driver import SweepConfig, run_sweep
+from fnn_ray.executor import Faults
+from fnn_ray.manifest import Manifest
+from fnn_ray.sweep import SweepConfig, run_sweep
 from fnn_ray.responses import committed_items, read_responses
 from fnn_ray.stimuli import list_shards, read_shard
 from jobs import sweep as sweep_job
@@ -163,9 +165,9 @@ def test_bad_frames_fail_only_their_items(ray_cluster, data, s3, capsys):
 # ---------------------------------------------------------------------------------------------- dying actors
 def test_actor_killed_mid_sweep(ray_cluster, data, clean):
     output = f"{data[2]}/actor-killed"
-    summary = run_sweep(config(data, output, crash_on="8-5/part-00000.000002-000004"))
+    summary = run_sweep(config(data, output, faults=Faults(crash_on="8-5/part-00000.000002-000004")))
     assert summary.ok, summary.failures
-    assert summary.actor_restarts == 1 and summary.requeued >= 1
+    assert summary.execution.actor_restarts == 1 and summary.execution.requeued >= 1
     assert summary.items_done == 6  # every item committed exactly once by a live actor
     assert_same_output(output, clean)
 
@@ -173,7 +175,7 @@ def test_actor_killed_mid_sweep(ray_cluster, data, clean):
 def test_last_actor_dies_then_rerun(ray_cluster, data, clean):
     output = f"{data[2]}/last-actor"
     first = run_sweep(config(data, output, actors=1, max_actor_restarts=0,
-                             crash_on="4-7/part-00001.000000-000002"))
+                             faults=Faults(crash_on="4-7/part-00001.000000-000002")))
     assert not first.ok and first.pending > 0
     assert any("no live actor left" in f for f in first.failures)
     done = len(committed_items(output))
@@ -186,7 +188,7 @@ def test_last_actor_dies_then_rerun(ray_cluster, data, clean):
 # ---------------------------------------------------------------------------------------------- dying driver
 def test_driver_stopped_then_rerun_computes_only_missing(ray_cluster, data, clean):
     output = f"{data[2]}/stopped"
-    first = run_sweep(config(data, output, max_items=2))
+    first = run_sweep(config(data, output, faults=Faults(max_items=2)))
     assert (first.items_done, first.pending, first.ok) == (2, 4, False)
     assert len(committed_items(output)) == 2
     again = run_sweep(config(data, output))
@@ -229,7 +231,7 @@ def test_driver_killed_then_rerun(ray_cluster, s3, data):
     time.sleep(0.5)  # let the dead job's in-flight commits (if any) settle
     killed_at = committed_items(output)
     summary = run_sweep(config((data[0], stimuli), output, clips_per_shard=None))
-    assert summary.ok and summary.clips_per_shard == 1  # taken from the killed run's manifest
+    assert summary.ok and Manifest.load(output).config["clips_per_shard"] == 1  # taken from the killed run's manifest
     assert summary.items_skipped == len(killed_at) and summary.items_done == 32 - len(killed_at)
 
     table = read_responses(output)

@@ -1,4 +1,4 @@
-"""SweepWorker outside Ray: items run from several calling threads at once (as Ray's threaded actor does) give the
+"""The Worker outside Ray: items run from several calling threads at once (as Ray's threaded actor does) give the
 same committed responses as one item after the other, and errors from the compute thread reach the caller."""
 
 from __future__ import annotations
@@ -12,7 +12,9 @@ import pytest
 from fnn_model.config import NetworkConfig
 from fnn_ray.plan import build_items
 from fnn_ray.stimuli import list_shards
-from fnn_ray.worker import SweepWorker, WorkerOptions
+from fnn_ray.reducers import FramesReducer
+from fnn_ray.sources import ParquetSource
+from fnn_ray.worker import Task, Worker, WorkerOptions
 from jobs.make_synthetic import make_synthetic
 
 SCANS = [(4, 7, 13), (8, 5, 21)]
@@ -25,7 +27,11 @@ def data(tmp_path_factory):
     release, stimuli = str(root / "release"), str(root / "stimuli")
     make_synthetic(release, stimuli, SCANS, 6, 5, NetworkConfig.tiny(), 36, 64, clips_per_file=3, seed=4)
     items = build_items([((s, i), u) for s, i, u in SCANS], list_shards(stimuli, 2))
-    return release, items
+    return release, items, stimuli
+
+
+def task(data, output) -> Task:
+    return Task(ParquetSource(data[2]), FramesReducer(), str(output))
 
 
 def committed(output: str, items) -> dict:
@@ -37,13 +43,13 @@ def committed(output: str, items) -> dict:
 
 
 def test_concurrent_calls_match_sequential(data, tmp_path):
-    release, items = data
-    worker = SweepWorker(WorkerOptions(release, clips_per_batch=2, max_heads=1, device="cpu", threads=1))
+    release, items, _ = data
+    worker = Worker(WorkerOptions(release, clips_per_batch=2, max_heads=1, device="cpu", threads=1))
     assert worker.ready()["threads"] == 1
     for item in items:
-        worker.run(item, str(tmp_path / "one-by-one"))
+        worker.run(item, task(data, tmp_path / "one-by-one"))
     with ThreadPoolExecutor(max_workers=3) as pool:  # max_heads=1: heads are swapped while calls overlap
-        results = list(pool.map(lambda item: worker.run(item, str(tmp_path / "overlapped")), items))
+        results = list(pool.map(lambda item: worker.run(item, task(data, tmp_path / "overlapped")), items))
     assert [r.key for r in results] == [item.key for item in items]
     assert all(r.timings["wait"] >= 0 and r.timings["compute"] > 0 for r in results)
     assert all(50 < r.peak_memory_mb < 64 * 1024 for r in results)  # this process's peak resident set, MiB
@@ -62,9 +68,9 @@ def test_concurrent_calls_match_sequential(data, tmp_path):
 
 
 def test_errors_on_the_compute_thread_name_the_item(data, tmp_path):
-    release, items = data
-    worker = SweepWorker(WorkerOptions(release, device="cpu", threads=1))
-    missing = type(items[0])(99, 1, 5, items[0].shard)  # a scan the release does not have
+    release, items, _ = data
+    worker = Worker(WorkerOptions(release, device="cpu", threads=1))
+    missing = type(items[0])(99, 1, 5, items[0].part)  # a scan the release does not have
     with pytest.raises((KeyError, ValueError, FileNotFoundError), match="99-1"):
-        worker.run(missing, str(tmp_path / "out"))
-    assert worker.run(items[0], str(tmp_path / "out")).rows > 0  # the worker still works afterwards
+        worker.run(missing, task(data, tmp_path / "out"))
+    assert worker.run(items[0], task(data, tmp_path / "out")).rows > 0  # the worker still works afterwards

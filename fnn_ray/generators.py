@@ -1,0 +1,445 @@
+"""Seeded stimulus generators for in-silico experiments: directional pink noise, drifting gratings, flashing dots.
+
+Conventions (``IN_SILICO.md`` section 1): frames are uint8 ``[T, H, W]``, row 0 at the top, gray = 128; screen
+``x`` grows to the right and ``y`` UPWARDS; a direction ``theta`` (degrees) is the direction of motion, 0 = the
+pattern moves right, 90 = up, counter-clockwise.
+
+Every family lays out a clip the same way: ``burnin_frames`` of gray, then a sequence of events (a Monet block, a
+grating block, a dot flash), each ``lead`` gray frames + ``shown`` stimulus frames + ``after`` gray frames, then
+gray up to the end of the last scoring window. An event whose first stimulus frame is ``onset`` is scored over
+``[onset + latency_frames, onset + latency_frames + scored)``, which never reaches into the burn-in nor past the
+clip. Event orders come from ``numpy.random.default_rng([seed, 0, trial])`` and pixel noise from
+``default_rng([seed, 1, clip index])``: :meth:`Family.windows` never draws pixels, and a clip depends only on
+(parameters, seed, index).
+
+>>> family = family_from_name("monet", trials=2, seed=3)
+>>> family.num_clips, family.clip_id(1), family.windows(1)[0].to_json()   # doctest: +SKIP
+(2, 'monet-s3-t001', {'direction_deg': 135.0, 'trial': 1, 'start': 15, 'stop': 45})
+"""
+
+from __future__ import annotations
+
+import abc
+import itertools
+import math
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar, Mapping
+
+import numpy as np
+
+__all__ = ["Window", "Family", "Monet", "Gratings", "Dots", "FAMILIES", "family_from_name"]
+
+_GRAY = 128
+_ORDER_STREAM, _PIXEL_STREAM = 0, 1
+
+
+@dataclass(frozen=True)
+class Window:
+    """Frames ``[start, stop)`` of a clip whose responses are averaged for condition ``condition``.
+
+    ``condition`` indexes ``family.conditions``; ``labels`` holds JSON-able fields for metadata: at least the
+    fields of that condition, plus ``trial`` (and, for gratings, ``spatial_freq`` / ``temporal_freq``).
+    """
+
+    condition: int
+    start: int
+    stop: int
+    labels: Mapping[str, Any]
+
+    def to_json(self) -> dict:
+        """``{**labels, "start": start, "stop": stop}``."""
+        return {**self.labels, "start": self.start, "stop": self.stop}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Family(abc.ABC):
+    """A seeded, parametric set of stimulus clips (see the module docstring for the common clip layout).
+
+    ``height`` x ``width`` pixels at ``fps`` Hz; ``burnin_frames`` gray frames open every clip and are never
+    scored; ``latency_frames`` shifts every scoring window after its event's onset (the response delay).
+    """
+
+    name: ClassVar[str]
+    _clip_tag: ClassVar[str]  # clip_id = f"{name}-s{seed}-{_clip_tag}{index:03d}"
+
+    height: int = 144
+    width: int = 256
+    fps: float = 30.0
+    burnin_frames: int = 10
+    latency_frames: int = 5
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self._check_int("height", 1)
+        self._check_int("width", 1)
+        self._check_float("fps", lambda v: v > 0, "> 0")
+        self._check_int("burnin_frames", 0)
+        self._check_int("latency_frames", 0)
+        self._check_int("seed", 0)
+
+    # ------------------------------------------------------------------------------------ to implement
+    @property
+    @abc.abstractmethod
+    def conditions(self) -> list[dict]:
+        """The conditions windows refer to by index (JSON-able dicts)."""
+
+    @property
+    @abc.abstractmethod
+    def num_clips(self) -> int:
+        """Number of clips of the family."""
+
+    @abc.abstractmethod
+    def _events(self, index: int) -> list[tuple[int, dict]]:
+        """``(condition, labels)`` of the events of clip ``index``, in display order (cheap, no pixels)."""
+
+    @abc.abstractmethod
+    def _layout(self) -> tuple[int, int, int, int]:
+        """Frames of every event: ``(lead, shown, after, scored)`` (gray, stimulus, gray, window length)."""
+
+    @abc.abstractmethod
+    def _draw(self, condition: int, labels: dict, rng: np.random.Generator) -> np.ndarray:
+        """The ``shown`` stimulus frames of one event: uint8 ``[shown, H, W]``."""
+
+    # ------------------------------------------------------------------------------------ public API
+    def clip_id(self, index: int) -> str:
+        """Stable id of clip ``index``, e.g. ``monet-s0-t003``."""
+        self._check_index(index)
+        return f"{self.name}-s{self.seed}-{self._clip_tag}{index:03d}"
+
+    def num_frames(self, index: int) -> int:
+        """Length ``T`` of clip ``index`` (no pixels drawn)."""
+        return self._length(len(self._events(index)))
+
+    def windows(self, index: int) -> list[Window]:
+        """The scoring windows of clip ``index``, one per event in display order (no pixels drawn)."""
+        events = self._events(index)
+        *_, scored = self._layout()
+        return [
+            Window(condition, onset + 0, onset + self.latency_frames + scored, labels)
+            for (condition, labels), onset in zip(events, self._onsets(len(events)))
+        ]
+
+    def frames(self, index: int) -> np.ndarray:
+        """Clip ``index``: uint8 ``[T, H, W]``, deterministic in (parameters, seed, index)."""
+        events = self._events(index)
+        _, shown, _, _ = self._layout()
+        out = np.full((self._length(len(events)), self.height, self.width), _GRAY, dtype=np.uint8)
+        rng = np.random.default_rng([self.seed, _PIXEL_STREAM, index])
+        for (condition, labels), onset in zip(events, self._onsets(len(events))):
+            out[onset : onset + shown] = self._draw(condition, labels, rng)
+        return out
+
+    def params(self) -> dict:
+        """Every parameter (JSON-able; tuples as lists): ``family_from_name(f.name, **f.params()) == f``."""
+        return {f.name: _jsonable(getattr(self, f.name)) for f in fields(self)}
+
+    # ------------------------------------------------------------------------------------ helpers
+    def _onsets(self, n: int) -> list[int]:
+        lead, shown, after, _ = self._layout()
+        return [self.burnin_frames + k * (lead + shown + after) + lead for k in range(n)]
+
+    def _length(self, n: int) -> int:
+        lead, shown, after, scored = self._layout()
+        last_onset = self.burnin_frames + (n - 1) * (lead + shown + after) + lead
+        return max(self.burnin_frames + n * (lead + shown + after), last_onset + self.latency_frames + scored)
+
+    def _check_index(self, index: int) -> None:
+        if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or not 0 <= index < self.num_clips:
+            raise ValueError(f"{type(self).__name__}: clip index {index!r} out of range, expected 0..{self.num_clips - 1}")
+
+    def _fail(self, key: str, expected: str) -> None:
+        raise ValueError(f"{type(self).__name__}: {key}={getattr(self, key)!r}, expected {expected}")
+
+    def _check_int(self, key: str, minimum: int) -> None:
+        value = getattr(self, key)
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+            self._fail(key, f"an integer >= {minimum}")
+        object.__setattr__(self, key, int(value))
+
+    def _check_float(self, key: str, ok, expected: str) -> None:
+        value = getattr(self, key)
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not math.isfinite(value):
+            self._fail(key, f"a finite number {expected}")
+        if not ok(float(value)):
+            self._fail(key, f"a number {expected}")
+        object.__setattr__(self, key, float(value))
+
+
+def _jsonable(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+# ------------------------------------------------------------------------------------------ directional
+@dataclass(frozen=True, kw_only=True)
+class _Directional(Family):
+    """Shared by :class:`Monet` and :class:`Gratings`: ``directions`` equally spaced directions starting at 0
+    degrees; one clip per trial (``trials``) holding every block once, in a seeded random order; blocks of
+    ``block_frames``; ``contrast`` in (0, 1] around gray. Conditions are the directions, ascending."""
+
+    _clip_tag: ClassVar[str] = "t"
+
+    directions: int = 16
+    trials: int = 1
+    block_frames: int = 30
+    contrast: float = 1.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._check_int("directions", 1)
+        self._check_int("trials", 1)
+        self._check_int("block_frames", 1)
+        self._check_float("contrast", lambda v: 0 < v <= 1, "in (0, 1]")
+
+    @property
+    def conditions(self) -> list[dict]:
+        return [{"direction_deg": 360.0 * k / self.directions} for k in range(self.directions)]
+
+    @property
+    def num_clips(self) -> int:
+        return self.trials
+
+    def _blocks(self) -> list[tuple[int, dict]]:
+        """``(condition, labels)`` of every block of a trial, in canonical order."""
+        return list(enumerate(self.conditions))
+
+    def _events(self, index: int) -> list[tuple[int, dict]]:
+        self._check_index(index)
+        blocks = self._blocks()
+        order = np.random.default_rng([self.seed, _ORDER_STREAM, index]).permutation(len(blocks))
+        return [(blocks[i][0], {**blocks[i][1], "trial": index}) for i in order]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Monet(_Directional):
+    """Directional pink noise ("Monet"-like). One clip per trial: gray burn-in, then one block per direction.
+
+    A block's first ``round(ori_fraction * block_frames)`` frames (its coherent part, the scoring window's
+    length) show a fresh periodic ``H x W`` noise field with a ``1/f`` amplitude spectrum up to
+    ``max_spatial_freq`` cycles per screen width, filtered to wave vectors within a Gaussian window of standard
+    deviation ``bandwidth_deg`` around the direction of motion (so its structure is elongated perpendicular to
+    it), drifting rigidly along the direction at ``speed`` screen widths per second (sub-pixel FFT phase shift).
+    The rest of the block shows a static isotropic field of the same spectrum. Each field is scaled by its
+    standard deviation: ``pixel = round(128 + 127 * contrast * clip(z / 3, -1, 1))`` (z in SDs).
+    """
+
+    name: ClassVar[str] = "monet"
+
+    ori_fraction: float = 1.0
+    bandwidth_deg: float = 15.0
+    speed: float = 0.2
+    max_spatial_freq: float = 32.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._check_float("ori_fraction", lambda v: 0 < v <= 1, "in (0, 1]")
+        if round(self.ori_fraction * self.block_frames) < 1:
+            self._fail("ori_fraction", f">= {0.5 / self.block_frames:g} (a coherent part of >= 1 of {self.block_frames} frames)")
+        self._check_float("bandwidth_deg", lambda v: v > 0, "> 0")
+        self._check_float("speed", lambda v: v > 0, "> 0 (screen widths per second)")
+        self._check_float("max_spatial_freq", lambda v: v > 0, "> 0 (cycles per screen width)")
+        if self.speed * self.max_spatial_freq >= self.fps / 2:
+            self._fail("speed", f"< fps / 2 / max_spatial_freq = {self.fps / 2 / self.max_spatial_freq:g} (no temporal aliasing)")
+        kx, krow, amplitude = self._spectrum()
+        for condition in self.conditions:
+            if not np.any(amplitude * self._band(kx, krow, condition["direction_deg"]) > 0):
+                self._fail("bandwidth_deg", f"wider: no spectral energy at {condition['direction_deg']} deg with max_spatial_freq={self.max_spatial_freq}")
+
+    def _layout(self) -> tuple[int, int, int, int]:
+        return 0, self.block_frames, 0, round(self.ori_fraction * self.block_frames)
+
+    def _spectrum(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """rFFT grid: ``kx`` ``[1, W//2+1]`` (cycles/px, rightwards), ``krow`` ``[H, 1]`` (cycles/px, downwards)
+        and the isotropic amplitude ``[H, W//2+1]`` (``1/f``, no DC, no Nyquist, none above the cut-off)."""
+        kx = np.fft.rfftfreq(self.width)[None, :]
+        krow = np.fft.fftfreq(self.height)[:, None]
+        radius = np.hypot(kx, krow) * self.width  # cycles per screen width
+        amplitude = np.where((radius > 0) & (radius <= self.max_spatial_freq), 1.0 / np.maximum(radius, 1e-12), 0.0)
+        if self.width % 2 == 0:
+            amplitude[:, -1] = 0.0
+        if self.height % 2 == 0:
+            amplitude[self.height // 2, :] = 0.0
+        return kx, krow, amplitude
+
+    def _band(self, kx: np.ndarray, krow: np.ndarray, direction_deg: float) -> np.ndarray:
+        """Gaussian window in spectral angle (y up, modulo 180) around the direction: ``[H, W//2+1]``."""
+        angle = np.degrees(np.arctan2(-krow, kx))
+        offset = (angle - direction_deg + 90.0) % 180.0 - 90.0
+        return np.exp(-0.5 * (offset / self.bandwidth_deg) ** 2)
+
+    def _draw(self, condition: int, labels: dict, rng: np.random.Generator) -> np.ndarray:
+        _, block, _, coherent = self._layout()
+        kx, krow, amplitude = self._spectrum()
+        direction = labels["direction_deg"]
+        spectrum = np.fft.rfft2(rng.standard_normal((self.height, self.width))) * amplitude
+        spectrum *= self._band(kx, krow, direction)
+        step = self.speed * self.width / self.fps * np.arange(coherent)[:, None, None]  # px per frame
+        shift_x = step * math.cos(math.radians(direction))
+        shift_row = -step * math.sin(math.radians(direction))  # moving up = towards row 0
+        phase_x = np.exp(-2j * np.pi * kx * shift_x).astype(np.complex64)  # [F, 1, W//2+1]
+        phase_row = np.exp(-2j * np.pi * krow * shift_row).astype(np.complex64)  # [F, H, 1]
+        moving = spectrum.astype(np.complex64) * phase_x * phase_row  # single precision: 2x faster, ample for uint8
+        out = np.empty((block, self.height, self.width), dtype=np.uint8)
+        out[:coherent] = self._to_uint8(np.fft.irfft2(moving, s=(self.height, self.width)))
+        if coherent < block:
+            isotropic = np.fft.irfft2(np.fft.rfft2(rng.standard_normal((self.height, self.width))) * amplitude,
+                                      s=(self.height, self.width))
+            out[coherent:] = self._to_uint8(isotropic[None])
+        return out
+
+    def _to_uint8(self, field: np.ndarray) -> np.ndarray:
+        """``[F, H, W]`` rigid copies of one field -> uint8, scaled by the first frame's SD (shared by all)."""
+        z = np.clip(field / (3.0 * field[0].std()), -1.0, 1.0)
+        return np.rint(_GRAY + 127.0 * self.contrast * z).astype(np.uint8)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Gratings(_Directional):
+    """Drifting sinusoidal gratings ``128 + 127 * contrast * sin(2 pi (f_s u - f_t t))``.
+
+    ``u = x cos(theta) + y sin(theta)`` in screen widths (x right, y up, origin at the screen centre), ``t`` in
+    seconds from the block's first grating frame. One clip per trial holding every (direction, spatial
+    frequency, temporal frequency) block once in a seeded order, each block ``gray_frames`` of gray then
+    ``block_frames`` of grating (the scoring window's length). Conditions are the directions; window labels add
+    ``spatial_freq`` (cycles per screen width) and ``temporal_freq`` (Hz).
+    """
+
+    name: ClassVar[str] = "gratings"
+
+    spatial_freqs: tuple[float, ...] = (4.0,)
+    temporal_freqs: tuple[float, ...] = (2.0,)
+    gray_frames: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._check_freqs("spatial_freqs", self.width / 2, "width / 2 (spatial Nyquist)")
+        self._check_freqs("temporal_freqs", self.fps / 2, "fps / 2 (temporal Nyquist)")
+        self._check_int("gray_frames", 0)
+
+    def _check_freqs(self, key: str, limit: float, limit_name: str) -> None:
+        values = getattr(self, key)
+        if not (
+            isinstance(values, (list, tuple))
+            and values
+            and all(isinstance(v, (int, float, np.number)) and not isinstance(v, bool) and 0 < v < limit for v in values)
+        ):
+            self._fail(key, f"a non-empty list of numbers in (0, {limit_name} = {limit:g})")
+        object.__setattr__(self, key, tuple(float(v) for v in values))
+
+    def _layout(self) -> tuple[int, int, int, int]:
+        return self.gray_frames, self.block_frames, 0, self.block_frames
+
+    def _blocks(self) -> list[tuple[int, dict]]:
+        return [
+            (k, {**condition, "spatial_freq": fs, "temporal_freq": ft})
+            for (k, condition), fs, ft in itertools.product(
+                enumerate(self.conditions), self.spatial_freqs, self.temporal_freqs
+            )
+        ]
+
+    def _draw(self, condition: int, labels: dict, rng: np.random.Generator) -> np.ndarray:
+        theta = math.radians(labels["direction_deg"])
+        x = (np.arange(self.width) + 0.5 - self.width / 2) / self.width
+        y = (self.height / 2 - np.arange(self.height) - 0.5) / self.width
+        u = x[None, :] * math.cos(theta) + y[:, None] * math.sin(theta)
+        t = np.arange(self.block_frames)[:, None, None] / self.fps
+        wave = np.sin(2 * np.pi * (labels["spatial_freq"] * u[None] - labels["temporal_freq"] * t))
+        return np.rint(_GRAY + 127.0 * self.contrast * wave).astype(np.uint8)
+
+
+# ------------------------------------------------------------------------------------------------- dots
+@dataclass(frozen=True, kw_only=True)
+class Dots(Family):
+    """Flashing dots (sparse noise) on a ``rows x cols`` grid covering the screen (row 0 at the top).
+
+    Cell ``(row, col)`` spans pixel rows ``[row * H // rows, (row + 1) * H // rows)`` (same for columns); its dot is the centred rectangle of ``dot_size`` times the cell's height and width (the whole cell
+    by default; about square on the default grid, 28.8 x 28.4 px), white (255, "on") or black (0, "off") on gray
+    for ``dot_frames``, then ``gap_frames`` of gray. Each trial shows every (cell, polarity) once in a seeded
+    order; trials follow one another and the events are cut into clips of at most ``events_per_clip``.
+    Condition index = ``(polarity * rows + row) * cols + col``, polarity 0 = "on", 1 = "off".
+    """
+
+    name: ClassVar[str] = "dots"
+    _clip_tag: ClassVar[str] = "c"
+    POLARITIES: ClassVar[tuple[str, str]] = ("on", "off")
+
+    rows: int = 5
+    cols: int = 9
+    dot_size: float = 1.0
+    dot_frames: int = 6
+    gap_frames: int = 0
+    trials: int = 1
+    events_per_clip: int = 40
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._check_int("rows", 1)
+        self._check_int("cols", 1)
+        if self.rows > self.height:
+            self._fail("rows", f"<= height = {self.height}")
+        if self.cols > self.width:
+            self._fail("cols", f"<= width = {self.width}")
+        self._check_float("dot_size", lambda v: 0 < v <= 1, "in (0, 1] (fraction of a cell)")
+        self._check_int("dot_frames", 1)
+        self._check_int("gap_frames", 0)
+        self._check_int("trials", 1)
+        self._check_int("events_per_clip", 1)
+
+    @property
+    def conditions(self) -> list[dict]:
+        return [
+            {"row": r, "col": c, "polarity": polarity}
+            for polarity in self.POLARITIES
+            for r in range(self.rows)
+            for c in range(self.cols)
+        ]
+
+    @property
+    def num_clips(self) -> int:
+        return -(-len(self.conditions) * self.trials // self.events_per_clip)
+
+    def _layout(self) -> tuple[int, int, int, int]:
+        return 0, self.dot_frames, self.gap_frames, self.dot_frames
+
+    def _events(self, index: int) -> list[tuple[int, dict]]:
+        self._check_index(index)
+        conditions = self.conditions
+        n = len(conditions)
+        first, stop = index * self.events_per_clip, min((index + 1) * self.events_per_clip, n * self.trials)
+        events = []
+        for trial in range(first // n, (stop - 1) // n + 1):
+            order = np.random.default_rng([self.seed, _ORDER_STREAM, trial]).permutation(n)
+            for position in range(max(first - trial * n, 0), min(stop - trial * n, n)):
+                c = int(order[position])
+                events.append((c, {**conditions[c], "trial": trial}))
+        return events
+
+    def _draw(self, condition: int, labels: dict, rng: np.random.Generator) -> np.ndarray:
+        frame = np.full((self.height, self.width), _GRAY, dtype=np.uint8)
+        rows = _dot_span(labels["row"], self.rows, self.height, self.dot_size)
+        cols = _dot_span(labels["col"], self.cols, self.width, self.dot_size)
+        frame[rows, cols] = 255 if labels["polarity"] == "on" else 0
+        return np.broadcast_to(frame, (self.dot_frames, self.height, self.width))
+
+
+def _dot_span(cell: int, cells: int, pixels: int, size: float) -> slice:
+    """Pixel range of a dot of ``size`` (fraction of a cell) centred in ``cell`` of ``cells`` over ``pixels``."""
+    lo, hi = cell * pixels // cells, (cell + 1) * pixels // cells
+    extent = max(1, round(size * (hi - lo)))
+    start = lo + (hi - lo - extent) // 2
+    return slice(start, start + extent)
+
+
+#: The families by name.
+FAMILIES: dict[str, type[Family]] = {cls.name: cls for cls in (Monet, Gratings, Dots)}
+
+
+def family_from_name(name: str, **params: Any) -> Family:
+    """The family ``name`` ("monet" | "gratings" | "dots") with ``params`` (the others at their defaults)."""
+    if name not in FAMILIES:
+        raise ValueError(f"unknown stimulus family {name!r}, expected one of: {', '.join(FAMILIES)}")
+    cls = FAMILIES[name]
+    known = [f.name for f in fields(cls)]
+    unknown = sorted(set(params) - set(known))
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown parameter(s) {', '.join(unknown)}, expected some of: {', '.join(known)}")
+    return cls(**params)

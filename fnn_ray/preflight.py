@@ -1,0 +1,84 @@
+"""Setup checks that run before Ray starts: each failure is one line naming what is wrong and where.
+
+:func:`open_release` (release present, core and requested heads are torch archives; scans known),
+:func:`check_output` (the output location is writable; nothing is left behind by the check). Jobs call these
+first, so a bad setup fails in seconds with exit status 2 and nothing written.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import uuid
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from fnn_ray import storage
+
+if TYPE_CHECKING:
+    from fnn_model.release import Release
+
+__all__ = ["check_output", "open_release", "parse_scans"]
+
+Scan = tuple[int, int]
+
+
+def parse_scans(text: str | None) -> list[Scan] | None:
+    """``"8-5,9-6"`` -> ``[(8, 5), (9, 6)]``; empty or None -> None (all scans)."""
+    if not text:
+        return None
+    out = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        try:
+            session, scan_idx = part.split("-")
+            out.append((int(session), int(scan_idx)))
+        except ValueError:
+            raise ValueError(f"bad scan {part!r}: expected SESSION-SCAN_IDX, e.g. 8-5") from None
+    return out or None
+
+
+def open_release(url: str, wanted: Sequence[Scan] | None,
+                 storage_options: Mapping[str, Any] | None = None) -> tuple[Release, list[tuple[Scan, int]]]:
+    """Open and check the release at ``url``; return it with the requested scans and their unit counts (all scans
+    when ``wanted`` is None). ValueError / FileNotFoundError (ReleaseError is a ValueError) naming the problem."""
+    from fnn_model.release import Release
+
+    release = Release.open(url, storage_options=storage_options)
+    available = {info.key: info.units for info in release.scans}
+    if wanted is not None:
+        unknown = [s for s in wanted if s not in available]
+        if unknown:
+            names = ", ".join(f"{s}-{i}" for s, i in unknown)
+            listing = ", ".join(f"{s}-{i}" for s, i in available)
+            raise ValueError(f"unknown scan(s) {names} in release {storage.redact_url(release.url)}; "
+                             f"available: {listing}")
+        twice = [f"{s}-{i}" for (s, i), n in Counter(wanted).items() if n > 1]
+        if twice:
+            raise ValueError(f"scan(s) listed twice: {', '.join(twice)}")
+    scans = list(available) if wanted is None else list(wanted)
+    release.check(scans)
+    return release, [(s, available[s]) for s in scans]
+
+
+def check_output(url: str, storage_options: Mapping[str, Any] | None = None) -> None:
+    """Raise ValueError unless ``url`` can be written (a probe object is written and removed)."""
+    shown = storage.redact_url(url)
+    try:
+        fs, root = storage.filesystem(url, storage_options)
+        if storage.is_local(fs):
+            parent = root
+            while not os.path.exists(parent):
+                parent = os.path.dirname(parent)
+            if not os.path.isdir(parent):
+                raise ValueError(f"output {shown}: {parent} is not a directory")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise ValueError(f"output {shown}: {parent} is not writable")
+            return
+        probe = posixpath.join(root, storage.STAGING_DIR, f"probe-{uuid.uuid4().hex}")
+        fs.pipe_file(probe, b"")
+        fs.rm_file(probe)
+    except ValueError:
+        raise
+    except Exception as e:  # permission denied, missing bucket, unreachable endpoint (no credentials in messages)
+        raise ValueError(f"output {shown} is not writable: {type(e).__name__}: {e}") from None

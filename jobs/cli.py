@@ -1,0 +1,105 @@
+"""What every job's command line shares: the options, their checks, signals and exit statuses.
+
+Exit statuses: 0 every item committed; 1 some item failed (the summary names file / row / clip, or the store);
+2 bad setup (one ``error:`` line, nothing written, found before Ray starts where possible); 130 interrupted by
+SIGINT (Ctrl-C), 143 by SIGTERM (what ``ray job stop`` sends): what was committed stays, a rerun resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from fnn_ray.job import JobSummary
+from fnn_ray.lease import LeaseHeld
+from fnn_ray.preflight import parse_scans
+
+__all__ = ["Interrupted", "add_job_options", "job_options", "run_cli"]
+
+#: Exit status per interrupting signal (128 + the signal number, as shells report it).
+EXIT = {"SIGINT": 130, "SIGTERM": 143}
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived (``signal_name``); raised in the main thread so every ``finally`` runs."""
+
+    def __init__(self, signal_name: str) -> None:
+        super().__init__(signal_name)
+        self.signal_name = signal_name
+
+
+def add_job_options(parser: argparse.ArgumentParser) -> None:
+    """The options every job takes (release, output, scans, workers, stores)."""
+    parser.add_argument("--release", help="release directory or .zip URL (params_*.pt, scans.csv, units.csv), or "
+                                          "'microns' for the public release read from its bucket")
+    parser.add_argument("--output", help="output URL (a local path, s3://bucket/prefix, ...)")
+    parser.add_argument("--scans", default=None, help="SESSION-SCAN_IDX,... (default: every scan of the release)")
+    parser.add_argument("--actors", type=int, default=None,
+                        help="number of workers (default: one per GPU; CPU-only: CPUs/4)")
+    parser.add_argument("--clips-per-batch", type=int, default=8, help="clips per model batch (default 8)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--storage-options", default=None,
+                        help="JSON fsspec options for every store, e.g. '{\"endpoint_url\": ...}' (never echoed)")
+    parser.add_argument("--address", default=None,
+                        help="Ray cluster to join (default: $RAY_ADDRESS, set by `ray job submit`; else a private "
+                             "local Ray on 127.0.0.1)")
+    parser.add_argument("--store-timeout", type=float, default=300.0,
+                        help="seconds to ride out store outages and throttling before an item fails (default 300)")
+    parser.add_argument("--wait-for-lock", action="store_true",
+                        help="wait while another run writes the same output (default: exit 2 at once)")
+    parser.add_argument("--max-retries", type=int, default=2, help="retries of an item after a non-store error")
+    parser.add_argument("--max-heads", type=int, default=4, help="scan heads cached per worker (default 4)")
+    parser.add_argument("--cpus-per-actor", type=float, default=None, help="Ray CPUs per worker")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
+
+
+def job_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The :class:`fnn_ray.job.JobConfig` fields of ``args``, plus ``scans`` (ValueError naming a bad option)."""
+    try:
+        options = json.loads(args.storage_options) if args.storage_options else None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--storage-options is not valid JSON ({e.msg} at character {e.pos})") from None
+    if options is not None and not isinstance(options, dict):
+        raise ValueError(f"--storage-options must be a JSON object, got a JSON {type(options).__name__}")
+    if args.actors is not None and args.actors < 1:
+        raise ValueError(f"--actors must be >= 1, got {args.actors}")
+    return dict(scans=parse_scans(args.scans), actors=args.actors, clips_per_batch=args.clips_per_batch, dtype=args.dtype, storage_options=options,
+                address=args.address, store_timeout_s=args.store_timeout, wait_for_lock=args.wait_for_lock,
+                max_retries=args.max_retries, max_heads=args.max_heads, cpus_per_actor=args.cpus_per_actor,
+                progress=not args.no_progress)
+
+
+def _raise(signum: int, frame: Any) -> None:
+    name = signal.Signals(signum).name
+    for sig in (signal.SIGINT, signal.SIGTERM):  # one interrupt is enough: let the cleanup finish
+        signal.signal(sig, signal.SIG_IGN)
+    print(f"\n{name}: stopping (committed items stay; rerun the same command to resume) ...", file=sys.stderr,
+          flush=True)
+    raise Interrupted(name)
+
+
+def run_cli(body: Callable[[], JobSummary | int]) -> int:
+    """Run a job's ``body`` with the shared signal handling and exit statuses; ``body`` returns the job's summary
+    (printed here) or an exit status."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _raise)
+    try:
+        result = body()
+    except Interrupted as e:  # before the job started computing (planning, setup)
+        return EXIT[e.signal_name]
+    except (ValueError, FileNotFoundError, LeaseHeld) as e:
+        print(f"error: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:  # workers could not start, the cluster lacks resources, ...
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if isinstance(result, int):
+        return result
+    print(result)
+    if result.interrupted:
+        return EXIT.get(result.interrupted, 130)
+    return 0 if result.ok else 1
