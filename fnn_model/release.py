@@ -2,7 +2,8 @@
 `params_{session}_{scan_idx}.pt`, `scans.csv` and `units.csv` (plus our optional `fnn_config.json`).
 
 Weights are read with `torch.load(..., weights_only=True)` only, and every key, shape and dtype is checked
-against the network config before anything is loaded into a module.
+against the network config before anything is loaded into a module. A `.zip` release is read in place by ranged
+reads (its directory and the members in use), so `s3://.../v1.zip` works without downloading the archive.
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ import io
 import json
 import pickle
 import posixpath
+import struct
 import zipfile
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import fsspec
@@ -26,6 +28,20 @@ from fsspec.implementations.zip import ZipFileSystem
 from fnn_model.config import FeedforwardConfig, ModulationConfig, NetworkConfig, PerspectiveConfig, RecurrentConfig
 from fnn_model.network import Core, Network, ScanHead
 
+__all__ = [
+    "MICRONS_MD5",
+    "Release",
+    "ReleaseError",
+    "ScanInfo",
+    "check_state",
+    "config_from_json",
+    "config_to_json",
+    "head_file",
+    "load_tensors",
+    "release_root",
+    "write_release",
+]
+
 #: MD5 of the public MICrONS release, `foundational_model_weights_and_metadata_v1.zip`.
 MICRONS_MD5 = "58fcac4b31ad2902c81e339432cec787"
 
@@ -34,6 +50,15 @@ SCANS_FILE = "scans.csv"
 UNITS_FILE = "units.csv"
 CONFIG_FILE = "fnn_config.json"
 CORE_PREFIX = "core."
+
+#: Read-ahead of a `.zip` release's handle: a member's header and a small member come in one request, and only
+#: the members in use are fetched (the s3fs default, 50 MB, would pull most of the public 222 MB archive).
+ZIP_READ_AHEAD = 1 << 18
+#: `Release.check` fetches this much from the end of each `.pt` file at once: the zip end record and, for any
+#: release file, its whole central directory.
+TAIL_BYTES = 1 << 16
+#: What a `.pt` file must be (`torch.save`'s default since torch 1.6).
+TORCH_ZIP = "expected torch.save's zip format"
 
 
 class ReleaseError(ValueError):
@@ -116,8 +141,17 @@ def load_tensors(data: bytes, where: str) -> dict[str, torch.Tensor]:
 class Release:
     """An opened release. Scans and units are read at open; the core and scan heads are loaded on request."""
 
-    def __init__(self, fs: fsspec.AbstractFileSystem, root: str, url: str, config: NetworkConfig) -> None:
-        self.fs, self.root, self.url, self.config = fs, root, url, config
+    def __init__(
+        self,
+        fs: fsspec.AbstractFileSystem,
+        root: str,
+        url: str,
+        config: NetworkConfig,
+        archive: tuple[fsspec.AbstractFileSystem, str] | None = None,
+    ) -> None:
+        """`fs` and `root` hold the release files; `archive`, for a `.zip` release, is the archive's own
+        filesystem and path (for ranged reads of its stored members)."""
+        self.fs, self.root, self.url, self.config, self._archive = fs, root, url, config, archive
         self.scans = self._read_scans()
         self._units = self._read_units()
         self._core: Core | None = None
@@ -145,17 +179,18 @@ class Release:
             raise ReleaseError(f"release {url}: no such directory or .zip file")
         if md5 is not None and not is_file:
             raise ReleaseError(f"release {url}: an MD5 can only be checked for a .zip release, this is a directory")
-        root = path
+        root, archive = path, None
         if is_file:
             if md5 is not None:
                 got = _md5(fs, path)
                 if got != md5.lower():
                     raise ReleaseError(f"release {url}: MD5 mismatch: expected {md5.lower()}, got {got}")
+            archive = (fs, path)
             fs, root = _open_zip(fs, path, url)
         if config is None:
             config_path = posixpath.join(root, CONFIG_FILE) if root else CONFIG_FILE
             config = config_from_json(fs.cat_file(config_path).decode()) if fs.exists(config_path) else NetworkConfig()
-        return cls(fs, root, url, config)
+        return cls(fs, root, url, config, archive)
 
     def _path(self, name: str) -> str:
         return posixpath.join(self.root, name) if self.root else name
@@ -204,6 +239,55 @@ class Release:
             )
         return rows
 
+    def check(self, scans: Sequence[tuple[int, int]] | None = None) -> None:
+        """A cheap setup check: `params_core.pt` and the head of each of `scans` (default: every scan) exist and
+        are torch zip archives with their `data.pkl` record and tensor data records (`data/*`).
+
+        Only each file's zip directory is read (ranged reads: its last `TAIL_BYTES`, and the rest of its directory
+        if larger); nothing is loaded or unpickled, so key, shape and dtype errors still surface at load time. In a
+        `.zip` release a compressed (not stored) member is read whole. Raises `ReleaseError` naming the file.
+        """
+        keys = [info.key for info in self.scans] if scans is None else [self.scan(*key).key for key in scans]
+        for name in [CORE_FILE, *(head_file(*key) for key in keys)]:
+            self._check_torch_zip(name)
+
+    def _check_torch_zip(self, name: str) -> None:
+        where = f"{name} in {self.url}"
+        with self._member(name) as f:
+            try:
+                names = zipfile.ZipFile(f).namelist()
+            except zipfile.BadZipFile as error:
+                f.seek(0)
+                start = f.read(4)
+                if start[:1] == b"\x80":  # pickle protocol >= 2: a plain pickle or a legacy torch.save
+                    reason = "is not a torch zip archive (a pickle?)"
+                elif start == b"PK\x03\x04":
+                    reason = f"is not a readable zip archive (truncated or corrupt: {error})"
+                else:
+                    reason = f"is not a torch zip archive (it starts with {start!r})"
+                raise ReleaseError(f"{where} {reason}; {TORCH_ZIP}") from None
+        prefix = names[0].split("/")[0] + "/" if names else ""
+        if prefix + "data.pkl" not in names:
+            raise ReleaseError(f"{where} lacks the record {prefix}data.pkl (the tensors' index); {TORCH_ZIP}")
+        if not any(n.startswith(prefix + "data/") for n in names):
+            raise ReleaseError(f"{where} lacks tensor data records ({prefix}data/*); {TORCH_ZIP}")
+
+    def _member(self, name: str) -> io.IOBase:
+        """A release file as a seekable binary file, read by ranged reads (a compressed zip member: whole)."""
+        path = self._path(name)
+        try:
+            info = self.fs.info(path)
+        except FileNotFoundError:
+            raise ReleaseError(f"release {self.url}: missing file {name}") from None
+        if self._archive is None:
+            return _Range(self.fs, path, 0, int(info["size"]))
+        if info["compress_type"] != zipfile.ZIP_STORED:
+            return io.BytesIO(self.fs.cat_file(path))
+        fs, archive = self._archive
+        offset = int(info["header_offset"])
+        name_length, extra_length = struct.unpack("<26xHH", fs.cat_file(archive, start=offset, end=offset + 30))
+        return _Range(fs, archive, offset + 30 + name_length + extra_length, int(info["file_size"]))
+
     def load_core(self) -> Core:
         """The shared core (loaded once per `Release`, eval mode, CPU)."""
         if self._core is None:
@@ -238,18 +322,64 @@ def _md5(fs: fsspec.AbstractFileSystem, path: str) -> str:
     return digest.hexdigest()
 
 
+class _Range(io.RawIOBase):
+    """Bytes `[start, start + size)` of a file as a read-only seekable file, fetched by ranged reads; the last
+    `TAIL_BYTES` (where a zip archive keeps its directory) are fetched once, up front."""
+
+    def __init__(self, fs: fsspec.AbstractFileSystem, path: str, start: int, size: int) -> None:
+        super().__init__()
+        self.fs, self.path, self.start, self.size, self.pos = fs, path, start, size, 0
+        self.tail_start = max(0, size - TAIL_BYTES)
+        self.tail = self._fetch(self.tail_start, size)
+
+    def _fetch(self, begin: int, end: int) -> bytes:
+        return self.fs.cat_file(self.path, start=self.start + begin, end=self.start + end) if end > begin else b""
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        position = offset + {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.size}[whence]
+        if position < 0:
+            raise OSError(f"{self.path}: seek to {position}, before the start")
+        self.pos = position
+        return position
+
+    def read(self, n: int | None = -1) -> bytes:
+        end = self.size if n is None or n < 0 else min(self.size, self.pos + n)
+        if end <= self.pos:
+            return b""
+        if self.pos >= self.tail_start:
+            data = self.tail[self.pos - self.tail_start : end - self.tail_start]
+        else:
+            data = self._fetch(self.pos, end)
+        self.pos = end
+        return data
+
+
 def _open_zip(fs: fsspec.AbstractFileSystem, path: str, url: str) -> tuple[ZipFileSystem, str]:
-    """Open a zip archive; the release root is the folder of its shallowest `scans.csv`."""
+    """Open a zip archive for ranged reads; the release root is the folder of its shallowest `scans.csv`."""
     try:
-        archive = ZipFileSystem(fo=fs.open(path, "rb"))
+        archive = ZipFileSystem(fo=fs.open(path, "rb", block_size=ZIP_READ_AHEAD, cache_type="readahead"))
     except zipfile.BadZipFile:
         raise ReleaseError(f"release {url}: not a valid zip archive (corrupt or truncated)") from None
-    found = sorted(
-        (p for p in archive.find("") if posixpath.basename(p) == SCANS_FILE), key=lambda p: p.count("/")
-    )
-    if not found:
+    root = release_root(archive.find(""))
+    if root is None:
         raise ReleaseError(f"release {url}: the zip archive holds no {SCANS_FILE}")
-    return archive, posixpath.dirname(found[0])
+    return archive, root
+
+
+def release_root(names: Iterable[str]) -> str | None:
+    """The release folder among an archive's member `names`: that of the shallowest `scans.csv` ("" at the top);
+    None when there is none."""
+    found = sorted((n for n in names if posixpath.basename(n) == SCANS_FILE), key=lambda n: n.count("/"))
+    return posixpath.dirname(found[0]) if found else None
 
 
 def write_release(

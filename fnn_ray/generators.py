@@ -13,8 +13,10 @@ clip. Event orders come from ``numpy.random.default_rng([seed, 0, trial])`` and 
 (parameters, seed, index).
 
 >>> family = family_from_name("monet", trials=2, seed=3)
->>> family.num_clips, family.clip_id(1), family.windows(1)[0].to_json()   # doctest: +SKIP
-(2, 'monet-s3-t001', {'direction_deg': 135.0, 'trial': 1, 'start': 15, 'stop': 45})
+>>> family.num_clips, family.clip_id(1), family.windows(1)[0].to_json()
+(2, 'monet-s3-t001', {'direction_deg': 180.0, 'trial': 1, 'start': 15, 'stop': 45})
+>>> family.frames(1).shape
+(495, 144, 256)
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import abc
 import itertools
 import math
 from dataclasses import dataclass, fields
-from typing import Any, ClassVar, Mapping
+from typing import Any, Callable, ClassVar, Mapping
 
 import numpy as np
 
@@ -97,8 +99,8 @@ class Family(abc.ABC):
         """Frames of every event: ``(lead, shown, after, scored)`` (gray, stimulus, gray, window length)."""
 
     @abc.abstractmethod
-    def _draw(self, condition: int, labels: dict, rng: np.random.Generator) -> np.ndarray:
-        """The ``shown`` stimulus frames of one event: uint8 ``[shown, H, W]``."""
+    def _draw(self, labels: dict, rng: np.random.Generator) -> np.ndarray:
+        """The ``shown`` stimulus frames of the event with ``labels``: uint8 ``[shown, H, W]``."""
 
     # ------------------------------------------------------------------------------------ public API
     def clip_id(self, index: int) -> str:
@@ -115,7 +117,7 @@ class Family(abc.ABC):
         events = self._events(index)
         *_, scored = self._layout()
         return [
-            Window(condition, onset + 0, onset + self.latency_frames + scored, labels)
+            Window(condition, onset + self.latency_frames, onset + self.latency_frames + scored, labels)
             for (condition, labels), onset in zip(events, self._onsets(len(events)))
         ]
 
@@ -125,8 +127,8 @@ class Family(abc.ABC):
         _, shown, _, _ = self._layout()
         out = np.full((self._length(len(events)), self.height, self.width), _GRAY, dtype=np.uint8)
         rng = np.random.default_rng([self.seed, _PIXEL_STREAM, index])
-        for (condition, labels), onset in zip(events, self._onsets(len(events))):
-            out[onset : onset + shown] = self._draw(condition, labels, rng)
+        for (_, labels), onset in zip(events, self._onsets(len(events))):
+            out[onset : onset + shown] = self._draw(labels, rng)
         return out
 
     def params(self) -> dict:
@@ -145,7 +147,9 @@ class Family(abc.ABC):
 
     def _check_index(self, index: int) -> None:
         if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or not 0 <= index < self.num_clips:
-            raise ValueError(f"{type(self).__name__}: clip index {index!r} out of range, expected 0..{self.num_clips - 1}")
+            raise ValueError(
+                f"{type(self).__name__}: clip index {index!r} out of range, expected 0..{self.num_clips - 1}"
+            )
 
     def _fail(self, key: str, expected: str) -> None:
         raise ValueError(f"{type(self).__name__}: {key}={getattr(self, key)!r}, expected {expected}")
@@ -156,7 +160,7 @@ class Family(abc.ABC):
             self._fail(key, f"an integer >= {minimum}")
         object.__setattr__(self, key, int(value))
 
-    def _check_float(self, key: str, ok, expected: str) -> None:
+    def _check_float(self, key: str, ok: Callable[[float], bool], expected: str) -> None:
         value = getattr(self, key)
         if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not math.isfinite(value):
             self._fail(key, f"a finite number {expected}")
@@ -233,16 +237,18 @@ class Monet(_Directional):
         super().__post_init__()
         self._check_float("ori_fraction", lambda v: 0 < v <= 1, "in (0, 1]")
         if round(self.ori_fraction * self.block_frames) < 1:
-            self._fail("ori_fraction", f">= {0.5 / self.block_frames:g} (a coherent part of >= 1 of {self.block_frames} frames)")
+            self._fail("ori_fraction", f"round(ori_fraction * block_frames={self.block_frames}) >= 1 coherent frame")
         self._check_float("bandwidth_deg", lambda v: v > 0, "> 0")
         self._check_float("speed", lambda v: v > 0, "> 0 (screen widths per second)")
         self._check_float("max_spatial_freq", lambda v: v > 0, "> 0 (cycles per screen width)")
         if self.speed * self.max_spatial_freq >= self.fps / 2:
-            self._fail("speed", f"< fps / 2 / max_spatial_freq = {self.fps / 2 / self.max_spatial_freq:g} (no temporal aliasing)")
+            limit = self.fps / 2 / self.max_spatial_freq
+            self._fail("speed", f"< fps / 2 / max_spatial_freq = {limit:g} (no temporal aliasing)")
         kx, krow, amplitude = self._spectrum()
         for condition in self.conditions:
             if not np.any(amplitude * self._band(kx, krow, condition["direction_deg"]) > 0):
-                self._fail("bandwidth_deg", f"wider: no spectral energy at {condition['direction_deg']} deg with max_spatial_freq={self.max_spatial_freq}")
+                where = f"{condition['direction_deg']:g} deg with max_spatial_freq={self.max_spatial_freq:g}"
+                self._fail("bandwidth_deg", f"a wider band: no spectral energy at {where}")
 
     def _layout(self) -> tuple[int, int, int, int]:
         return 0, self.block_frames, 0, round(self.ori_fraction * self.block_frames)
@@ -266,7 +272,7 @@ class Monet(_Directional):
         offset = (angle - direction_deg + 90.0) % 180.0 - 90.0
         return np.exp(-0.5 * (offset / self.bandwidth_deg) ** 2)
 
-    def _draw(self, condition: int, labels: dict, rng: np.random.Generator) -> np.ndarray:
+    def _draw(self, labels: dict, rng: np.random.Generator) -> np.ndarray:
         _, block, _, coherent = self._layout()
         kx, krow, amplitude = self._spectrum()
         direction = labels["direction_deg"]
@@ -281,9 +287,8 @@ class Monet(_Directional):
         out = np.empty((block, self.height, self.width), dtype=np.uint8)
         out[:coherent] = self._to_uint8(np.fft.irfft2(moving, s=(self.height, self.width)))
         if coherent < block:
-            isotropic = np.fft.irfft2(np.fft.rfft2(rng.standard_normal((self.height, self.width))) * amplitude,
-                                      s=(self.height, self.width))
-            out[coherent:] = self._to_uint8(isotropic[None])
+            still = np.fft.rfft2(rng.standard_normal((self.height, self.width))) * amplitude
+            out[coherent:] = self._to_uint8(np.fft.irfft2(still, s=(self.height, self.width))[None])
         return out
 
     def _to_uint8(self, field: np.ndarray) -> np.ndarray:
@@ -317,11 +322,10 @@ class Gratings(_Directional):
 
     def _check_freqs(self, key: str, limit: float, limit_name: str) -> None:
         values = getattr(self, key)
-        if not (
-            isinstance(values, (list, tuple))
-            and values
-            and all(isinstance(v, (int, float, np.number)) and not isinstance(v, bool) and 0 < v < limit for v in values)
-        ):
+        numbers = isinstance(values, (list, tuple)) and all(
+            isinstance(v, (int, float, np.number)) and not isinstance(v, bool) for v in values
+        )
+        if not (numbers and values and all(0 < v < limit for v in values)):
             self._fail(key, f"a non-empty list of numbers in (0, {limit_name} = {limit:g})")
         object.__setattr__(self, key, tuple(float(v) for v in values))
 
@@ -336,7 +340,7 @@ class Gratings(_Directional):
             )
         ]
 
-    def _draw(self, condition: int, labels: dict, rng: np.random.Generator) -> np.ndarray:
+    def _draw(self, labels: dict, rng: np.random.Generator) -> np.ndarray:
         theta = math.radians(labels["direction_deg"])
         x = (np.arange(self.width) + 0.5 - self.width / 2) / self.width
         y = (self.height / 2 - np.arange(self.height) - 0.5) / self.width
@@ -351,9 +355,10 @@ class Gratings(_Directional):
 class Dots(Family):
     """Flashing dots (sparse noise) on a ``rows x cols`` grid covering the screen (row 0 at the top).
 
-    Cell ``(row, col)`` spans pixel rows ``[row * H // rows, (row + 1) * H // rows)`` (same for columns); its dot is the centred rectangle of ``dot_size`` times the cell's height and width (the whole cell
-    by default; about square on the default grid, 28.8 x 28.4 px), white (255, "on") or black (0, "off") on gray
-    for ``dot_frames``, then ``gap_frames`` of gray. Each trial shows every (cell, polarity) once in a seeded
+    Cell ``(row, col)`` spans pixel rows ``[row * H // rows, (row + 1) * H // rows)`` (same for columns); its
+    dot is the centred rectangle of ``dot_size`` times the cell's height and width (the whole cell by default;
+    about square on the default grid, 28.8 x 28.4 px), white (255, "on") or black (0, "off") on gray for
+    ``dot_frames``, then ``gap_frames`` of gray. Each trial shows every (cell, polarity) once in a seeded
     order; trials follow one another and the events are cut into clips of at most ``events_per_clip``.
     Condition index = ``(polarity * rows + row) * cols + col``, polarity 0 = "on", 1 = "off".
     """
@@ -413,7 +418,7 @@ class Dots(Family):
                 events.append((c, {**conditions[c], "trial": trial}))
         return events
 
-    def _draw(self, condition: int, labels: dict, rng: np.random.Generator) -> np.ndarray:
+    def _draw(self, labels: dict, rng: np.random.Generator) -> np.ndarray:
         frame = np.full((self.height, self.width), _GRAY, dtype=np.uint8)
         rows = _dot_span(labels["row"], self.rows, self.height, self.dot_size)
         cols = _dot_span(labels["col"], self.cols, self.width, self.dot_size)
@@ -441,5 +446,7 @@ def family_from_name(name: str, **params: Any) -> Family:
     known = [f.name for f in fields(cls)]
     unknown = sorted(set(params) - set(known))
     if unknown:
-        raise ValueError(f"{cls.__name__}: unknown parameter(s) {', '.join(unknown)}, expected some of: {', '.join(known)}")
+        raise ValueError(
+            f"{cls.__name__}: unknown parameter(s) {', '.join(unknown)}, expected some of: {', '.join(known)}"
+        )
     return cls(**params)

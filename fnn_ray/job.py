@@ -89,7 +89,8 @@ class Job:
     """One job. ``scans``: ``((session, scan_idx), units)`` pairs; ``parts``: the source's parts, the same for
     every scan or per scan; ``clips`` / ``frames``: the stimulus size (for the plan); ``inputs``: what the manifest
     records as the job's inputs (URLs, generator parameters: a rerun on other inputs is refused);
-    ``bytes_per_row_frame``: the committed size per (unit, frame), for the size estimate (0: per unit only)."""
+    ``bytes_per_unit_frame`` / ``bytes_per_unit``: the committed size per (unit, frame) and per unit, for the
+    size estimate printed with the plan."""
 
     name: str
     release_url: str
@@ -103,6 +104,7 @@ class Job:
     inputs: Mapping[str, Any]
     settings: Mapping[str, Any] = field(default_factory=dict)
     bytes_per_unit_frame: float = 4.0
+    bytes_per_unit: float = 0.0
 
 
 @dataclass

@@ -104,7 +104,7 @@ def format_plan(job: Job, summary: JobSummary) -> str:
     from fnn_ray.storage import redact_url
 
     scans = ", ".join(f"{s}-{i}" for s, i in summary.scans)
-    size = sum(u for _, u in job.scans) * job.frames * job.bytes_per_unit_frame
+    size = sum(u for _, u in job.scans) * (job.frames * job.bytes_per_unit_frame + job.bytes_per_unit)
     to_do = summary.items_total - summary.items_skipped
     lines = [
         f"fnn-ray {job.name}: {len(summary.scans)} scan(s) ({scans}), {summary.units:,} units; {job.clips:,} clips, "
@@ -164,5 +164,5 @@ def format_summary(summary: JobSummary) -> str:
     elif s.pending and not s.failures:
         lines.append(f"  {s.pending} item(s) not computed yet: rerun the same command to finish.")
     lines += [f"  WARNING: {w}" for w in s.warnings]
-    lines.append(f"  output: {redact_url(s.output_url)}  (manifest: {redact_url(s.manifest_url)})")
+    lines.append(f"  output: {redact_url(s.output_url)}/{s.data_dir}  (manifest: {redact_url(s.manifest_url)})")
     return "\n".join(lines)

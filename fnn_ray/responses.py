@@ -3,7 +3,7 @@
 Layout (``<output>`` is the run's output URL; ``manifest.json`` sits next to ``responses/``, which is why the
 Parquet dataset has its own directory)::
 
-    <output>/responses/session=<s>/scan_idx=<i>/part-<item_id>.parquet
+    <output>/responses/session=<s>/scan_idx=<i>/<item_id>.parquet      # item_id: e.g. part-00000.000000-000008
     <output>/responses/session=<s>/scan_idx=<i>/_staging/...   # in-flight writes (ignored by pyarrow.dataset)
     <output>/_ledger/...                                       # the commits (fnn_ray.ledger)
 
@@ -73,7 +73,7 @@ def responses_url(output_url: str) -> str:
 def response_path(output_url: str, session: int, scan_idx: int, item_id: str) -> str:
     """URL of the part file of one work item."""
     return storage.join(
-        responses_url(output_url), f"session={int(session)}", f"scan_idx={int(scan_idx)}", f"part-{item_id}.parquet"
+        responses_url(output_url), f"session={int(session)}", f"scan_idx={int(scan_idx)}", f"{item_id}.parquet"
     )
 
 
@@ -147,7 +147,7 @@ def write_responses(
     if not isinstance(item_id, str) or not _ITEM_ID.match(item_id):
         raise ValueError(f"item_id must match {_ITEM_ID.pattern}, got {item_id!r}")
     table = response_table(clip_ids, responses, unit_ids, readout_ids)
-    file = f"{RESPONSES_DIR}/session={int(session)}/scan_idx={int(scan_idx)}/part-{item_id}.parquet"
+    file = f"{RESPONSES_DIR}/session={int(session)}/scan_idx={int(scan_idx)}/{item_id}.parquet"
     Ledger(output_url, storage_options).commit_table((int(session), int(scan_idx), item_id), file, table)
     return response_path(output_url, session, scan_idx, item_id)
 

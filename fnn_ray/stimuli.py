@@ -4,27 +4,44 @@ Contract. The dataset is either a single ``.parquet`` file or a directory of the
 names starting with '_' or '.' are skipped, like ``pyarrow.dataset`` does). Files are read in sorted path
 order. One row per clip:
 
-=============== ===================== =====================================================================
-column          type                  meaning
-=============== ===================== =====================================================================
-``clip_id``     string                unique over the whole dataset
-``frames``      binary                raw uint8 bytes of a C-ordered ``[T, H, W]`` array (len = T*H*W)
-``num_frames``  int32                 ``T > 0``
-``height``      int32                 ``H > 0``
-``width``       int32                 ``W > 0``
-``perspectives`` list<float32>        optional; row-major ``[T, 2]`` (eye position), null = absent
-``modulations`` list<float32>         optional; row-major ``[T, 2]`` (pupil, running), null = absent
-=============== ===================== =====================================================================
+================== ================== ==================================================================
+column             type               meaning
+================== ================== ==================================================================
+``clip_id``        string             unique over the whole dataset
+``frames``         binary             raw uint8 bytes of a C-ordered ``[T, H, W]`` array (len = T*H*W)
+``num_frames``     int32              ``T > 0`` (all frames, context frames included)
+``height``         int32              ``H > 0``
+``width``          int32              ``W > 0``
+``perspectives``   list<float32>      optional; row-major ``[T, 2]`` (eye position), null = absent
+``modulations``    list<float32>      optional; row-major ``[T, 2]`` (pupil, running), null = absent
+``context_frames`` int32              optional; ``0 <= C < T``, null or absent = 0: the first ``C`` frames
+                                      are context (the movie before the clip): run through the model,
+                                      their responses not written (a clip's response has ``T - C`` frames)
+================== ================== ==================================================================
 
-(Any integer type is accepted for ``num_frames``/``height``/``width`` and any float list for the optional
-columns; :func:`write_clips` writes exactly the types above.)
+(Any integer type is accepted for ``num_frames``/``height``/``width``/``context_frames`` and any float list
+for ``perspectives``/``modulations``; :func:`write_clips` writes exactly the types above, each optional
+column only when some clip needs it.)
 
 Work is split into :class:`Shard` s: runs of consecutive rows of one file, found by :func:`list_shards`
 from the small columns only; :func:`read_shard` then reads the frames of just those rows and validates them.
+
+Reading fetches exact byte ranges, never a whole file: the footer (the last 32 KiB, more only when the
+metadata is larger), then the column chunks needed, taken from the footer's offsets (several at once where
+the filesystem can, e.g. s3fs). Both :func:`list_shards` and :func:`read_shard` add what they fetched to an
+optional ``stats`` dict (``bytes_read``, ``requests``; ``read_shard`` also ``frame_bytes``), so a caller can
+report bytes read per byte of frames; for files written by :func:`write_clips` (one clip per row group) that
+is about ``1 + 32 KiB / frame bytes of the shard``.
+
+Writing streams: :class:`ClipWriter` writes clips file by file (one row group at a time into the file being
+built, each file committed atomically), so memory stays bounded by one file; :func:`write_clips` writes a
+list through it.
 """
 
 from __future__ import annotations
 
+import io
+import os
 import posixpath
 import re
 from dataclasses import dataclass, field
@@ -37,9 +54,18 @@ from fsspec import AbstractFileSystem
 
 from fnn_ray import storage
 
-__all__ = ["Clip", "Shard", "SCHEMA", "write_clips", "list_shards", "read_shard", "dataset_files"]
+__all__ = [
+    "Clip",
+    "ClipWriter",
+    "SCHEMA",
+    "Shard",
+    "dataset_files",
+    "list_shards",
+    "read_shard",
+    "write_clips",
+]
 
-#: The schema :func:`write_clips` writes (``perspectives``/``modulations`` only when some clip has them).
+#: The schema :func:`write_clips` writes (the optional columns only when some clip needs them).
 SCHEMA = pa.schema(
     [
         ("clip_id", pa.string()),
@@ -49,6 +75,7 @@ SCHEMA = pa.schema(
         ("width", pa.int32()),
         ("perspectives", pa.list_(pa.float32())),
         ("modulations", pa.list_(pa.float32())),
+        ("context_frames", pa.int32()),
     ]
 )
 
@@ -67,9 +94,11 @@ def _is_float_list(t: pa.DataType) -> bool:
     ) and pa.types.is_floating(t.value_type)
 
 
+_VECTORS = ("perspectives", "modulations")  # optional per-frame [T, 2] float columns
 _OPTIONAL = {
     "perspectives": (_is_float_list, "list<float32>"),
     "modulations": (_is_float_list, "list<float32>"),
+    "context_frames": (pa.types.is_integer, "int32"),
 }
 _SMALL = ["clip_id", "num_frames", "height", "width"]
 
@@ -79,13 +108,15 @@ _SMALL = ["clip_id", "num_frames", "height", "width"]
 class Clip:
     """One stimulus clip.
 
-    ``frames``: uint8 ``[T, H, W]``; ``perspectives`` / ``modulations``: float32 ``[T, 2]`` or None.
+    ``frames``: uint8 ``[T, H, W]``; ``perspectives`` / ``modulations``: float32 ``[T, 2]`` or None;
+    ``context_frames``: the first ``C`` frames (``0 <= C < T``) are context, run but not written.
     """
 
     clip_id: str
     frames: np.ndarray
     perspectives: np.ndarray | None = None
     modulations: np.ndarray | None = None
+    context_frames: int = 0
 
     @property
     def num_frames(self) -> int:
@@ -99,6 +130,11 @@ class Clip:
     def width(self) -> int:
         return int(self.frames.shape[2])
 
+    def columns(self) -> set[str]:
+        """The optional columns this clip needs (``perspectives``, ``modulations``, ``context_frames``)."""
+        need = {name for name in _VECTORS if getattr(self, name) is not None}
+        return need | ({"context_frames"} if self.context_frames else set())
+
     def validate(self) -> None:
         """Raise ValueError (naming the clip) unless the clip satisfies the dataset contract."""
         if not isinstance(self.clip_id, str) or not self.clip_id:
@@ -109,7 +145,7 @@ class Clip:
             raise ValueError(f"clip {self.clip_id!r}: frames must be a uint8 [T, H, W] array, got {desc}")
         if min(f.shape) <= 0:
             raise ValueError(f"clip {self.clip_id!r}: frames shape {f.shape} has an empty axis")
-        for name in ("perspectives", "modulations"):
+        for name in _VECTORS:
             a = getattr(self, name)
             if a is None:
                 continue
@@ -119,6 +155,11 @@ class Clip:
                     f"clip {self.clip_id!r}: {name} must be a numeric [T, 2] = [{f.shape[0]}, 2] array, "
                     f"got {a.dtype} {a.shape}"
                 )
+        c = self.context_frames
+        if isinstance(c, bool) or not isinstance(c, (int, np.integer)) or not 0 <= c < f.shape[0]:
+            raise ValueError(
+                f"clip {self.clip_id!r}: context_frames must be an integer in [0, T) = [0, {f.shape[0]}), got {c!r}"
+            )
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Clip):
@@ -134,6 +175,7 @@ class Clip:
             and same(self.frames, other.frames)
             and same(self.perspectives, other.perspectives)
             and same(self.modulations, other.modulations)
+            and int(self.context_frames) == int(other.context_frames)
         )
 
     __hash__ = None  # type: ignore[assignment]
@@ -207,7 +249,7 @@ def _arrow_list(arrays: list[np.ndarray | None]) -> pa.Array:
     )
 
 
-def _clips_table(clips: Sequence[Clip], with_persp: bool, with_mod: bool) -> pa.Table:
+def _clips_table(clips: Sequence[Clip], schema: pa.Schema) -> pa.Table:
     cols: dict[str, pa.Array] = {
         "clip_id": pa.array([c.clip_id for c in clips], pa.string()),
         "frames": pa.array([np.ascontiguousarray(c.frames).tobytes() for c in clips], pa.binary()),
@@ -215,12 +257,153 @@ def _clips_table(clips: Sequence[Clip], with_persp: bool, with_mod: bool) -> pa.
         "height": pa.array([c.height for c in clips], pa.int32()),
         "width": pa.array([c.width for c in clips], pa.int32()),
     }
-    if with_persp:
-        cols["perspectives"] = _arrow_list([c.perspectives for c in clips])
-    if with_mod:
-        cols["modulations"] = _arrow_list([c.modulations for c in clips])
-    schema = pa.schema([SCHEMA.field(k) for k in cols])
+    for name in _VECTORS:
+        if name in schema.names:
+            cols[name] = _arrow_list([getattr(c, name) for c in clips])
+    if "context_frames" in schema.names:
+        cols["context_frames"] = pa.array([int(c.context_frames) for c in clips], pa.int32())
     return pa.table(cols, schema=schema)
+
+
+class ClipWriter:
+    """Write clips into a stimulus dataset directory at ``url`` one at a time, with bounded memory::
+
+        with ClipWriter(url, storage_options) as writer:
+            for clip in clips:
+                writer.write(clip)
+        writer.files  # the committed file URLs
+
+    Files are ``part-00000.parquet``, ``part-00001.parquet``, ...; a file is finished when it holds
+    ``clips_per_file`` clips or the next clip would take it past ``max_file_bytes`` of frames, and is then
+    committed atomically (:func:`fnn_ray.storage.commit_bytes`): only the file being built is in memory. Rows
+    go into row groups of ``clips_per_row_group`` clips (1 lets a shard read exactly its own rows). A file has
+    the optional columns in ``columns`` plus those its first clip needs; a clip needing another one starts a
+    new file. Every clip is validated and its id checked against all earlier ones (``ValueError``).
+
+    If ``url`` already holds Parquet files: ``FileExistsError`` at construction unless ``overwrite`` (they are
+    then deleted just before the first file is committed). Leaving the ``with`` block by an exception, or
+    :meth:`abort`, removes every file this writer committed. ``clips``, ``frames``, ``context_frames`` and
+    ``bytes`` (committed file bytes) count what was written.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        storage_options: Mapping[str, Any] | None = None,
+        *,
+        clips_per_file: int = 32,
+        max_file_bytes: int = 1 << 30,
+        clips_per_row_group: int = 1,
+        overwrite: bool = False,
+        columns: Iterable[str] = (),
+    ) -> None:
+        if clips_per_file < 1 or clips_per_row_group < 1:
+            raise ValueError("clips_per_file and clips_per_row_group must be >= 1")
+        self._columns = frozenset(columns)
+        if not self._columns <= set(_OPTIONAL):
+            raise ValueError(f"unknown optional column(s) {sorted(self._columns - set(_OPTIONAL))}")
+        self.url = url
+        self.clips_per_file, self.max_file_bytes = clips_per_file, max_file_bytes
+        self.clips_per_row_group = clips_per_row_group
+        self._fs, self._root = storage.filesystem(url, storage_options)
+        self._created = not self._fs.exists(self._root)
+        self._existing = _find_parquet(self._fs, self._root) if self._fs.isdir(self._root) else []
+        if self._existing and not overwrite:
+            raise FileExistsError(
+                f"{storage.redact_url(url)} already holds {len(self._existing)} parquet file(s); pass overwrite=True"
+            )
+        self.files: list[str] = []
+        self._paths: list[str] = []
+        self._ids: set[str] = set()
+        self.clips = self.frames = self.context_frames = self.bytes = 0
+        self._sink: pa.BufferOutputStream | None = None
+        self._writer: pq.ParquetWriter | None = None
+        self._pending: list[Clip] = []
+        self._file_clips = self._file_frame_bytes = 0
+
+    def write(self, clip: Clip) -> None:
+        """Validate ``clip`` and add it to the file being built (finishing that file first when it is full)."""
+        if not isinstance(clip, Clip):
+            raise TypeError(f"ClipWriter.write: got a {type(clip).__name__}, expected Clip")
+        clip.validate()
+        if clip.clip_id in self._ids:
+            raise ValueError(f"duplicate clip_id {clip.clip_id!r} (clip {self.clips} repeats an earlier one)")
+        nbytes = clip.frames.nbytes
+        need = clip.columns()
+        if self._writer is not None and (
+            not need <= set(self._writer.schema.names)
+            or self._file_clips >= self.clips_per_file
+            or self._file_frame_bytes + nbytes > self.max_file_bytes
+        ):
+            self._finish_file()
+        if self._writer is None:
+            names = set(_REQUIRED) | self._columns | need
+            schema = pa.schema([f for f in SCHEMA if f.name in names])
+            self._sink = pa.BufferOutputStream()
+            self._writer = pq.ParquetWriter(self._sink, schema, use_dictionary=["clip_id"])
+        self._pending.append(clip)
+        self._ids.add(clip.clip_id)
+        self._file_clips += 1
+        self._file_frame_bytes += nbytes
+        self.clips += 1
+        self.frames += clip.num_frames
+        self.context_frames += int(clip.context_frames)
+        if len(self._pending) >= self.clips_per_row_group:
+            self._write_rows()
+
+    def _write_rows(self) -> None:
+        if self._pending:
+            table = _clips_table(self._pending, self._writer.schema)
+            self._writer.write_table(table, row_group_size=self.clips_per_row_group)
+            self._pending = []
+
+    def _finish_file(self) -> None:
+        self._write_rows()
+        self._writer.close()
+        data = self._sink.getvalue()
+        self._writer = self._sink = None
+        self._file_clips = self._file_frame_bytes = 0
+        for path in self._existing:  # overwrite: the old files go just before the first new one lands
+            self._fs.rm_file(path)
+        self._existing = []
+        name = f"part-{len(self.files):05d}.parquet"
+        path = posixpath.join(self._root, name)
+        storage.commit_bytes(self._fs, path, data)
+        self._paths.append(path)
+        self.files.append(storage.join(self.url, name))
+        self.bytes += data.size
+
+    def close(self) -> list[str]:
+        """Commit the file being built; return the URLs of all committed files."""
+        if self._writer is not None:
+            self._finish_file()
+        return self.files
+
+    def abort(self) -> None:
+        """Drop the file being built and remove every file this writer committed."""
+        self._writer = self._sink = None
+        self._pending = []
+        for path in self._paths:
+            try:
+                self._fs.rm_file(path)
+            except FileNotFoundError:
+                pass
+        self._paths, self.files = [], []
+        if storage.is_local(self._fs) and self._created:  # leave no empty folders behind either
+            for folder in (posixpath.join(self._root, storage.STAGING_DIR), self._root):
+                try:
+                    os.rmdir(folder)
+                except OSError:
+                    pass
+
+    def __enter__(self) -> ClipWriter:
+        return self
+
+    def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: Any) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
 
 
 def write_clips(
@@ -235,11 +418,10 @@ def write_clips(
 ) -> list[str]:
     """Write ``clips`` as a stimulus dataset directory at ``url``; return the written file URLs.
 
-    Every clip is validated (and clip ids checked for uniqueness) before anything is written. Files are
-    ``part-00000.parquet``, ``part-00001.parquet``, ... holding up to ``clips_per_file`` clips and about
-    ``max_file_bytes`` of frames each, with ``clips_per_row_group`` rows per row group (1 lets a shard read
-    exactly its own rows); each file is committed atomically (:func:`fnn_ray.storage.commit_bytes`).
-    ``perspectives`` / ``modulations`` columns are written when any clip has them (null for the others).
+    Every clip is validated (and clip ids checked for uniqueness) before anything is written; then the clips
+    go through a :class:`ClipWriter` (see there for file names, sizes, row groups and atomic commits). Every
+    file has the same columns: ``perspectives`` / ``modulations`` / ``context_frames`` are written when any
+    clip has them (null, or 0 context frames, for the others).
     If ``url`` already holds Parquet files: ``FileExistsError`` unless ``overwrite`` (then they are deleted).
     """
     clips = list(clips)
@@ -253,40 +435,12 @@ def write_clips(
         if c.clip_id in seen:
             raise ValueError(f"write_clips: duplicate clip_id {c.clip_id!r} (clips {seen[c.clip_id]} and {i})")
         seen[c.clip_id] = i
-    if clips_per_file < 1 or clips_per_row_group < 1:
-        raise ValueError("clips_per_file and clips_per_row_group must be >= 1")
-
-    fs, root = storage.filesystem(url, storage_options)
-    existing = _find_parquet(fs, root) if fs.isdir(root) else []
-    if existing:
-        if not overwrite:
-            raise FileExistsError(
-                f"{storage.redact_url(url)} already holds {len(existing)} parquet file(s); pass overwrite=True"
-            )
-        for p in existing:
-            fs.rm_file(p)
-
-    with_persp = any(c.perspectives is not None for c in clips)
-    with_mod = any(c.modulations is not None for c in clips)
-    groups: list[list[Clip]] = [[]]
-    size = 0
-    for c in clips:
-        nbytes = c.frames.nbytes
-        if groups[-1] and (len(groups[-1]) >= clips_per_file or size + nbytes > max_file_bytes):
-            groups.append([])
-            size = 0
-        groups[-1].append(c)
-        size += nbytes
-
-    out = []
-    for k, group in enumerate(groups):
-        table = _clips_table(group, with_persp, with_mod)
-        sink = pa.BufferOutputStream()
-        pq.write_table(table, sink, row_group_size=clips_per_row_group, use_dictionary=["clip_id"])
-        name = f"part-{k:05d}.parquet"
-        storage.commit_bytes(fs, posixpath.join(root, name), sink.getvalue())
-        out.append(storage.join(url, name))
-    return out
+    columns = set().union(*(c.columns() for c in clips))
+    with ClipWriter(url, storage_options, clips_per_file=clips_per_file, max_file_bytes=max_file_bytes,
+                    clips_per_row_group=clips_per_row_group, overwrite=overwrite, columns=columns) as writer:
+        for c in clips:
+            writer.write(c)
+    return writer.files
 
 
 # ---------------------------------------------------------------------------------------------- listing
@@ -349,28 +503,172 @@ def _check_schema(schema: pa.Schema, where: str) -> list[str]:
     return present
 
 
-def _check_small(table: pa.Table, where: str, row0: int) -> tuple[list[str], np.ndarray]:
-    """Validate clip_id / num_frames / height / width of rows ``row0...``; return ids and T per row."""
+def _check_small(table: pa.Table, where: str, row0: int) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Validate clip_id / num_frames / height / width (and context_frames when present) of rows ``row0...``;
+    return the ids, T and context frames (0 when absent or null) per row."""
     ids = table.column("clip_id").to_pylist()
     dims = {k: table.column(k).to_pylist() for k in ("num_frames", "height", "width")}
+    names = table.column_names
+    context = table.column("context_frames").to_pylist() if "context_frames" in names else [None] * len(ids)
     for i, cid in enumerate(ids):
         if cid is None or cid == "":
             raise ValueError(f"{where} row {row0 + i}: clip_id is null or empty")
         for k, vals in dims.items():
             if vals[i] is None or vals[i] <= 0:
                 raise ValueError(f"{where} row {row0 + i} (clip_id {cid!r}): {k} must be > 0, got {vals[i]}")
-    return ids, np.asarray(dims["num_frames"], dtype=np.int64)
+        c, t = context[i] or 0, dims["num_frames"][i]
+        if not 0 <= c < t:
+            raise ValueError(
+                f"{where} row {row0 + i} (clip_id {cid!r}): context_frames must be in [0, num_frames) = "
+                f"[0, {t}), got {c}"
+            )
+    return (ids, np.asarray(dims["num_frames"], dtype=np.int64),
+            np.asarray([c or 0 for c in context], dtype=np.int64))
+
+
+# --------------------------------------------------------------------------------- ranged file access
+_TAIL_BYTES = 32 * 1024  # first read at a file's end: holds the footer of files of up to ~40 row groups
+_HOLE_BYTES = 4 * 1024  # needed ranges closer than this are fetched as one
+
+
+def _count(stats: dict[str, int] | None, **counts: int) -> None:
+    if stats is not None:
+        for key, value in counts.items():
+            stats[key] = stats.get(key, 0) + value
+
+
+class _RangeFile(io.RawIOBase):
+    """Read-only, seekable view of one stored file that fetches exactly the byte ranges it is asked for.
+
+    :meth:`prefetch` fetches several ranges in one call (concurrently where the filesystem can); a read
+    inside a fetched range is served from memory, any other read fetches just its own bytes. Every fetched
+    byte and request is added to ``stats`` (``bytes_read``, ``requests``).
+    """
+
+    def __init__(self, fs: AbstractFileSystem, path: str, size: int, stats: dict[str, int] | None) -> None:
+        super().__init__()
+        self._fs, self._path, self._size, self._stats = fs, path, size, stats
+        self._pos = 0
+        self._held: list[tuple[int, bytes]] = []
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def fetch(self, start: int, stop: int) -> bytes:
+        """Bytes ``[start, stop)`` straight from storage (one request)."""
+        data = self._fs.cat_file(self._path, start=start, end=stop)
+        _count(self._stats, bytes_read=len(data), requests=1)
+        return data
+
+    def prefetch(self, ranges: Iterable[tuple[int, int]]) -> None:
+        """Fetch ``[(start, stop), ...]`` (merged where they touch) and keep them for later reads."""
+        merged: list[list[int]] = []
+        for start, stop in sorted(ranges):
+            if merged and start - merged[-1][1] <= _HOLE_BYTES:
+                merged[-1][1] = max(merged[-1][1], stop)
+            else:
+                merged.append([start, stop])
+        if not merged:
+            return
+        datas = self._fs.cat_ranges([self._path] * len(merged), [m[0] for m in merged], [m[1] for m in merged],
+                                    on_error="raise")
+        _count(self._stats, bytes_read=sum(len(d) for d in datas), requests=len(merged))
+        self._held.extend((m[0], d) for m, d in zip(merged, datas))
+
+    def read(self, size: int = -1) -> bytes | memoryview:
+        stop = self._size if size is None or size < 0 else min(self._size, self._pos + size)
+        start, self._pos = self._pos, max(self._pos, stop)
+        if stop <= start:
+            return b""
+        for offset, data in self._held:
+            if offset <= start and stop <= offset + len(data):
+                return memoryview(data)[start - offset : stop - offset]
+        return self.fetch(start, stop)
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+
+def _open_parquet(
+    fs: AbstractFileSystem, path: str, where: str, stats: dict[str, int] | None
+) -> tuple[pq.ParquetFile, _RangeFile]:
+    """Open a Parquet file for ranged reads: fetch its footer (one request, two for large metadata)."""
+    try:
+        size = fs.size(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"parquet file not found: {where}") from None
+    f = _RangeFile(fs, path, size, stats)
+    if size < 12:
+        raise ValueError(f"{where}: not a valid parquet file ({size} bytes)")
+    tail = f.fetch(max(0, size - _TAIL_BYTES), size)
+    meta = int.from_bytes(tail[-8:-4], "little")
+    if tail[-4:] != b"PAR1" or meta + 12 > size:
+        raise ValueError(f"{where}: not a valid parquet file (no parquet footer at the end)")
+    if meta + 8 > len(tail):
+        tail = f.fetch(size - meta - 8, size - len(tail)) + tail
+    try:
+        # the footer alone, behind a leading magic, is a file pyarrow can read the metadata of
+        metadata = pq.read_metadata(pa.BufferReader(b"PAR1" + tail[-(meta + 8) :]))
+        return pq.ParquetFile(f, metadata=metadata, pre_buffer=False), f
+    except (pa.ArrowException, OSError, ValueError) as e:
+        raise ValueError(f"{where}: not a valid parquet file ({e})") from None
+
+
+def _chunk_ranges(metadata: pq.FileMetaData, groups: Iterable[int], names: Iterable[str]) -> list[tuple[int, int]]:
+    """Byte ranges ``(start, stop)`` of the column chunks of ``names`` (top-level columns) in row ``groups``."""
+    names = set(names)
+    out = []
+    for g in groups:
+        group = metadata.row_group(g)
+        for c in range(group.num_columns):
+            chunk = group.column(c)
+            if chunk.path_in_schema.split(".")[0] not in names:
+                continue
+            start = chunk.data_page_offset
+            if chunk.has_dictionary_page and 0 < (chunk.dictionary_page_offset or 0) < start:
+                start = chunk.dictionary_page_offset
+            out.append((start, start + chunk.total_compressed_size))
+    return out
+
+
+def _read(read: Any, where: str) -> pa.Table:
+    """Run a pyarrow read; transient store errors propagate, anything else is a ValueError naming the file."""
+    try:
+        return read()
+    except (pa.ArrowException, OSError) as e:
+        if storage.is_transient(e):
+            raise
+        raise ValueError(f"{where}: cannot read parquet data ({e})") from None
 
 
 def list_shards(
-    url: str, clips_per_shard: int, storage_options: Mapping[str, Any] | None = None
+    url: str,
+    clips_per_shard: int,
+    storage_options: Mapping[str, Any] | None = None,
+    *,
+    stats: dict[str, int] | None = None,
 ) -> list[Shard]:
     """Split the stimulus dataset at ``url`` into shards of up to ``clips_per_shard`` consecutive rows of one
-    file (shards never span files), in file then row order.
+    file (shards never span files), in file then row order. A shard's ``frames`` counts all frames the model
+    runs, context frames included.
 
     Reads only the Parquet footers and the small columns (``clip_id``, ``num_frames``, ``height``,
-    ``width``), never the frames. Raises ``FileNotFoundError`` (missing/unreachable URL) or ``ValueError``
-    (corrupt file, missing or mistyped column, bad dimensions, duplicate ``clip_id``: each names the file).
+    ``width``, ``context_frames``), never the frames; adds the bytes and requests fetched to ``stats``.
+    Raises ``FileNotFoundError`` (missing/unreachable URL) or ``ValueError`` (corrupt file, missing or
+    mistyped column, bad dimensions or context, duplicate ``clip_id``: each names the file).
     """
     if clips_per_shard < 1:
         raise ValueError(f"clips_per_shard must be >= 1, got {clips_per_shard}")
@@ -379,13 +677,12 @@ def list_shards(
     shards: list[Shard] = []
     for path, rel in files:
         where = _file_url(url, rel, path)
-        with storage.open_parquet(fs, path, where) as pf:
-            _check_schema(pf.schema_arrow, where)
-            try:
-                table = pf.read(columns=_SMALL)
-            except (pa.ArrowException, OSError) as e:
-                raise ValueError(f"{where}: cannot read parquet data ({e})") from None
-        ids, num_frames = _check_small(table, where, 0)
+        pf, f = _open_parquet(fs, path, where, stats)
+        optional = _check_schema(pf.schema_arrow, where)
+        columns = _SMALL + [name for name in optional if name == "context_frames"]
+        f.prefetch(_chunk_ranges(pf.metadata, range(pf.metadata.num_row_groups), columns))
+        table = _read(lambda: pf.read(columns=columns), where)
+        ids, num_frames, _ = _check_small(table, where, 0)
         for row, cid in enumerate(ids):
             if cid in owner:
                 f0, r0 = owner[cid]
@@ -432,12 +729,20 @@ def _float_rows(col: pa.ChunkedArray, name: str, nframes: np.ndarray, ids: list[
     return out
 
 
-def read_shard(shard: Shard, storage_options: Mapping[str, Any] | None = None) -> list[Clip]:
+def read_shard(
+    shard: Shard,
+    storage_options: Mapping[str, Any] | None = None,
+    *,
+    stats: dict[str, int] | None = None,
+) -> list[Clip]:
     """Read and validate the clips of ``shard`` (only its row groups); return them in row order.
 
     Each clip's ``frames`` is a writable uint8 ``[T, H, W]`` array; ``perspectives`` / ``modulations`` are
-    float32 ``[T, 2]`` or None. Raises ``ValueError`` naming the file, row, clip_id and expected vs. actual
-    value for any violation of the contract, or if the file changed since :func:`list_shards`.
+    float32 ``[T, 2]`` or None; ``context_frames`` is 0 when the column is absent. Fetches the file's footer
+    and the byte ranges of the shard's row groups only; adds ``bytes_read`` and ``requests`` (what was
+    fetched) and ``frame_bytes`` (T*H*W summed over the clips) to ``stats``. Raises ``ValueError`` naming the
+    file, row, clip_id and expected vs. actual value for any violation of the contract, or if the file changed
+    since :func:`list_shards`.
     """
     where = shard.file_url
     try:
@@ -447,27 +752,26 @@ def read_shard(shard: Shard, storage_options: Mapping[str, Any] | None = None) -
     n = shard.num_clips
     if n == 0:
         return []
-    with storage.open_parquet(fs, shard.path, where) as pf:
-        optional = _check_schema(pf.schema_arrow, where)
-        md = pf.metadata
-        if md.num_rows < shard.row_stop:
-            raise ValueError(
-                f"{where}: has {md.num_rows} rows, shard {shard.shard_id} needs rows "
-                f"[{shard.row_start}, {shard.row_stop}); the file changed since it was listed"
-            )
-        groups, first, offset = [], None, 0
-        for g in range(md.num_row_groups):
-            rows = md.row_group(g).num_rows
-            if offset < shard.row_stop and offset + rows > shard.row_start:
-                groups.append(g)
-                first = offset if first is None else first
-            offset += rows
-        try:
-            table = pf.read_row_groups(groups, columns=_SMALL + ["frames"] + optional)
-        except (pa.ArrowException, OSError) as e:
-            raise ValueError(f"{where}: cannot read parquet data ({e})") from None
+    pf, f = _open_parquet(fs, shard.path, where, stats)
+    optional = _check_schema(pf.schema_arrow, where)
+    md = pf.metadata
+    if md.num_rows < shard.row_stop:
+        raise ValueError(
+            f"{where}: has {md.num_rows} rows, shard {shard.shard_id} needs rows "
+            f"[{shard.row_start}, {shard.row_stop}); the file changed since it was listed"
+        )
+    groups, first, offset = [], None, 0
+    for g in range(md.num_row_groups):
+        rows = md.row_group(g).num_rows
+        if offset < shard.row_stop and offset + rows > shard.row_start:
+            groups.append(g)
+            first = offset if first is None else first
+        offset += rows
+    columns = _SMALL + ["frames"] + optional
+    f.prefetch(_chunk_ranges(md, groups, columns))
+    table = _read(lambda: pf.read_row_groups(groups, columns=columns), where)
     table = table.slice(shard.row_start - first, n)
-    ids, nframes = _check_small(table, where, shard.row_start)
+    ids, nframes, context = _check_small(table, where, shard.row_start)
     if tuple(ids) != shard.clip_ids:
         raise ValueError(
             f"{where} rows [{shard.row_start}, {shard.row_stop}): clip ids {ids} differ from the listed "
@@ -475,7 +779,8 @@ def read_shard(shard: Shard, storage_options: Mapping[str, Any] | None = None) -
         )
     heights = table.column("height").to_numpy()
     widths = table.column("width").to_numpy()
-    extra = {name: _float_rows(table.column(name), name, nframes, ids, where, shard.row_start) for name in optional}
+    extra = {name: _float_rows(table.column(name), name, nframes, ids, where, shard.row_start)
+             for name in optional if name in _VECTORS}
     clips = []
     for i, v in enumerate(table.column("frames")):
         T, H, W = int(nframes[i]), int(heights[i]), int(widths[i])
@@ -495,6 +800,8 @@ def read_shard(shard: Shard, storage_options: Mapping[str, Any] | None = None) -
                 frames=frames,
                 perspectives=extra["perspectives"][i] if "perspectives" in extra else None,
                 modulations=extra["modulations"][i] if "modulations" in extra else None,
+                context_frames=int(context[i]),
             )
         )
+    _count(stats, frame_bytes=sum(c.frames.nbytes for c in clips))
     return clips

@@ -307,6 +307,7 @@ def test_dots_clips_and_order():
         ("monet", {"speed": 5.0}, "speed=5.0"),
         ("monet", {"contrast": 1.5}, "contrast=1.5"),
         ("monet", {"bandwidth_deg": -1.0}, "bandwidth_deg"),
+        ("monet", {"bandwidth_deg": 0.001}, "no spectral energy"),
         ("monet", {"burnin_frames": -1}, "burnin_frames=-1"),
         ("monet", {"latency_frames": -2}, "latency_frames=-2"),
         ("monet", {"height": 0}, "height=0"),

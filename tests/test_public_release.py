@@ -184,10 +184,12 @@ def _truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
-def _drop_record(record: str):
+def _drop(records):
+    """An edit that rewrites a torch zip archive without the members whose name `records(name)` selects."""
+
     def edit(path: Path) -> None:
         with zipfile.ZipFile(path) as source:
-            kept = [(info, source.read(info)) for info in source.infolist() if not info.filename.endswith(record)]
+            kept = [(info, source.read(info)) for info in source.infolist() if not records(info.filename)]
         with zipfile.ZipFile(path, "w") as target:
             for info, data in kept:
                 target.writestr(info, data)
@@ -228,12 +230,15 @@ KINDS = ["dir", "zip-stored", "zip-deflated"]
          r"params_core.pt in \S+ is not a readable zip archive \(truncated or corrupt: .*\); expected torch.save's"),
         ("params_8_5.pt", lambda p: p.write_bytes(b"<html>Access denied</html>"),
          r"params_8_5.pt in \S+ is not a torch zip archive \(it starts with b'<htm'\)"),
-        ("params_8_5.pt", _drop_record("/data.pkl"), r"params_8_5.pt in \S+ lacks the record archive/data.pkl"),
-        ("params_core.pt", _drop_record("/data/0"), None),  # one storage missing: not seen without the tensors
+        ("params_8_5.pt", _drop(lambda n: n.endswith("/data.pkl")),
+         r"params_8_5.pt in \S+ lacks the record archive/data.pkl"),
+        ("params_core.pt", _drop(lambda n: "/data/" in n),
+         r"params_core.pt in \S+ lacks tensor data records \(archive/data/\*\)"),
+        ("params_core.pt", _drop(lambda n: n.endswith("/data/0")), None),  # one storage missing: not seen without the tensors
         ("params_8_5.pt", Path.unlink, r"release \S+: missing file params_8_5.pt"),
         ("params_core.pt", Path.unlink, r"release \S+: missing file params_core.pt"),
     ],
-    ids=["pickle", "legacy-torch", "truncated", "html", "no-data-pkl", "one-storage-missing", "no-head", "no-core"],
+    ids=["pickle", "legacy-torch", "truncated", "html", "no-data-pkl", "no-storages", "one-storage-missing", "no-head", "no-core"],
 )
 def test_check_names_the_bad_file_without_loading_it(base_release, tmp_path, monkeypatch, kind, file, edit, match):
     marker = tmp_path / "unpickled"

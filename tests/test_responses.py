@@ -45,7 +45,7 @@ def test_round_trip(kind, tmp_url):
     out = tmp_url(kind, "out")
     item = make_item()
     url = responses.write_responses(out, 4, 7, "part-00000.000000-000003", *item)
-    assert url == storage.join(out, "responses", "session=4", "scan_idx=7", "part-part-00000.000000-000003.parquet")
+    assert url == storage.join(out, "responses", "session=4", "scan_idx=7", "part-00000.000000-000003.parquet")
 
     table = responses.read_responses(out)
     assert table.schema == pa.schema(list(responses.SCHEMA) + list(responses.PARTITION_SCHEMA))

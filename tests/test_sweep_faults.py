@@ -177,7 +177,7 @@ def test_last_actor_dies_then_rerun(ray_cluster, data, clean):
     first = run_sweep(config(data, output, actors=1, max_actor_restarts=0,
                              faults=Faults(crash_on="4-7/part-00001.000000-000002")))
     assert not first.ok and first.pending > 0
-    assert any("no live actor left" in f for f in first.failures)
+    assert any("no live worker left" in f for f in first.failures)
     done = len(committed_items(output))
     assert done == first.items_done < 6
     again = run_sweep(config(data, output))

@@ -6,21 +6,30 @@ in or comes out is in DEGREES; radians are used only inside.
 
 * :func:`global_indices` -- gOSI and gDSI (no baseline subtraction).
 * :func:`von_mises` -- the bimodal von Mises curve ``f(theta)``.
-* :func:`fit_von_mises` -- least-squares fit of ``f`` to every curve at once: a projected Levenberg-Marquardt
-  iteration run on all units together in numpy (chunks of :attr:`FitConfig.chunk` units). 100,000 units x 16
-  directions take seconds.
+* :func:`fit_von_mises` -- bounded least-squares fit of ``f`` to every curve at once (numpy, all units of a
+  chunk together; 100,000 units x 16 directions in seconds).
 * :func:`tuning_table` -- one row per unit: OSI, DSI (from the fitted curve), gOSI, gDSI, preferred
   orientation and direction, the fit's parameters, mse and success.
 
+How the fit works. ``f = A*phi*e1 + A*(1 - phi)*e2 + b`` with ``e1 = exp(kappa*(cos(theta - mu) - 1))`` and
+``e2 = exp(kappa*(cos(theta - mu - pi) - 1))`` is linear in ``c = (A*phi, A*(1 - phi), b)``, and the bounds
+``phi in [0, 1], A >= 0, b >= 0`` are exactly ``c >= 0``. So the fit is a separable problem (variable
+projection, Golub & Pereyra): for given ``(mu, kappa)`` the best ``c`` is a 3-variable non-negative least
+squares, solved exactly; ``(mu, kappa >= 0)`` are found by a projected Levenberg-Marquardt on the reduced
+residual with Kaufman's Jacobian. The same minimisation as the 5-parameter problem, but without its long curved
+valleys (``kappa`` against ``A`` and ``b`` at small ``kappa``), so it converges in tens of iterations.
+
 Choices where ``IN_SILICO.md`` leaves room (documented here and in the function docstrings):
 
-* Start values outside the bounds (e.g. ``b = max(r_min, r_max / 100) < 0`` for a curve with negative values)
-  are clipped into the bounds.
+* Start: ``mu`` = direction of the largest response and ``kappa = 1`` as prescribed; ``A, phi, b`` are not
+  iterated but solved exactly at every ``(mu, kappa)``, so their start values play no part.
+  :attr:`FitConfig.kappa_starts` adds a second start (``kappa = 20``); a unit keeps the lower cost.
+* ``A = 0`` (a flat fit) leaves ``phi`` undefined; it is reported as 0.5.
 * ``fit_success`` is True when the iteration converged (relative cost decrease or relative step below
-  :attr:`FitConfig.tol`, zero projected gradient, or a damping so large that no step lowers the cost: a
-  numerical stationary point) within :attr:`FitConfig.max_iter` iterations with finite parameters. Parameters of
-  an unconverged fit are still reported (the best point found); a curve with a non-finite value gets NaN
-  everywhere and ``fit_success`` False.
+  :attr:`FitConfig.tol`, a near-exact fit, zero projected gradient, or a damping so large that no step lowers
+  the cost: a numerical stationary point) within :attr:`FitConfig.max_iter` iterations with finite parameters.
+  Parameters of an unconverged fit are still reported (the best point found); a curve with a non-finite value
+  gets NaN everywhere and ``fit_success`` False.
 * After the fit ``mu`` is wrapped to ``[0, 360)`` degrees (after the ``phi < 0.5`` flip), so ``fit_mu`` equals
   ``pref_dir``.
 * A ratio whose denominator is not positive (gOSI/gDSI with ``sum_k r_k <= 0``, OSI with
@@ -36,34 +45,32 @@ import pandas as pd
 
 __all__ = ["FitConfig", "global_indices", "von_mises", "fit_von_mises", "tuning_table"]
 
-#: Order of the parameters inside the fit: mu (radians), phi, kappa, scale A, bias b.
-_PARAMS = ("mu", "phi", "kappa", "scale", "bias")
-_LOWER = np.array([-np.inf, 0.0, 0.0, 0.0, 0.0])
-_UPPER = np.array([np.inf, 1.0, np.inf, np.inf, np.inf])
+#: Every non-empty support of the 3-variable NNLS over the basis columns (e1, e2, 1), the full one first.
+_SUPPORTS = np.array([[a, b, c] for a in (1, 0) for b in (1, 0) for c in (1, 0)][:-1], dtype=bool)
+#: Lower bounds of the iterated parameters (mu in radians, kappa).
+_LOWER = np.array([-np.inf, 0.0])
 
 
 @dataclass(frozen=True)
 class FitConfig:
-    """Settings of the batched Levenberg-Marquardt fit of :func:`fit_von_mises`."""
+    """Settings of :func:`fit_von_mises`."""
 
-    max_iter: int = 200
+    max_iter: int = 100
     """Iterations (accepted or rejected steps) before a unit's fit is given up (``success`` False)."""
     tol: float = 1e-8
-    """Converged when an accepted step lowers the cost by less than ``tol`` relatively, or moves the
-    parameters by less than ``tol`` relatively."""
+    """Converged when an accepted step lowers the cost by less than ``tol`` relatively, moves ``(mu, kappa)``
+    by less than ``tol`` relatively, or leaves a residual norm below ``tol`` times the curve's norm."""
     damping_start: float = 1e-3
     """Initial Marquardt damping (relative to the diagonal of ``J^T J``)."""
     damping_max: float = 1e12
     """A unit whose damping grows past this is at a numerical stationary point (converged)."""
     kappa_starts: tuple[float, ...] = (1.0, 20.0)
-    """One fit per value, started from the ``IN_SILICO.md`` start values with this ``kappa``; a unit keeps the
-    fit with the lowest cost (the earlier start on ties), so extra starts can only lower the cost. 1 is the
-    prescribed start; 20 (a narrow peak) escapes the broad local optima the prescribed start sometimes ends in:
-    on 300 curves of i.i.d. gamma noise it lowered the cost of about 1/3 of them, and the fit was then worse
-    than ``scipy.optimize.least_squares`` from the prescribed start for 1 curve instead of 10. ``(1.0,)`` is the
-    single prescribed start."""
-    chunk: int = 32768
-    """Units fitted together (memory ~ chunk x D x 5 float64 a few times)."""
+    """One fit per value, started from ``mu`` = direction of the largest response and this ``kappa``; a unit
+    keeps the fit with the lowest cost (the earlier start on ties), so an extra start can only lower the cost.
+    1 is the prescribed start; 20 (a narrow peak) escapes broad local optima the prescribed start sometimes
+    ends in. ``(1.0,)`` is the single prescribed start."""
+    chunk: int = 16384
+    """Units fitted together (memory: about 100 float64 per unit and direction)."""
 
 
 def _check_curves(curves: np.ndarray, directions_deg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -116,108 +123,144 @@ def von_mises(theta_deg, mu_deg, phi, kappa, scale, bias) -> np.ndarray:
     return scale * (phi * np.exp(kappa * (cos - 1.0)) + (1.0 - phi) * np.exp(-kappa * (cos + 1.0))) + bias
 
 
-def _model(theta: np.ndarray, p: np.ndarray, jacobian: bool) -> tuple[np.ndarray, np.ndarray | None]:
-    """``f [n, D]`` at parameters ``p [n, 5]`` (mu in radians) and, if asked, its Jacobian ``[n, D, 5]``."""
-    mu, phi, kappa, scale, bias = (p[:, i : i + 1] for i in range(5))
-    diff = theta[None, :] - mu
-    cos = np.cos(diff)
-    peak = phi * np.exp(kappa * (cos - 1.0))
-    anti = (1.0 - phi) * np.exp(-kappa * (cos + 1.0))
-    mix = peak + anti
-    f = scale * mix + bias
-    if not jacobian:
-        return f, None
-    jac = np.empty(f.shape + (5,))
-    jac[..., 0] = scale * kappa * np.sin(diff) * (peak - anti)
-    jac[..., 1] = scale * (np.exp(kappa * (cos - 1.0)) - np.exp(-kappa * (cos + 1.0)))
-    jac[..., 2] = scale * (peak * (cos - 1.0) - anti * (cos + 1.0))
-    jac[..., 3] = mix
-    jac[..., 4] = 1.0
-    return f, jac
+def _inverse(matrix: np.ndarray) -> np.ndarray:
+    """Inverse of symmetric positive (semi)definite ``[..., k, k]`` matrices, k = 2 or 3, in closed form.
+
+    A ridge of ``1e-12 * trace`` keeps singular matrices invertible (at ``kappa = 0`` the three basis columns
+    coincide); it moves well-posed solutions far less than the fit's tolerances. An all-zero matrix gives 0.
+    """
+    k = matrix.shape[-1]
+    m = matrix + np.eye(k) * (1e-12 * np.trace(matrix, axis1=-2, axis2=-1)[..., None, None])
+    if k == 2:
+        adj = np.stack([m[..., 1, 1], -m[..., 0, 1], -m[..., 1, 0], m[..., 0, 0]], axis=-1).reshape(m.shape)
+        det = m[..., 0, 0] * m[..., 1, 1] - m[..., 0, 1] * m[..., 1, 0]
+    else:
+        rows = [(1, 2), (0, 2), (0, 1)]
+        adj = np.empty_like(m)  # adjugate = transposed cofactors = cofactors (m is symmetric)
+        for i, (a, b) in enumerate(rows):
+            for j, (c, d) in enumerate(rows):
+                adj[..., j, i] = (-1) ** (i + j) * (m[..., a, c] * m[..., b, d] - m[..., a, d] * m[..., b, c])
+        det = np.sum(m[..., 0, :] * adj[..., :, 0], axis=-1)
+    return adj / np.where(det == 0, np.inf, det)[..., None, None]
 
 
-def _start(curves: np.ndarray, theta: np.ndarray, kappa: float) -> np.ndarray:
-    """Start values ``[U, 5]`` of ``IN_SILICO.md`` §3 with the given ``kappa``, clipped into the bounds."""
-    r_min, r_max = curves.min(axis=1), curves.max(axis=1)
-    bias = np.maximum(r_min, r_max / 100.0)
-    start = np.stack(
-        [
-            theta[np.argmax(curves, axis=1)],
-            np.full_like(r_max, 0.5),
-            np.full_like(r_max, kappa),
-            2.0 * (r_max - bias),
-            bias,
-        ],
-        axis=1,
-    )
-    return np.clip(start, _LOWER, _UPPER)
+def _basis(theta: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Basis ``[n, 3, D]`` = (e1, e2, 1) at ``q [n, 2]`` = (mu in radians, kappa), and ``cos, sin`` of
+    ``theta - mu`` ``[n, D]``."""
+    cos_mu, sin_mu = np.cos(q[:, :1]), np.sin(q[:, :1])
+    cos = np.cos(theta) * cos_mu + np.sin(theta) * sin_mu
+    sin = np.sin(theta) * cos_mu - np.cos(theta) * sin_mu
+    kappa = q[:, 1:]
+    basis = np.stack([np.exp(kappa * (cos - 1.0)), np.exp(-kappa * (cos + 1.0)), np.ones_like(cos)], axis=1)
+    return basis, cos, sin
 
 
-def _solve(hess: np.ndarray, grad: np.ndarray) -> np.ndarray:
-    """Batched ``hess^-1 (-grad)``; a batch with a singular matrix falls back to the pseudo-inverse."""
-    try:
-        return np.linalg.solve(hess, -grad[..., None])[..., 0]
-    except np.linalg.LinAlgError:
-        return -(np.linalg.pinv(hess) @ grad[..., None])[..., 0]
+def _matvec(matrix: np.ndarray, vector: np.ndarray) -> np.ndarray:
+    """Batched ``[n, k, l] @ [n, l] -> [n, k]``."""
+    return (matrix @ vector[:, :, None])[..., 0]
+
+
+def _nnls(basis: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """``argmin ||c @ basis - y||, c >= 0`` per unit: ``[n, 3, D]``, ``[n, D]`` -> ``c [n, 3]``.
+
+    Exact: the optimum is the unconstrained least-squares solution on its own support, so it is the
+    unconstrained solution when that is feasible, else the best feasible one among the solutions on the 6
+    smaller supports and ``c = 0``.
+    """
+    gram = basis @ basis.transpose(0, 2, 1)
+    rhs = _matvec(basis, y)
+    best = _matvec(_inverse(gram), rhs)
+    rest = np.flatnonzero(~np.all(best >= 0.0, axis=1))
+    gram, rhs = gram[rest], rhs[rest]
+    best[rest] = 0.0
+    best_cost = np.zeros(rest.size)  # ||c @ basis - y||^2 - ||y||^2, 0 for c = 0
+    for support in _SUPPORTS[1:]:
+        system = np.where(support[:, None] & support[None, :], gram, np.diag(~support).astype(float))
+        coef = _matvec(_inverse(system), rhs * support)
+        cost = np.sum(coef * (_matvec(gram, coef) - 2.0 * rhs), axis=1)
+        take = np.all(coef >= 0.0, axis=1) & (cost < best_cost)
+        best[rest[take]], best_cost[take] = coef[take], cost[take]
+    return best
+
+
+def _evaluate(theta: np.ndarray, q: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """At ``q [n, 2]``: the best linear parameters ``[n, 3]``, the residual ``[n, D]`` and the cost ``[n]``."""
+    basis, _, _ = _basis(theta, q)
+    coef = _nnls(basis, y)
+    resid = (coef[:, None, :] @ basis)[:, 0, :] - y
+    return coef, resid, np.sum(resid**2, axis=1)
+
+
+def _normal_equations(
+    theta: np.ndarray, q: np.ndarray, coef: np.ndarray, resid: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Gauss-Newton matrix ``[n, 2, 2]`` and gradient ``[n, 2]`` of the reduced problem in (mu, kappa).
+
+    Kaufman's variable-projection Jacobian ``J = P d``: ``d`` the derivative of the model at fixed linear
+    parameters, ``P`` the projection off the basis columns in use ``B``; ``J^T J = d^T d - (d^T B) (B^T B)^-1
+    (B^T d)``. The residual is orthogonal to ``B``, so ``J^T r = d^T r``.
+    """
+    basis, cos, sin = _basis(theta, q)
+    peak, anti = coef[:, 0:1] * basis[:, 0], coef[:, 1:2] * basis[:, 1]
+    deriv = np.stack([q[:, 1:] * sin * (peak - anti), (cos - 1.0) * peak - (cos + 1.0) * anti], axis=1)
+    used = coef > 0
+    masked = basis * used[:, :, None]
+    inner = deriv @ masked.transpose(0, 2, 1)  # [n, 2, 3]
+    gram_inv = _inverse(masked @ masked.transpose(0, 2, 1) + np.eye(3) * ~used[:, :, None])
+    hess = deriv @ deriv.transpose(0, 2, 1) - inner @ gram_inv @ inner.transpose(0, 2, 1)
+    return hess, _matvec(deriv, resid)
 
 
 def _fit_chunk(
-    curves: np.ndarray, theta: np.ndarray, start: np.ndarray, config: FitConfig
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Fit finite curves ``[n, D]`` from ``start [n, 5]``; returns parameters ``[n, 5]``, cost (sum of squares)
-    ``[n]`` and success ``[n]``."""
+    curves: np.ndarray, theta: np.ndarray, kappa: float, config: FitConfig
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Fit finite curves ``[n, D]`` from ``mu`` = direction of the largest response and ``kappa``.
+
+    Returns ``q [n, 2]`` (mu in radians, kappa), the linear parameters ``[n, 3]`` (A*phi, A*(1 - phi), b), the
+    cost (sum of squares) ``[n]`` and success ``[n]``.
+    """
     n = curves.shape[0]
-    p = start.copy()
-    cost = np.sum((_model(theta, p, False)[0] - curves) ** 2, axis=1)
+    q = np.stack([theta[np.argmax(curves, axis=1)], np.full(n, kappa)], axis=1)
+    coef, resid, cost = _evaluate(theta, q, curves)
     damping = np.full(n, config.damping_start)
     done = np.zeros(n, dtype=bool)
-    success = np.zeros(n, dtype=bool)
-    eye = np.eye(5)
     for _ in range(config.max_iter):
         idx = np.flatnonzero(~done)
         if idx.size == 0:
             break
-        pi, yi, ci, lam = p[idx], curves[idx], cost[idx], damping[idx]
-        f, jac = _model(theta, pi, True)
-        grad = np.einsum("ndk,nd->nk", jac, f - yi)
-        hess = np.einsum("ndk,ndl->nkl", jac, jac)
-        # active set: a parameter on a bound whose descent direction points out of the box stays put
-        fixed = ((pi <= _LOWER) & (grad > 0)) | ((pi >= _UPPER) & (grad < 0))
+        qi, yi, ci, lam = q[idx], curves[idx], cost[idx], damping[idx]
+        hess, grad = _normal_equations(theta, qi, coef[idx], resid[idx])
+        fixed = (qi <= _LOWER) & (grad > 0)  # kappa = 0 with descent pointing below the bound: held
         grad = np.where(fixed, 0.0, grad)
-        free = ~fixed
-        hess = hess * (free[:, :, None] & free[:, None, :]) + eye * fixed[:, :, None]
-        diag = np.einsum("nkk->nk", hess)
+        hess = np.where(fixed[:, :, None] | fixed[:, None, :], 0.0, hess) + np.eye(2) * fixed[:, :, None]
+        diag = np.diagonal(hess, axis1=1, axis2=2)
         diag = np.maximum(diag, 1e-12 * diag.max(axis=1, keepdims=True))
-        step = _solve(hess + (lam[:, None] * diag)[:, :, None] * eye, grad)
-        trial = np.clip(pi + step, _LOWER, _UPPER)
-        trial_cost = np.sum((_model(theta, trial, False)[0] - yi) ** 2, axis=1)
+        step = -_matvec(_inverse(hess + np.eye(2) * (lam[:, None] * diag)[:, :, None]), grad)
+        trial = np.maximum(qi + step, _LOWER)
+        trial_coef, trial_resid, trial_cost = _evaluate(theta, trial, yi)
         accept = trial_cost < ci
-        moved = np.linalg.norm(trial - pi, axis=1)
         small_cost = (ci - trial_cost) <= config.tol * ci
-        small_step = moved <= config.tol * (np.linalg.norm(pi, axis=1) + config.tol)
-        exact = trial_cost <= (config.tol**2) * np.sum(yi**2, axis=1)
+        small_step = np.linalg.norm(trial - qi, axis=1) <= config.tol * (np.linalg.norm(qi, axis=1) + config.tol)
+        exact = trial_cost <= config.tol**2 * np.sum(yi**2, axis=1)
         converged = (accept & (small_cost | small_step | exact)) | ~np.any(grad != 0, axis=1)
         stalled = ~accept & (lam * 10.0 > config.damping_max)
-        p[idx] = np.where(accept[:, None], trial, pi)
+        q[idx] = np.where(accept[:, None], trial, qi)
+        coef[idx] = np.where(accept[:, None], trial_coef, coef[idx])
+        resid[idx] = np.where(accept[:, None], trial_resid, resid[idx])
         cost[idx] = np.where(accept, trial_cost, ci)
         damping[idx] = np.where(accept, np.maximum(lam * 0.2, 1e-12), lam * 10.0)
-        finished = converged | stalled
-        done[idx] = finished
-        success[idx] = finished
-    return p, cost, success & np.all(np.isfinite(p), axis=1)
+        done[idx] = converged | stalled
+    return q, coef, cost, done & np.all(np.isfinite(q), axis=1)
 
 
 def fit_von_mises(
     curves: np.ndarray, directions_deg: np.ndarray, config: FitConfig = FitConfig()
 ) -> dict[str, np.ndarray]:
-    """Least-squares fit of the bimodal von Mises curve to every tuning curve.
+    """Bounded least-squares fit of the bimodal von Mises curve (:func:`von_mises`) to every tuning curve.
 
-    Bounds ``phi in [0, 1]``, ``kappa, scale, bias >= 0``; start ``mu`` = direction of the largest response,
-    ``kappa = 1``, ``phi = 0.5``, ``bias = max(r_min, r_max/100)``, ``scale = 2*(r_max - bias)`` (clipped into
-    the bounds); one fit per :attr:`FitConfig.kappa_starts` value of ``kappa``, the lowest cost kept. The
-    iteration is a projected Levenberg-Marquardt with Marquardt scaling, run on all units of a
-    chunk at once: parameters on a bound whose gradient points outwards are held, steps are clipped into the
-    box, a step is accepted only if it lowers the unit's cost. After the fit, ``phi < 0.5`` is flipped to
+    Bounds ``phi in [0, 1]``, ``kappa, scale, bias >= 0``. Start ``mu`` = direction of the largest response,
+    ``kappa`` = each of :attr:`FitConfig.kappa_starts` (the lowest cost kept); ``scale, phi, bias`` are solved
+    exactly at every step (see the module docstring). After the fit, ``phi < 0.5`` is flipped to
     ``mu + 180, 1 - phi`` (``mu`` is the dominant peak) and ``mu`` is wrapped to ``[0, 360)``.
 
     Args:
@@ -231,26 +274,34 @@ def fit_von_mises(
     """
     curves, theta = _check_curves(curves, directions_deg)
     n_units = curves.shape[0]
-    params = np.full((n_units, 5), np.nan)
+    q = np.full((n_units, 2), np.nan)
+    coef = np.full((n_units, 3), np.nan)
     cost = np.full(n_units, np.nan)
     success = np.zeros(n_units, dtype=bool)
     finite = np.flatnonzero(np.all(np.isfinite(curves), axis=1))
     for lo in range(0, finite.size, config.chunk):
         rows = finite[lo : lo + config.chunk]
         for kappa in config.kappa_starts:
-            fit, fit_cost, fit_success = _fit_chunk(curves[rows], theta, _start(curves[rows], theta, kappa), config)
+            fit_q, fit_coef, fit_cost, fit_success = _fit_chunk(curves[rows], theta, kappa, config)
             better = np.isnan(cost[rows]) | (fit_cost < cost[rows])
-            params[rows[better]], cost[rows[better]], success[rows[better]] = (
-                fit[better], fit_cost[better], fit_success[better]
+            take = rows[better]
+            q[take], coef[take], cost[take], success[take] = (
+                fit_q[better], fit_coef[better], fit_cost[better], fit_success[better]
             )
-    flip = params[:, 1] < 0.5
-    params[flip, 0] += np.pi
-    params[flip, 1] = 1.0 - params[flip, 1]
-    out = {name: params[:, i] for i, name in enumerate(_PARAMS)}
-    out["mu"] = np.rad2deg(np.mod(params[:, 0], 2 * np.pi)) % 360.0
-    out["mse"] = cost / curves.shape[1]
-    out["success"] = success
-    return out
+    scale = coef[:, 0] + coef[:, 1]
+    phi = np.where(scale > 0, coef[:, 0] / np.where(scale > 0, scale, 1.0), 0.5)
+    phi[np.isnan(scale)] = np.nan
+    flip = phi < 0.5
+    mu = np.where(flip, q[:, 0] + np.pi, q[:, 0])
+    return {
+        "mu": np.rad2deg(np.mod(mu, 2 * np.pi)) % 360.0,
+        "phi": np.where(flip, 1.0 - phi, phi),
+        "kappa": q[:, 1],
+        "scale": scale,
+        "bias": coef[:, 2],
+        "mse": cost / curves.shape[1],
+        "success": success,
+    }
 
 
 def tuning_table(curves: np.ndarray, directions_deg: np.ndarray, config: FitConfig = FitConfig()) -> pd.DataFrame:
@@ -272,24 +323,21 @@ def tuning_table(curves: np.ndarray, directions_deg: np.ndarray, config: FitConf
     fit = fit_von_mises(curves, directions_deg, config)
     mu = fit["mu"]
     pref_ori = np.mod(mu, 180.0)
-    shape = (fit["phi"], fit["kappa"], fit["scale"], fit["bias"])
 
     def curve_at(angle: np.ndarray) -> np.ndarray:
-        return von_mises(angle, mu, *shape)
+        return von_mises(angle, mu, fit["phi"], fit["kappa"], fit["scale"], fit["bias"])
 
     r_pref = (curve_at(pref_ori) + curve_at(pref_ori + 180.0)) / 2.0
     r_orth = (curve_at(pref_ori + 90.0) + curve_at(pref_ori + 270.0)) / 2.0
-    osi = _ratio(r_pref - r_orth, r_pref + r_orth)
-    dsi = 1.0 - _ratio(curve_at(mu + 180.0), curve_at(mu))
+    fit_columns = ("mu", "phi", "kappa", "scale", "bias", "mse", "success")
     return pd.DataFrame(
         {
-            "OSI": osi,
-            "DSI": dsi,
+            "OSI": _ratio(r_pref - r_orth, r_pref + r_orth),
+            "DSI": 1.0 - _ratio(curve_at(mu + 180.0), curve_at(mu)),
             "gOSI": gosi,
             "gDSI": gdsi,
             "pref_ori": pref_ori,
             "pref_dir": mu,
-            **{f"fit_{name}": fit[name] for name in ("mu", *_PARAMS[1:], "mse")},
-            "fit_success": fit["success"],
+            **{f"fit_{name}": fit[name] for name in fit_columns},
         }
     )

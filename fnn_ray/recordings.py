@@ -1,0 +1,438 @@
+"""Recorded responses with repeats (the original package's evaluation layout) as a job's source and reducer.
+
+Layout, on any fsspec URL: one folder per scan, named ``<session>-<scan_idx>``, holding::
+
+    stimuli/<video>/<repeat>.npy        uint8 [T, H, W, 1] (or [T, H, W])   the frames shown
+    perspectives/<video>/<repeat>.npy   float [T, 2]                          eye position (optional)
+    modulations/<video>/<repeat>.npy    float [T, 2]                          pupil, treadmill (optional)
+    units/<video>/<repeat>.npy          float [T, U]                          recorded responses, readout order,
+                                                                               NaN where a unit was not recorded
+
+``stimuli`` and ``units`` are required for every repeat; ``perspectives`` / ``modulations`` are either given for
+every repeat of the scan or for none (the model then gets zeros, like ``predict``). All arrays of a repeat have
+the same ``T``, and every repeat of a video has the same ``T``. Names starting with ``_`` or ``.`` are skipped;
+other files than ``.npy`` are ignored. Repeats sort by name (numerically when the names are numbers); the r-th
+repeat of every video forms repeat ``r`` of the concatenated recording (``shared/IN_SILICO.md`` §4: a video
+with fewer repeats is padded with NaN).
+
+* :func:`scan_folders` / :func:`list_scan`: the driver's listing (a listing plus the ``.npy`` headers, never
+  whole arrays): every check that can be made before Ray starts, each failure one line naming the file;
+* :class:`VideoRepeats`: a work item's part, the repeats of one video of one scan;
+* :class:`RecordingSource`: the repeats as :class:`fnn_ray.stimuli.Clip` s (``clip_id`` ``"<video>/<repeat>"``),
+  each with its own eye and behaviour inputs;
+* :class:`RepeatsReducer`: reads the recorded ``units`` of the same repeats on the worker and commits the
+  additive correlation statistics per unit (:func:`fnn_ray.analysis.performance.cc_stats`), so per-frame
+  predictions never leave the worker; :func:`stats_table` / :func:`read_stats` are its file format;
+* :func:`write_repeat`: write one repeat in this layout (synthetic recordings, tests).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import posixpath
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from fsspec import AbstractFileSystem
+
+from fnn_ray import storage
+from fnn_ray.plan import WorkItem
+from fnn_ray.reducers import Reducer, Units
+from fnn_ray.sources import Source
+from fnn_ray.stimuli import Clip
+
+__all__ = ["KINDS", "RecordingSource", "RepeatsReducer", "VideoRepeats", "list_scan", "read_stats",
+           "scan_folders", "stats_table", "write_repeat"]
+
+Scan = tuple[int, int]
+
+#: The array kinds of a repeat, in the order they are checked.
+KINDS = ("stimuli", "perspectives", "modulations", "units")
+_OPTIONAL = ("perspectives", "modulations")
+_SCAN_NAME = re.compile(r"^(\d+)-(\d+)$")
+#: Bytes read from the start of each ``.npy`` file to find its header (more when a header is longer).
+_HEADER_BYTES = 1024
+
+
+def _hidden(name: str) -> bool:
+    return name.startswith(("_", "."))
+
+
+def _natural(name: str) -> tuple[int, int, str]:
+    """Sort key: numeric names in numeric order first, then the others by name."""
+    return (0, int(name), name) if name.isdigit() else (1, 0, name)
+
+
+def _part_name(video: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._=-]", "_", video)
+
+
+# ------------------------------------------------------------------------------------------------- the part
+@dataclass(frozen=True)
+class VideoRepeats:
+    """The recorded repeats of one video of one scan: a work item's part (:class:`fnn_ray.plan.Part`).
+
+    ``url``: the scan's folder; ``repeats``: the repeat names in order; ``num_frames``: ``T`` of every repeat;
+    ``frames``: ``T`` x repeats; ``perspectives`` / ``modulations``: whether those arrays exist.
+    """
+
+    url: str
+    video: str
+    repeats: tuple[str, ...]
+    num_frames: int
+    perspectives: bool = True
+    modulations: bool = True
+
+    @property
+    def part_id(self) -> str:
+        """``video-<name>`` (characters that are not filename-safe replaced by ``_``)."""
+        return f"video-{_part_name(self.video)}"
+
+    @property
+    def frames(self) -> int:
+        return self.num_frames * len(self.repeats)
+
+    @property
+    def where(self) -> str:
+        """The scan's folder URL (credentials redacted)."""
+        return storage.redact_url(self.url)
+
+    def file(self, kind: str, repeat: str) -> str:
+        """The URL of one array (``kind`` in :data:`KINDS`)."""
+        return storage.join(self.url, kind, self.video, f"{repeat}.npy")
+
+    def clip_id(self, repeat: str) -> str:
+        return f"{self.video}/{repeat}"
+
+
+# ------------------------------------------------------------------------------------------------- npy files
+def npy_bytes(array: np.ndarray) -> bytes:
+    """``array`` as the bytes of a ``.npy`` file."""
+    buffer = io.BytesIO()
+    np.save(buffer, np.asarray(array), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def _header(data: bytes, where: str) -> tuple[tuple[int, ...], np.dtype, int] | int:
+    """``(shape, dtype, data offset)`` of a ``.npy`` file from its first bytes, or the number of bytes needed
+    when ``data`` is too short. ValueError naming ``where`` for anything that is not a plain ``.npy`` array."""
+    fmt = np.lib.format
+    if len(data) < 10 or data[:6] != fmt.MAGIC_PREFIX:
+        raise ValueError(f"{where}: not a .npy file")
+    major = data[6]
+    size_bytes = {1: 2, 2: 4, 3: 4}.get(major)
+    if size_bytes is None:
+        raise ValueError(f"{where}: unsupported .npy format version {major}.{data[7]}")
+    needed = 8 + size_bytes + int.from_bytes(data[8:8 + size_bytes], "little")
+    if len(data) < needed:
+        return needed
+    buffer = io.BytesIO(data[:needed])
+    try:
+        version = fmt.read_magic(buffer)
+        shape, fortran, dtype = (fmt.read_array_header_1_0(buffer) if version == (1, 0)
+                                 else fmt.read_array_header_2_0(buffer))
+    except ValueError as e:
+        raise ValueError(f"{where}: bad .npy header ({e})") from None
+    if dtype.hasobject:
+        raise ValueError(f"{where}: holds Python objects ({dtype}); expected a numeric array")
+    return tuple(int(n) for n in shape), dtype, needed
+
+
+def _load(data: bytes, where: str) -> np.ndarray:
+    """A ``.npy`` file's array (never unpickled)."""
+    try:
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise ValueError(f"{where}: cannot read the .npy array ({e})") from None
+
+
+def _check(kind: str, shape: tuple[int, ...], dtype: np.dtype, units: int, where: str) -> int:
+    """Check one array's dtype and shape for its kind; return its ``T``."""
+    if kind == "stimuli":
+        if dtype != np.uint8:
+            raise ValueError(f"{where}: stimuli must be uint8, got {dtype}")
+        if not (len(shape) == 3 or (len(shape) == 4 and shape[3] == 1)) or min(shape) < 1:
+            raise ValueError(f"{where}: stimuli must be [T, H, W, 1] or [T, H, W], got {list(shape)}")
+    else:
+        width = units if kind == "units" else 2
+        name = "U" if kind == "units" else "2"
+        if not np.issubdtype(dtype, np.floating):
+            raise ValueError(f"{where}: {kind} must be a float array, got {dtype}")
+        if len(shape) != 2 or shape[1] != width or shape[0] < 1:
+            raise ValueError(f"{where}: {kind} must be [T, {name}] = [T, {width}], got {list(shape)}")
+    return shape[0]
+
+
+# ------------------------------------------------------------------------------------------------- listing
+def scan_folders(url: str, storage_options: Mapping[str, Any] | None = None) -> dict[Scan, str]:
+    """The scan folders under the recordings ``url``: ``{(session, scan_idx): folder URL}`` in scan order.
+
+    FileNotFoundError when ``url`` is missing or holds no scan folder; ValueError naming a folder whose name is
+    not ``<session>-<scan_idx>``.
+    """
+    shown = storage.redact_url(url)
+    fs, root = storage.filesystem(url, storage_options)
+    try:
+        fs.invalidate_cache(root)
+        entries = fs.ls(root, detail=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"recordings not found: {shown}") from None
+    folders: dict[Scan, str] = {}
+    for entry in entries:
+        name = posixpath.basename(entry["name"].rstrip("/"))
+        if entry.get("type") != "directory" or _hidden(name):
+            continue
+        match = _SCAN_NAME.match(name)
+        if match is None:
+            raise ValueError(f"{storage.join(shown, name)}: a recordings folder must be named "
+                             f"<session>-<scan_idx>, e.g. 8-5")
+        folders[(int(match.group(1)), int(match.group(2)))] = storage.join(url, name)
+    if not folders:
+        raise FileNotFoundError(f"recordings {shown} hold no <session>-<scan_idx> folder")
+    return dict(sorted(folders.items()))
+
+
+def _npy_files(fs: AbstractFileSystem, root: str, shown: str) -> dict[str, dict[str, dict[str, tuple[str, int]]]]:
+    """``{kind: {video: {repeat: (path, size)}}}`` of the ``.npy`` files under a scan folder."""
+    fs.invalidate_cache(root)
+    try:
+        found = fs.find(root, detail=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"recordings folder not found: {shown}") from None
+    files: dict[str, dict[str, dict[str, tuple[str, int]]]] = {kind: {} for kind in KINDS}
+    for path, info in sorted(found.items()):
+        rel = path[len(root):].strip("/")
+        parts = rel.split("/")
+        if not rel.endswith(".npy") or any(_hidden(p) for p in parts):
+            continue
+        if len(parts) != 3 or parts[0] not in KINDS:
+            raise ValueError(f"{storage.join(shown, rel)}: unexpected file; expected "
+                             f"{{{', '.join(KINDS)}}}/<video>/<repeat>.npy")
+        kind, video, name = parts
+        files[kind].setdefault(video, {})[name[: -len(".npy")]] = (path, int(info.get("size") or 0))
+    return files
+
+
+def list_scan(url: str, units: int, burnin: int = 0,
+              storage_options: Mapping[str, Any] | None = None) -> list[VideoRepeats]:
+    """List and check the recordings of one scan folder (``units``: the scan's unit count in the release);
+    return one part per video, videos in name order.
+
+    Reads the listing and each ``.npy`` header (never whole arrays). ValueError / FileNotFoundError naming the
+    file: a missing array of a repeat, a wrong dtype or shape (stimuli not uint8, ``units`` not ``[T, units]``),
+    arrays of a repeat that disagree in length, repeats of a video that differ in length, a video of at most
+    ``burnin`` frames, a file shorter or longer than its header says.
+    """
+    shown = storage.redact_url(url)
+    fs, root = storage.filesystem(url, storage_options)
+    root = root.rstrip("/")
+    files = _npy_files(fs, root, shown)
+    repeats = {(v, r) for v, named in files["stimuli"].items() for r in named}
+    if not repeats and not any(files.values()):
+        raise FileNotFoundError(f"recordings folder {shown} holds no stimuli/<video>/<repeat>.npy files")
+    for kind in KINDS:
+        have = {(v, r) for v, named in files[kind].items() for r in named}
+        if kind in _OPTIONAL and not have:
+            continue
+        missing = sorted(repeats - have) or sorted(have - repeats)
+        if missing:
+            video, repeat = missing[0]
+            other = "stimuli" if (video, repeat) in repeats else kind
+            absent = kind if other == "stimuli" else "stimuli"
+            more = f" ({len(missing)} such repeats)" if len(missing) > 1 else ""
+            raise ValueError(f"{storage.join(shown, absent, video, repeat + '.npy')} is missing: "
+                             f"{storage.join(shown, other, video, repeat + '.npy')} exists{more}")
+    present = [kind for kind in KINDS if files[kind]]
+    paths = [files[kind][v][r] for kind in present for v, r in sorted(repeats)]
+    headers = _read_headers(fs, [p for p, _ in paths], [storage.join(url, p[len(root):]) for p, _ in paths])
+    lengths: dict[tuple[str, str], dict[str, int]] = {}
+    for (path, size), (shape, dtype, offset), kind_repeat in zip(
+            paths, headers, [(k, vr) for k in present for vr in sorted(repeats)]):
+        kind, (video, repeat) = kind_repeat
+        where = storage.join(shown, kind, video, f"{repeat}.npy")
+        expected = offset + int(np.prod(shape)) * dtype.itemsize
+        if size != expected:
+            raise ValueError(f"{where}: {size} bytes, its header {list(shape)} {dtype} needs {expected} "
+                             f"(truncated or corrupt)")
+        lengths.setdefault((video, repeat), {})[kind] = _check(kind, shape, dtype, units, where)
+    parts = []
+    for video in sorted({v for v, _ in repeats}, key=_natural):
+        names = sorted((r for v, r in repeats if v == video), key=_natural)
+        first = None
+        for repeat in names:
+            per_kind = lengths[(video, repeat)]
+            if len(set(per_kind.values())) > 1:
+                sizes = ", ".join(f"{k} {t}" for k, t in per_kind.items())
+                raise ValueError(f"{storage.join(shown, '*', video, repeat + '.npy')}: the arrays of this repeat "
+                                 f"disagree in length (frames: {sizes})")
+            if first is None:
+                first = (repeat, per_kind["stimuli"])
+            elif per_kind["stimuli"] != first[1]:
+                raise ValueError(f"{storage.join(shown, 'stimuli', video, repeat + '.npy')}: {per_kind['stimuli']} "
+                                 f"frames, but repeat {first[0]!r} of video {video!r} has {first[1]}")
+        if first[1] <= burnin:
+            raise ValueError(f"{storage.join(shown, 'stimuli', video)}: {first[1]} frames per repeat, not more "
+                             f"than the {burnin} burn-in frames")
+        parts.append(VideoRepeats(url, video, tuple(names), first[1], perspectives=bool(files["perspectives"]),
+                                  modulations=bool(files["modulations"])))
+    ids: dict[str, str] = {}
+    for part in parts:
+        if part.part_id in ids:
+            raise ValueError(f"{shown}: videos {ids[part.part_id]!r} and {part.video!r} map to the same item id "
+                             f"{part.part_id!r}; rename one")
+        ids[part.part_id] = part.video
+    return parts
+
+
+def _read_headers(fs: AbstractFileSystem, paths: list[str], urls: list[str]
+                  ) -> list[tuple[tuple[int, ...], np.dtype, int]]:
+    """The ``.npy`` headers of ``paths`` (ranged reads of their first bytes; ``urls`` name them in errors)."""
+    if not paths:
+        return []
+    starts = fs.cat_ranges(paths, [0] * len(paths), [_HEADER_BYTES] * len(paths))
+    out = []
+    for path, url, data in zip(paths, urls, starts):
+        where = storage.redact_url(url)
+        header = _header(bytes(data), where)
+        if isinstance(header, int):  # a long header: read exactly as much as it needs
+            header = _header(bytes(fs.cat_file(path, start=0, end=header)), where)
+        out.append(header)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- writing
+def write_repeat(url: str, video: str, repeat: str, stimuli: np.ndarray, units: np.ndarray,
+                 perspectives: np.ndarray | None = None, modulations: np.ndarray | None = None,
+                 storage_options: Mapping[str, Any] | None = None) -> None:
+    """Write one repeat into the scan folder ``url``: ``stimuli`` uint8 ``[T, H, W]`` (stored as ``[T, H, W, 1]``),
+    ``units`` float32 ``[T, U]``, optional ``perspectives`` / ``modulations`` float32 ``[T, 2]``."""
+    fs, root = storage.filesystem(url, storage_options)
+    arrays = {"stimuli": np.asarray(stimuli, np.uint8)[..., None] if np.ndim(stimuli) == 3 else stimuli,
+              "perspectives": perspectives, "modulations": modulations, "units": units}
+    for kind, array in arrays.items():
+        if array is None:
+            continue
+        data = array if kind == "stimuli" else np.asarray(array, np.float32)
+        fs.makedirs(posixpath.join(root, kind, video), exist_ok=True)
+        fs.pipe_file(posixpath.join(root, kind, video, f"{repeat}.npy"), npy_bytes(data))
+
+
+# ------------------------------------------------------------------------------------------------- reading
+def _read_arrays(part: VideoRepeats, kinds: Sequence[str], storage_options: Mapping[str, Any] | None,
+                 stats: dict[str, float] | None = None) -> dict[tuple[str, str], np.ndarray]:
+    """``{(kind, repeat): array}`` for every repeat of ``part`` (all files fetched concurrently)."""
+    fs, _ = storage.filesystem(part.url, storage_options)
+    wanted = {(kind, r): storage.filesystem(part.file(kind, r), storage_options)[1] for kind in kinds
+              for r in part.repeats}
+    try:
+        data = fs.cat(list(wanted.values()), on_error="raise")
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{storage.redact_url(str(e))}: missing (it was listed when the job was planned)") \
+            from None
+    out = {}
+    for (kind, repeat), path in wanted.items():
+        where = storage.redact_url(part.file(kind, repeat))
+        array = _load(data[path], where)
+        if stats is not None:
+            stats["bytes_read"] = stats.get("bytes_read", 0) + len(data[path])
+        out[(kind, repeat)] = array
+    return out
+
+
+def _checked(array: np.ndarray, kind: str, part: VideoRepeats, repeat: str, units: int) -> np.ndarray:
+    """Check an array read on the worker against the listing (the file may have changed since)."""
+    where = storage.redact_url(part.file(kind, repeat))
+    frames = _check(kind, array.shape, array.dtype, units, where)
+    if frames != part.num_frames:
+        raise ValueError(f"{where}: {frames} frames, {part.num_frames} when the job was planned (the file changed)")
+    return array
+
+
+@dataclass(frozen=True)
+class RecordingSource(Source):
+    """The repeats of a :class:`VideoRepeats` part as clips ``"<video>/<repeat>"`` (frames uint8 ``[T, H, W]``,
+    perspectives / modulations float32 ``[T, 2]`` or None)."""
+
+    storage_options: Mapping[str, Any] | None = field(default=None, repr=False)
+
+    def read(self, item: WorkItem, stats: dict[str, float] | None = None) -> list[Clip]:
+        part: VideoRepeats = item.part  # type: ignore[assignment]
+        kinds = ["stimuli"] + [k for k in _OPTIONAL if getattr(part, k)]
+        arrays = _read_arrays(part, kinds, self.storage_options, stats)
+        clips = []
+        for repeat in part.repeats:
+            frames = _checked(arrays[("stimuli", repeat)], "stimuli", part, repeat, item.units)
+            frames = np.ascontiguousarray(frames.reshape(frames.shape[:3]))
+            extra = {k: np.ascontiguousarray(_checked(arrays[(k, repeat)], k, part, repeat, item.units), np.float32)
+                     for k in kinds[1:]}
+            if stats is not None:
+                stats["frame_bytes"] = stats.get("frame_bytes", 0) + frames.nbytes
+            clips.append(Clip(part.clip_id(repeat), frames, extra.get("perspectives"), extra.get("modulations")))
+        return clips
+
+
+# ------------------------------------------------------------------------------------------------- reducing
+def stats_table(units: Units, stats: Mapping[str, np.ndarray]) -> pa.Table:
+    """One row per unit: ``unit_id``, ``readout_id`` and each statistic of ``stats`` (arrays ``[..., U]`` over
+    the model's readout columns) as a list<float64> column (the unit's values, flattened) whose per-unit shape
+    is in the schema metadata ``shapes``."""
+    columns: dict[str, pa.Array] = {"unit_id": pa.array(units.unit_ids.astype(np.int64)),
+                                    "readout_id": pa.array(units.readout_ids.astype(np.int32))}
+    shapes = {}
+    for name, value in stats.items():
+        value = np.asarray(value, np.float64)
+        per_unit = np.moveaxis(value, -1, 0)[units.readout_ids]  # [U, ...] in the table's unit order
+        shapes[name] = list(per_unit.shape[1:])
+        size = int(np.prod(per_unit.shape[1:]))
+        columns[name] = pa.FixedSizeListArray.from_arrays(pa.array(per_unit.reshape(-1)), max(size, 1)) \
+            if size else pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(len(per_unit))), 1)
+    return pa.table(columns).replace_schema_metadata({"shapes": json.dumps(shapes)})
+
+
+def read_stats(table: pa.Table) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """Inverse of :func:`stats_table`: ``(unit_ids [U], readout_ids [U], {name: array [..., U]})`` in the
+    table's row order."""
+    shapes = json.loads((table.schema.metadata or {}).get(b"shapes", b"{}"))
+    stats = {}
+    for name, shape in shapes.items():
+        flat = table.column(name).combine_chunks().flatten().to_numpy(zero_copy_only=False)
+        stats[name] = np.moveaxis(flat[: table.num_rows * int(np.prod(shape))].reshape(table.num_rows, *shape), 0, -1)
+    return (table.column("unit_id").to_numpy(), table.column("readout_id").to_numpy(), stats)
+
+
+@dataclass(frozen=True)
+class RepeatsReducer(Reducer):
+    """Additive correlation statistics per unit for the repeats of one video (``burnin`` frames of every repeat
+    dropped). Reads the recorded ``units`` arrays of the item's repeats itself (store faults are ridden out for
+    ``store_timeout_s``), checks their shapes, and commits :func:`stats_table` of
+    :func:`fnn_ray.analysis.performance.cc_stats` of ``recorded`` and ``predicted`` ``[R, T, U]``."""
+
+    burnin: int = 10
+    storage_options: Mapping[str, Any] | None = field(default=None, repr=False)
+    store_timeout_s: float = 300.0
+    data_dir: str = "_partials/performance"
+
+    def reduce(self, item: WorkItem, units: Units, results: Iterable[tuple[Clip, np.ndarray]]) -> pa.Table:
+        from fnn_ray.analysis.performance import cc_stats
+
+        part: VideoRepeats = item.part  # type: ignore[assignment]
+        predicted = {clip.clip_id: response for clip, response in results}
+        arrays = storage.retry(_read_arrays, part, ["units"], self.storage_options, budget_s=self.store_timeout_s,
+                               what=f"reading the recorded units of {part.where} video {part.video!r}")
+        recorded = np.stack([_checked(arrays[("units", r)], "units", part, r, item.units) for r in part.repeats])
+        missing = [part.clip_id(r) for r in part.repeats if part.clip_id(r) not in predicted]
+        if missing:
+            raise ValueError(f"{part.where}: no prediction for {missing[0]}")
+        model = np.stack([predicted[part.clip_id(r)] for r in part.repeats])
+        if model.shape != recorded.shape:
+            raise ValueError(f"{part.where} video {part.video!r}: predictions {list(model.shape)} and recordings "
+                             f"{list(recorded.shape)} differ in shape")
+        table = stats_table(units, cc_stats(recorded, model, self.burnin))
+        metadata = dict(table.schema.metadata or {})
+        metadata[b"repeats"] = json.dumps({"video": part.video, "repeats": list(part.repeats)}).encode()
+        return table.replace_schema_metadata(metadata)

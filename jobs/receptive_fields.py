@@ -1,0 +1,89 @@
+"""Receptive fields of every unit: flashing on/off dots on a grid in, spike-triggered averages and RF centres out.
+
+    python -m jobs.receptive_fields --release URL --output URL [--scans 8-5,9-6] [--grid 5x9] [--trials N]
+                                    [--dot-frames 6] [--seed S] [--size 144x256] [--save-stimuli URL]
+                                    [shared options: --actors, --dtype, --storage-options, ...]
+
+    python -m jobs.receptive_fields     # a CPU dry run on a small synthetic release under ./fnn-ray-output/
+
+Each event shows one white (on) or black (off) dot at one grid cell on gray; each unit's mean response over every
+event's scoring window is averaged per (cell, polarity) on the workers. Output:
+``OUTPUT/receptive_fields/session=<s>/scan_idx=<i>/units.parquet`` (unit_id, readout_id, sta_on, sta_off as
+row-major [rows*cols] maps with row 0 at the top, rf_x, rf_y in normalised screen coordinates, ssi),
+``metadata.json`` (grid, dot parameters, windows of every clip), ``units.csv`` and PNG plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+import pandas as pd
+
+from fnn_ray.analysis.receptive_fields import rf_table
+from fnn_ray.experiment import ExperimentConfig, ScanMeans
+from fnn_ray.generators import family_from_name
+from jobs.cli import add_job_options, job_options, run_cli
+from jobs.experiment_cli import add_experiment_options, dry_run_release, parse_size, run_experiment
+
+DATA_DIR = "receptive_fields"
+CSV_COLUMNS = ["session", "scan_idx", "unit_id", "rf_x", "rf_y", "ssi"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m jobs.receptive_fields", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_job_options(parser)
+    add_experiment_options(parser)
+    parser.add_argument("--grid", default="5x9", help="dot grid ROWSxCOLS covering the screen (default 5x9)")
+    parser.add_argument("--trials", type=int, default=1, help="repeats of every (cell, polarity) (default 1)")
+    parser.add_argument("--dot-frames", type=int, default=6, help="frames a dot is shown (default 6)")
+    parser.add_argument("--gap-frames", type=int, default=0, help="gray frames after each dot (default 0)")
+    return parser
+
+
+def analyse(rows: int, cols: int, height: int, width: int):
+    def run(means: ScanMeans) -> pd.DataFrame:
+        u = len(means.unit_ids)
+        on = means.means[:, : rows * cols].reshape(u, rows, cols)
+        off = means.means[:, rows * cols:].reshape(u, rows, cols)
+        table = rf_table(on, off, height, width)
+        table.insert(0, "sta_off", list(off.reshape(u, -1).astype(np.float32)))
+        table.insert(0, "sta_on", list(on.reshape(u, -1).astype(np.float32)))
+        return table
+    return run
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
+    if bool(args.release) != bool(args.output):
+        parser.error("--release and --output are required (or give neither for a dry run)")
+
+    def body():
+        from fnn_ray.plots import rf_plots
+
+        options = job_options(args)
+        dry = not args.release
+        release, output = (args.release, args.output) if not dry else dry_run_release()
+        if dry:
+            output = f"{output}/receptive_fields"
+            print(f"fnn-ray receptive-fields dry run: synthetic release {release}, output {output}")
+        rows, cols = parse_size(args.grid)
+        height, width = parse_size(args.size or ("36x64" if dry else "144x256"))
+        family = family_from_name("dots", rows=rows, cols=cols, trials=args.trials, dot_frames=args.dot_frames,
+                                  gap_frames=args.gap_frames, seed=args.seed, height=height, width=width,
+                                  burnin_frames=args.burnin, latency_frames=args.latency)
+        config = ExperimentConfig(release=release, output=output, family=family,
+                                  clips_per_part=args.clips_per_part, **options)
+        return run_experiment("receptive_fields", DATA_DIR, config, args.save_stimuli,
+                              analyse(rows, cols, height, width),
+                              {"grid": [rows, cols], "height": height, "width": width}, CSV_COLUMNS,
+                              lambda table, directory: rf_plots(table, (rows, cols), directory))
+
+    return run_cli(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

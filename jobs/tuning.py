@@ -1,0 +1,93 @@
+"""Orientation and direction tuning of every unit: drifting directional stimuli in, OSI/DSI/gOSI/gDSI out.
+
+    python -m jobs.tuning --release URL --output URL [--scans 8-5,9-6] [--stimulus monet|gratings]
+                          [--directions 16] [--trials N] [--block-frames 30] [--seed S] [--size 144x256]
+                          [--save-stimuli URL] [shared options: --actors, --dtype, --storage-options, ...]
+
+    python -m jobs.tuning         # a CPU dry run on a small synthetic release under ./fnn-ray-output/
+
+The stimulus is generated on the workers (seeded; IN_SILICO.md conventions: 0 deg = motion to the right, 90 = up);
+each unit's mean response over every block's scoring window is averaged per direction on the workers. Output:
+``OUTPUT/ori_dir_tuning/session=<s>/scan_idx=<i>/units.parquet`` (unit_id, readout_id, OSI, DSI, gOSI, gDSI,
+pref_ori, pref_dir, the von Mises fit, direction_responses), ``metadata.json`` (directions, windows of every clip,
+stimulus parameters), ``units.csv`` in the published column layout and PNG plots. Exit status as jobs.sweep.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+import pandas as pd
+
+from fnn_ray.analysis.tuning import tuning_table
+from fnn_ray.experiment import ExperimentConfig, ScanMeans
+from fnn_ray.generators import family_from_name
+from jobs.cli import add_job_options, job_options, run_cli
+from jobs.experiment_cli import add_experiment_options, dry_run_release, parse_size, run_experiment
+
+DATA_DIR = "ori_dir_tuning"
+CSV_COLUMNS = ["session", "scan_idx", "unit_id", "OSI", "DSI", "gOSI", "gDSI", "pref_ori", "pref_dir"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m jobs.tuning", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_job_options(parser)
+    add_experiment_options(parser)
+    parser.add_argument("--stimulus", default="monet", help="monet (directional pink noise) or gratings")
+    parser.add_argument("--directions", type=int, default=16, help="directions, 360/D apart from 0 (default 16)")
+    parser.add_argument("--trials", type=int, default=None, help="repeats of every direction (default 4; dry run 2)")
+    parser.add_argument("--block-frames", type=int, default=None, help="frames per direction block (default 30)")
+    return parser
+
+
+def analyse(directions_deg: np.ndarray):
+    def run(means: ScanMeans) -> pd.DataFrame:
+        table = tuning_table(means.means, directions_deg)
+        table["direction_responses"] = list(means.means.astype(np.float32))
+        bad = ~np.isfinite(means.means).all(axis=1)
+        if bad.any():
+            print(f"WARNING: {bad.sum()} unit(s) have a non-finite tuning curve (e.g. unit_id "
+                  f"{int(means.unit_ids[bad][0])}); their fit_success is False", file=sys.stderr)
+        return table
+    return run
+
+
+def plot(table: pd.DataFrame, directory: str) -> list[str]:
+    from fnn_ray.plots import tuning_plots
+
+    return tuning_plots(table, directory)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
+    if bool(args.release) != bool(args.output):
+        parser.error("--release and --output are required (or give neither for a dry run)")
+
+    def body():
+        options = job_options(args)
+        dry = not args.release
+        release, output = (args.release, args.output) if not dry else dry_run_release()
+        if dry:
+            output = f"{output}/tuning"
+            print(f"fnn-ray tuning dry run: synthetic release {release}, output {output}")
+        size = parse_size(args.size or ("36x64" if dry else "144x256"))
+        params = dict(directions=args.directions, trials=args.trials or (2 if dry else 4), seed=args.seed,
+                      height=size[0], width=size[1], burnin_frames=args.burnin, latency_frames=args.latency)
+        if args.block_frames or dry:
+            params["block_frames"] = args.block_frames or 12
+        family = family_from_name(args.stimulus, **params)
+        directions = np.array([c["direction_deg"] for c in family.conditions], float)
+        config = ExperimentConfig(release=release, output=output, family=family,
+                                  clips_per_part=args.clips_per_part, **options)
+        return run_experiment("tuning", DATA_DIR, config, args.save_stimuli, analyse(directions),
+                              {"directions_deg": directions.tolist()}, CSV_COLUMNS, plot)
+
+    return run_cli(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
