@@ -389,7 +389,7 @@ class Boundaries:
         """Raise ValueError unless every span lies within a movie of ``num_frames`` frames."""
         for i, (start, stop) in enumerate(self.spans):
             if start >= num_frames or (stop or 0) > num_frames:
-                raise ValueError(f"{self.at(i)}: clip [{start}, {stop}) is outside the movie {movie} "
+                raise ValueError(f"{self.at(i)}: clip [{start}, {stop}) of {movie} is outside the movie "
                                  f"({num_frames} frames)")
 
 
@@ -460,17 +460,18 @@ def cut(
     else:
         spans = [(0, None)]
     for i, (start, stop) in enumerate(spans):
-        label = boundaries.at(i) if boundaries is not None else f"{movie.url} clip [{start}, {stop})"
+        at = (f"{boundaries.at(i)}: clip [{start}, {stop}) of {movie.url}" if boundaries is not None
+              else f"{movie.url}: clip [{start}, {stop})")
         context = min(context_frames, start)
         if strict_context and context < context_frames:
-            raise ValueError(f"{label}: clip [{start}, {stop}) starts at frame {start} of {movie.url}: fewer "
-                             f"than the {context_frames} context frames asked for precede it (strict context)")
+            raise ValueError(f"{at} has only {context} of the {context_frames} context frames asked for before "
+                             "it (strict context)")
         frames = movie.read(start - context, stop)
         end = start - context + len(frames)
         if end <= start and clip_frames is not None and start > 0:
             return  # a movie of unknown length ended
         if end <= start or (boundaries is not None and stop is not None and end < stop):
-            raise ValueError(f"{label}: clip [{start}, {stop}) is outside the movie {movie.url} ({end} frames)")
+            raise ValueError(f"{at} is outside the movie ({end} frames)")
         rows = slice(start - context, end)
         yield Clip(
             clip_id=f"{movie.name}-{start:06d}-{end:06d}",

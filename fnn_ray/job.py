@@ -244,8 +244,8 @@ def run_job(job: Job, config: JobConfig) -> JobSummary:
         foreign = sorted(k for k in good if (k[0], k[1]) in dict(job.scans) and k not in planned)
         if foreign:  # other part boundaries or other stimuli: rows would be duplicated
             raise ValueError(f"output {storage.redact_url(job.output_url)} holds {len(foreign)} committed item(s) "
-                             f"that this run would not write, e.g. {foreign[0]}: it was written with other settings "
-                             f"(another clips_per_shard, other stimuli); use the same settings or another output URL")
+                             f"that this run would not write, e.g. {foreign[0]}: it was written with other settings: "
+                             f"another clips_per_shard or other stimuli; use the same settings or another output URL")
         manifest = Manifest(
             job=job.name, release_url=job.release_url, inputs=dict(job.inputs), scans=summary.scans,
             units=[u for _, u in job.scans], clips=job.clips, frames=job.frames, items_total=len(everything),

@@ -21,6 +21,7 @@ use it with ``from faultproxy import store_proxy  # noqa: F401`` (or conftest.py
 
 from __future__ import annotations
 
+import contextlib
 import select
 import socket
 import struct
@@ -35,7 +36,7 @@ __all__ = ["CHUNK", "FaultProxy", "store_proxy"]
 #: Largest chunk read from a socket at once (bytes); the unit of ``delay_per_chunk_s``.
 CHUNK = 64 * 1024
 
-_POLL_S = 0.2
+_POLL_S = 0.05
 
 
 def _hard_close(sock: socket.socket) -> None:
@@ -53,7 +54,9 @@ def _hard_close(sock: socket.socket) -> None:
 class FaultProxy:
     """A TCP proxy from ``127.0.0.1:port`` to ``upstream`` (``"http://host:port"`` or ``(host, port)``).
 
-    ``port=0`` picks a free port; ``endpoint_url`` is ``http://127.0.0.1:<port>``.
+    ``port=0`` picks a free port; ``endpoint_url`` is ``http://127.0.0.1:<port>``. Each socket is closed only
+    by the thread that serves it (closing a socket another thread polls would delay the reset), so
+    :meth:`down` and :meth:`close` signal those threads and wait (at most a second) until they are done.
     """
 
     def __init__(
@@ -74,13 +77,15 @@ class FaultProxy:
         self.delay_per_chunk_s = delay_per_chunk_s
         self.lifetime_s = lifetime_s
         self.max_connections = max_connections
-        self._lock = threading.Lock()
+        self._cond = threading.Condition()
         self._stopped = threading.Event()
         self._mode = "up"
+        self._generation = 0  # bumped by down(): connections of an older generation reset themselves
+        self._active = 0
         self._to_server = 0
         self._to_client = 0
-        self._conns: set[socket.socket] = set()
         self._timers: list[threading.Timer] = []
+        self._wake_r, self._wake_w = socket.socketpair()
         self._listener: socket.socket | None = self._listen(port)
         self.port = self._listener.getsockname()[1]
         self._acceptor = threading.Thread(target=self._accept_loop, name=f"faultproxy-{self.port}", daemon=True)
@@ -94,12 +99,12 @@ class FaultProxy:
 
     @property
     def bytes_to_server(self) -> int:
-        with self._lock:
+        with self._cond:
             return self._to_server
 
     @property
     def bytes_to_client(self) -> int:
-        with self._lock:
+        with self._cond:
             return self._to_client
 
     @property
@@ -107,30 +112,32 @@ class FaultProxy:
         return self._mode == "up"
 
     def reset_counts(self) -> None:
-        with self._lock:
+        with self._cond:
             self._to_server = self._to_client = 0
 
     def down(self, mode: str = "refuse") -> None:
-        """Cut the store: ``"refuse"`` new connections (ECONNREFUSED) or ``"reset"`` them (ECONNRESET)."""
+        """Cut the store: ``"refuse"`` new connections (ECONNREFUSED) or ``"reset"`` them (ECONNRESET).
+
+        Open connections are reset. Returns once that is done and the listener is closed (``"refuse"``).
+        """
         if mode not in ("refuse", "reset"):
             raise ValueError(f"mode {mode!r}: expected 'refuse' or 'reset'")
-        with self._lock:
+        with self._cond:
             self._mode = mode
-            listener, self._listener = (self._listener, None) if mode == "refuse" else (None, self._listener)
-            conns, self._conns = self._conns, set()
-        if listener is not None:
-            listener.close()
-        for conn in conns:
-            _hard_close(conn)
+            self._generation += 1
+            self._wake()
+            self._cond.wait_for(lambda: self._active == 0 and (mode == "reset" or self._listener is None),
+                                timeout=1.0)
 
     def up(self) -> None:
         """End an outage: accept and forward connections again (on the same port)."""
-        with self._lock:
+        with self._cond:
             if self._stopped.is_set() or self._mode == "up":
                 return
             if self._listener is None:
                 self._listener = self._listen(self.port)
             self._mode = "up"
+            self._wake()
 
     def outage(self, seconds: float, mode: str = "refuse") -> None:
         """``down(mode)`` now and ``up()`` after ``seconds``; returns at once."""
@@ -139,30 +146,32 @@ class FaultProxy:
 
     def close(self) -> None:
         """Stop: close the listener and reset every open connection (idempotent)."""
-        self._stopped.set()
-        with self._lock:
-            listener, self._listener = self._listener, None
-            conns, self._conns = self._conns, set()
+        with self._cond:
+            self._stopped.set()
             timers, self._timers = self._timers, []
+            self._wake()
         for t in timers:
             t.cancel()
-        if listener is not None:
-            listener.close()
-        for conn in conns:
-            _hard_close(conn)
+        if threading.current_thread() is not self._acceptor:
+            self._acceptor.join(timeout=1.0)
+        with self._cond:
+            self._cond.wait_for(lambda: self._active == 0, timeout=1.0)
 
     def __enter__(self) -> FaultProxy:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
-        self._acceptor.join(timeout=2 * _POLL_S + 1)
 
     # ---------------------------------------------------------------------------------------- internals
+    def _wake(self) -> None:
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"x")
+
     def _later(self, seconds: float, fn) -> None:
         t = threading.Timer(seconds, fn)
         t.daemon = True
-        with self._lock:
+        with self._cond:
             self._timers.append(t)
         t.start()
 
@@ -181,43 +190,60 @@ class FaultProxy:
                 time.sleep(0.05)
                 continue
             sock.listen(128)
-            sock.settimeout(_POLL_S)
+            sock.setblocking(False)
             return sock
 
     def _accept_loop(self) -> None:
-        while not self._stopped.is_set():
-            listener = self._listener
-            if listener is None:
-                time.sleep(_POLL_S / 4)
-                continue
-            try:
-                client, _ = listener.accept()
-            except (socket.timeout, OSError):
-                continue
-            client.settimeout(None)
-            if self._mode != "up" or len(self._conns) >= self.max_connections:
-                _hard_close(client)
-                continue
-            try:
-                server = socket.create_connection(self.upstream, timeout=5.0)
-            except OSError:
-                _hard_close(client)
-                continue
-            with self._lock:
-                if self._mode != "up":
-                    _hard_close(client)
-                    _hard_close(server)
-                    continue
-                self._conns.update((client, server))
-            threading.Thread(target=self._serve, args=(client, server), daemon=True).start()
+        try:
+            while not self._stopped.is_set():
+                with self._cond:
+                    listener = self._listener
+                    if listener is not None and self._mode == "refuse":
+                        listener.close()
+                        self._listener = listener = None
+                        self._cond.notify_all()
+                ready, _, _ = select.select([self._wake_r] + ([listener] if listener else []), [], [], _POLL_S)
+                if self._wake_r in ready:
+                    self._wake_r.recv(4096)
+                if listener is not None and listener in ready:
+                    with contextlib.suppress(BlockingIOError):
+                        self._admit(listener.accept()[0])
+        finally:
+            with self._cond:
+                if self._listener is not None:
+                    self._listener.close()
+                    self._listener = None
+                self._cond.notify_all()
+            self._wake_r.close()
+            self._wake_w.close()
 
-    def _serve(self, client: socket.socket, server: socket.socket) -> None:
+    def _admit(self, client: socket.socket) -> None:
+        client.setblocking(True)
+        with self._cond:
+            admit = self._mode == "up" and self._active < self.max_connections
+            generation = self._generation
+        if not admit:
+            _hard_close(client)
+            return
+        try:
+            server = socket.create_connection(self.upstream, timeout=5.0)
+        except OSError:
+            _hard_close(client)
+            return
+        with self._cond:
+            self._active += 1
+        threading.Thread(target=self._serve, args=(client, server, generation), daemon=True).start()
+
+    def _cut(self, generation: int) -> bool:
+        return self._stopped.is_set() or self._generation != generation
+
+    def _serve(self, client: socket.socket, server: socket.socket, generation: int) -> None:
         """Forward both directions of one connection until both ends have closed, a fault or a stop."""
         route = {client: (server, True), server: (client, False)}
         sending = [client, server]
         clean = False
         try:
-            while sending and not self._stopped.is_set():
+            while sending and not self._cut(generation):
                 readable, _, _ = select.select(sending, [], [], _POLL_S)
                 for src in readable:
                     dst, to_server = route[src]
@@ -228,23 +254,26 @@ class FaultProxy:
                         continue
                     if self.delay_per_chunk_s > 0:
                         time.sleep(self.delay_per_chunk_s)
+                    if self._cut(generation):
+                        break
                     dst.sendall(data)
-                    with self._lock:
+                    with self._cond:
                         if to_server:
                             self._to_server += len(data)
                         else:
                             self._to_client += len(data)
             clean = not sending
-        except (OSError, ValueError):  # reset by a peer, or closed under us by down()/close()
+        except OSError:  # reset by a peer
             pass
         finally:
-            with self._lock:
-                self._conns.difference_update((client, server))
             for sock in (client, server):
                 if clean:
                     sock.close()
                 else:
                     _hard_close(sock)
+            with self._cond:
+                self._active -= 1
+                self._cond.notify_all()
 
 
 @pytest.fixture

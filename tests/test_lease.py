@@ -18,6 +18,8 @@ from conftest import S3_KEY, S3_SECRET
 from fnn_ray import storage
 from fnn_ray.lease import LEASE_NAME, LeaseHeld, LeaseLost, OutputLease
 
+pytest_plugins = ["faultproxy"]  # the store_proxy fixture
+
 KINDS = ["local", "s3"]
 
 
@@ -176,6 +178,25 @@ def test_a_file_that_is_not_a_lease_is_named(kind, tmp_url):
     fs.pipe_file(path, b"garbage")
     with pytest.raises(ValueError, match=rf"{LEASE_NAME}: not a valid lease"):
         OutputLease(url).acquire()
+
+
+def test_s3_lease_rides_out_store_outages(store_proxy, s3_url, caplog):
+    one_attempt = {"config_kwargs": {"retries": {"total_max_attempts": 1}}}  # leave the retrying to fnn_ray
+    store_proxy.outage(1.0)
+    lease = OutputLease(s3_url, one_attempt, ttl_s=2.0, heartbeat_s=0.2, retry_budget_s=10).acquire()
+    assert _lease_file(s3_url)["run_id"] == lease.run_id
+    store_proxy.outage(1.0)  # shorter than the ttl: renewals fail, then succeed again
+    time.sleep(2.5)
+    lease.ensure_held()
+    assert datetime.fromisoformat(_lease_file(s3_url)["expires"]).timestamp() > time.time()
+    assert any("could not renew lease" in r.getMessage() for r in caplog.records)
+    # releasing while the store is down does not raise; the lease stays until it expires
+    store_proxy.down()
+    lease.retry_budget_s = 0.5
+    lease.release()
+    store_proxy.up()
+    assert _lease_file(s3_url)["run_id"] == lease.run_id
+    assert any("the lease stays until it expires" in r.getMessage() for r in caplog.records)
 
 
 def test_bad_settings_and_unsupported_urls_are_rejected(tmp_url):

@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import s3fs
 
 from fnn_ray import stimuli, storage
 from fnn_ray.stimuli import Clip, Shard
@@ -197,6 +198,9 @@ def test_write_clips_refuses_to_overwrite_unless_asked(tmp_url):
         (Clip("x", np.zeros((3, 4, 5), np.uint8), modulations=np.zeros((2, 2))), r"'x'.*modulations.*\[3, 2\]"),
         (Clip("", np.zeros((3, 4, 5), np.uint8)), r"clip_id must be a non-empty string"),
         (Clip("clip-001", np.zeros((3, 4, 5), np.uint8)), r"duplicate clip_id 'clip-001'"),
+        (Clip("x", np.zeros((3, 4, 5), np.uint8), context_frames=3), r"'x'.*context_frames.*\[0, 3\), got 3"),
+        (Clip("x", np.zeros((3, 4, 5), np.uint8), context_frames=-1), r"'x'.*context_frames.*got -1"),
+        (Clip("x", np.zeros((3, 4, 5), np.uint8), context_frames=1.0), r"'x'.*context_frames.*got 1\.0"),
     ],
 )
 def test_write_clips_validates_before_writing(bad, match, tmp_url):
@@ -204,6 +208,155 @@ def test_write_clips_validates_before_writing(bad, match, tmp_url):
     with pytest.raises(ValueError, match=match):
         stimuli.write_clips(url, make_clips(3) + [bad], clips_per_file=1)
     assert not os.path.exists(url)  # nothing written, not even the first files
+
+
+# ------------------------------------------------------------------------------------- context frames
+def with_context(clips, every=2):
+    """The clips, every ``every``-th one with context_frames = T // 2 (the others 0)."""
+    return [Clip(c.clip_id, c.frames, c.perspectives, c.modulations, c.num_frames // 2 if i % every == 0 else 0)
+            for i, c in enumerate(clips)]
+
+
+@pytest.mark.parametrize("kind", ["memory", "s3"])
+def test_context_frames_round_trip(kind, tmp_url):
+    url = tmp_url(kind)
+    clips = with_context(make_clips(5))
+    stimuli.write_clips(url, clips, clips_per_file=2)
+    fs, root = storage.filesystem(url)
+    for path in sorted(p for p in fs.find(root) if p.endswith(".parquet")):  # the column is in every file
+        with fs.open(path, "rb") as f:
+            assert pq.read_schema(f).field("context_frames").type == pa.int32()
+    shards = stimuli.list_shards(url, 2)
+    assert [s.frames for s in shards] == [3 + 4, 5 + 6, 7]  # all frames the model runs, context included
+    got = [c for s in shards for c in stimuli.read_shard(s)]
+    assert got == clips and [c.context_frames for c in got] == [1, 0, 2, 0, 3]
+
+
+def test_context_column_only_when_needed(tmp_url):
+    url = tmp_url("memory")
+    stimuli.write_clips(url, make_clips(2))
+    fs, root = storage.filesystem(url)
+    with fs.open(f"{root}/part-00000.parquet", "rb") as f:
+        assert "context_frames" not in pq.read_schema(f).names
+    assert [c.context_frames for c in stimuli.read_shard(stimuli.list_shards(url, 2)[0])] == [0, 0]
+
+
+@pytest.mark.parametrize("values, row, got", [([0, 2, 1], 1, 2), ([0, 1, -1], 2, -1)])
+def test_bad_context_frames(values, row, got, tmp_url):
+    url = tmp_url("memory")
+    put_table(url, "p.parquet", raw_table(n=3, T=2, context_frames=pa.array(values, pa.int32())))
+    with pytest.raises(ValueError, match=rf"p\.parquet row {row} \(clip_id 'r{row}'\): context_frames must be in "
+                                         rf"\[0, num_frames\) = \[0, 2\), got {got}"):
+        stimuli.list_shards(url, 10)
+
+
+def test_context_frames_null_is_zero_and_other_int_types(tmp_url):
+    url = tmp_url("memory")
+    put_table(url, "p.parquet", raw_table(n=3, T=2, context_frames=pa.array([1, None, 0], pa.int64())))
+    clips = stimuli.read_shard(stimuli.list_shards(url, 10)[0])
+    assert [c.context_frames for c in clips] == [1, 0, 0]
+    put_table(url, "p.parquet", raw_table(n=3, T=2, context_frames=pa.array([1.0, 0, 0], pa.float32())))
+    with pytest.raises(ValueError, match=r"column 'context_frames' has type float, expected int32"):
+        stimuli.list_shards(url, 10)
+
+
+# ------------------------------------------------------------------------------------ streaming writer
+def test_clip_writer_streams_file_by_file(tmp_url):
+    url = tmp_url("local")
+    clips = make_clips(7)
+    committed = []
+    with stimuli.ClipWriter(url, clips_per_file=3) as writer:
+        for c in clips:
+            writer.write(c)
+            committed.append(len([n for n in os.listdir(url) if n.endswith(".parquet")]) if os.path.isdir(url)
+                             else 0)
+    assert committed == [0, 0, 0, 1, 1, 1, 2]  # a file is committed as soon as the next one starts
+    assert writer.files == [storage.join(url, f"part-0000{k}.parquet") for k in range(3)]
+    assert (writer.clips, writer.frames) == (7, sum(c.num_frames for c in clips))
+    assert writer.bytes == sum(os.path.getsize(f) for f in writer.files)
+    assert [c for s in stimuli.list_shards(url, 2) for c in stimuli.read_shard(s)] == clips
+    # write_clips of the same list writes the same files
+    again = tmp_url("local")
+    stimuli.write_clips(again, clips, clips_per_file=3)
+    for name in os.listdir(url):
+        if name.endswith(".parquet"):
+            assert pq.read_table(f"{url}/{name}").equals(pq.read_table(f"{again}/{name}"))
+
+
+def test_clip_writer_file_bytes_and_new_columns(tmp_url):
+    url = tmp_url("memory")
+    clips = make_clips(4)  # frames of 3, 4, 5, 6 x 4 x 6 bytes; clip 1 is the first with perspectives
+    with stimuli.ClipWriter(url, max_file_bytes=5 * 24 + 6 * 24) as writer:
+        for c in clips:
+            writer.write(c)
+    # clip 1 needs the perspectives column: new file; clips 2 + 3 fit in max_file_bytes together
+    shards = stimuli.list_shards(url, 10)
+    assert [s.clip_ids for s in shards] == [("clip-000",), ("clip-001", "clip-002", "clip-003")]
+    assert [c for s in shards for c in stimuli.read_shard(s)] == clips
+
+
+def test_clip_writer_error_removes_what_it_wrote(tmp_url):
+    url = tmp_url("local")
+    with pytest.raises(ValueError, match=r"duplicate clip_id 'clip-000' \(clip 3 repeats an earlier one\)"):
+        with stimuli.ClipWriter(url, clips_per_file=1) as writer:
+            for c in make_clips(3) + make_clips(2):
+                writer.write(c)
+    assert writer.files == [] and not os.path.exists(url)
+
+
+def test_clip_writer_overwrite_keeps_old_files_until_the_first_new_one(tmp_url):
+    url = tmp_url("s3")
+    old = make_clips(5)
+    stimuli.write_clips(url, old, clips_per_file=2)
+    with pytest.raises(FileExistsError, match="already holds 3 parquet file"):
+        stimuli.ClipWriter(url)
+    with pytest.raises(RuntimeError, match="source failed"):
+        with stimuli.ClipWriter(url, overwrite=True) as writer:
+            writer.write(make_clips(1, seed=3)[0])
+            raise RuntimeError("source failed")
+    assert [c for s in stimuli.list_shards(url, 9) for c in stimuli.read_shard(s)] == old
+    with stimuli.ClipWriter(url, overwrite=True) as writer:
+        writer.write(make_clips(1, seed=3)[0])
+    assert [c for s in stimuli.list_shards(url, 9) for c in stimuli.read_shard(s)] == make_clips(1, seed=3)
+
+
+# ------------------------------------------------------------------------------------------ bytes read
+def test_reads_fetch_only_what_an_item_needs(s3, s3_url, monkeypatch):
+    """Counted at the S3 client: every GetObject's body; 12 clips of 20 frames of 144x256 in one file."""
+    rng = np.random.default_rng(4)
+    clips = [Clip(f"c{i:02d}", rng.integers(0, 256, (20, 144, 256), dtype=np.uint8),
+                  perspectives=rng.standard_normal((20, 2)).astype(np.float32) if i % 2 else None,
+                  context_frames=i % 3) for i in range(12)]
+    (file_url,) = stimuli.write_clips(s3_url, clips)
+    fs, path = storage.filesystem(file_url)
+    size = fs.size(path)
+    fetched = []
+    call = s3fs.S3FileSystem._call_s3
+
+    async def counting(self, method, *args, **kwargs):
+        out = await call(self, method, *args, **kwargs)
+        if method == "get_object":
+            fetched.append(int(out["ContentLength"]))
+        return out
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "_call_s3", counting)
+    listing = {}
+    shards = stimuli.list_shards(s3_url, 1, stats=listing)
+    assert listing["bytes_read"] == sum(fetched) < 0.01 * size  # footer and small columns only
+    for per_shard in (1, 4):
+        total = {}
+        for shard in stimuli.list_shards(s3_url, per_shard):
+            fetched.clear()
+            stats = {}
+            got = stimuli.read_shard(shard, stats=stats)
+            assert got == clips[shard.row_start : shard.row_stop]
+            frame_bytes = sum(c.frames.nbytes for c in got)
+            assert stats["frame_bytes"] == frame_bytes
+            assert stats["bytes_read"] == sum(fetched) and stats["requests"] == len(fetched)
+            assert stats["bytes_read"] <= 1.3 * frame_bytes
+            for key, value in stats.items():
+                total[key] = total.get(key, 0) + value
+        assert total["bytes_read"] / total["frame_bytes"] < 1.06  # footer: 32 KiB per item of 737 KB or more
 
 
 # ------------------------------------------------------------------------------------ read validation

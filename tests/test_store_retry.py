@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import os
 import socket
@@ -16,14 +17,16 @@ import aiohttp
 import botocore.exceptions
 import pytest
 from botocore.exceptions import ClientError
-from faultproxy import CHUNK, FaultProxy, store_proxy  # noqa: F401  (store_proxy is a fixture)
+from faultproxy import CHUNK, FaultProxy
 from s3fs.errors import translate_boto_error
 
 from fnn_ray import storage
 
+pytest_plugins = ["faultproxy"]  # the store_proxy fixture
+
 #: botocore's own retries would ride out short outages by themselves; with one attempt per call, the
 #: retries seen here are fnn_ray's.
-ONE_ATTEMPT = {"config_kwargs": {"retries": {"max_attempts": 1}}}
+ONE_ATTEMPT = {"config_kwargs": {"retries": {"total_max_attempts": 1}}}
 
 
 def _client_error(code: str, status: int) -> ClientError:
@@ -104,7 +107,7 @@ def test_retry_backoff_is_bounded_and_gives_up_with_the_last_error():
     elapsed = time.monotonic() - t0
     assert 1.0 <= elapsed < 1.5
     assert len(calls) >= 6  # waits of at most 0.2 s within 1 s
-    assert max(b - a for a, b in zip(calls, calls[1:])) <= 0.2 + 0.1
+    assert max(b - a for a, b in itertools.pairwise(calls)) <= 0.2 + 0.1
     e = info.value
     assert isinstance(e, RuntimeError) and e.what == "read s3://b/x.parquet"
     assert str(e).startswith("store unreachable for 1 s: read s3://b/x.parquet: ConnectionRefusedError:")
@@ -219,6 +222,21 @@ def test_slow_mode_slows_reads_and_bytes_are_counted(store_proxy, s3_url):
     assert fs.cat_file(f"{root}/big.bin") == payload
     slow = time.monotonic() - t0
     assert slow >= 16 * 0.05 and slow > fast + 0.5
+
+
+def test_a_cut_in_the_middle_of_a_read_is_ridden_out(store_proxy, s3_url):
+    fs, root = storage.filesystem(s3_url, ONE_ATTEMPT)
+    payload = os.urandom(16 * CHUNK)
+    fs.pipe_file(f"{root}/big.bin", payload)
+    store_proxy.delay_per_chunk_s = 0.05  # the read takes about a second ...
+    store_proxy.reset_counts()
+    cut = threading.Timer(0.3, store_proxy.outage, args=(1.0, "reset"))  # ... and is cut a third of the way in
+    cut.start()
+    t0 = time.monotonic()
+    assert storage.retry(fs.cat_file, f"{root}/big.bin", budget_s=20, what="read") == payload
+    cut.join()
+    assert time.monotonic() - t0 > 1.3
+    assert store_proxy.bytes_to_client > len(payload)  # part of it came twice
 
 
 def test_a_separate_process_reaches_the_store_through_the_proxy(store_proxy, s3_url):

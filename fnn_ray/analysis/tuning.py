@@ -45,8 +45,8 @@ import pandas as pd
 
 __all__ = ["FitConfig", "global_indices", "von_mises", "fit_von_mises", "tuning_table"]
 
-#: Every non-empty support of the 3-variable NNLS over the basis columns (e1, e2, 1), the full one first.
-_SUPPORTS = np.array([[a, b, c] for a in (1, 0) for b in (1, 0) for c in (1, 0)][:-1], dtype=bool)
+#: The two-column supports of the 3-variable NNLS over the basis columns (e1, e2, 1).
+_PAIRS = ((0, 1), (0, 2), (1, 2))
 #: Lower bounds of the iterated parameters (mu in radians, kappa).
 _LOWER = np.array([-np.inf, 0.0])
 
@@ -151,7 +151,11 @@ def _basis(theta: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, np.ndarray, np
     cos = np.cos(theta) * cos_mu + np.sin(theta) * sin_mu
     sin = np.sin(theta) * cos_mu - np.cos(theta) * sin_mu
     kappa = q[:, 1:]
-    basis = np.stack([np.exp(kappa * (cos - 1.0)), np.exp(-kappa * (cos + 1.0)), np.ones_like(cos)], axis=1)
+    scaled = kappa * cos
+    basis = np.empty((q.shape[0], 3, theta.size))
+    np.exp(scaled - kappa, out=basis[:, 0])
+    np.exp(-scaled - kappa, out=basis[:, 1])
+    basis[:, 2] = 1.0
     return basis, cos, sin
 
 
@@ -163,23 +167,34 @@ def _matvec(matrix: np.ndarray, vector: np.ndarray) -> np.ndarray:
 def _nnls(basis: np.ndarray, y: np.ndarray) -> np.ndarray:
     """``argmin ||c @ basis - y||, c >= 0`` per unit: ``[n, 3, D]``, ``[n, D]`` -> ``c [n, 3]``.
 
-    Exact: the optimum is the unconstrained least-squares solution on its own support, so it is the
-    unconstrained solution when that is feasible, else the best feasible one among the solutions on the 6
-    smaller supports and ``c = 0``.
+    Exact: the optimum is the unconstrained least-squares solution on its own support. So it is the
+    unconstrained solution when that is feasible, else the feasible solution on a smaller support (pairs, then
+    single columns, in closed form) that explains the most, ``c . rhs`` (= ``||y||^2 - cost``), or ``c = 0``.
     """
     gram = basis @ basis.transpose(0, 2, 1)
     rhs = _matvec(basis, y)
     best = _matvec(_inverse(gram), rhs)
     rest = np.flatnonzero(~np.all(best >= 0.0, axis=1))
-    gram, rhs = gram[rest], rhs[rest]
-    best[rest] = 0.0
-    best_cost = np.zeros(rest.size)  # ||c @ basis - y||^2 - ||y||^2, 0 for c = 0
-    for support in _SUPPORTS[1:]:
-        system = np.where(support[:, None] & support[None, :], gram, np.diag(~support).astype(float))
-        coef = _matvec(_inverse(system), rhs * support)
-        cost = np.sum(coef * (_matvec(gram, coef) - 2.0 * rhs), axis=1)
-        take = np.all(coef >= 0.0, axis=1) & (cost < best_cost)
-        best[rest[take]], best_cost[take] = coef[take], cost[take]
+    g, r = gram[rest], rhs[rest]
+    coef = np.zeros((rest.size, 3))
+    gain = np.zeros(rest.size)
+    for a, b in _PAIRS:
+        det = g[:, a, a] * g[:, b, b] - g[:, a, b] ** 2
+        ok = det > 1e-12 * g[:, a, a] * g[:, b, b]  # collinear columns: a single column does as well
+        det = np.where(ok, det, 1.0)
+        ca = (g[:, b, b] * r[:, a] - g[:, a, b] * r[:, b]) / det
+        cb = (g[:, a, a] * r[:, b] - g[:, a, b] * r[:, a]) / det
+        pair_gain = ca * r[:, a] + cb * r[:, b]
+        take = ok & (ca >= 0.0) & (cb >= 0.0) & (pair_gain > gain)
+        coef[take] = 0.0
+        coef[take, a], coef[take, b], gain[take] = ca[take], cb[take], pair_gain[take]
+    for a in range(3):
+        ok = g[:, a, a] > 0.0  # e2 underflows to 0 at very large kappa
+        ca = r[:, a] / np.where(ok, g[:, a, a], 1.0)
+        take = ok & (ca >= 0.0) & (ca * r[:, a] > gain)
+        coef[take] = 0.0
+        coef[take, a], gain[take] = ca[take], ca[take] * r[take, a]
+    best[rest] = coef
     return best
 
 
@@ -202,12 +217,12 @@ def _normal_equations(
     """
     basis, cos, sin = _basis(theta, q)
     peak, anti = coef[:, 0:1] * basis[:, 0], coef[:, 1:2] * basis[:, 1]
-    deriv = np.stack([q[:, 1:] * sin * (peak - anti), (cos - 1.0) * peak - (cos + 1.0) * anti], axis=1)
+    diff = peak - anti
+    deriv = np.stack([q[:, 1:] * sin * diff, cos * diff - (peak + anti)], axis=1)
     used = coef > 0
-    masked = basis * used[:, :, None]
-    inner = deriv @ masked.transpose(0, 2, 1)  # [n, 2, 3]
-    gram_inv = _inverse(masked @ masked.transpose(0, 2, 1) + np.eye(3) * ~used[:, :, None])
-    hess = deriv @ deriv.transpose(0, 2, 1) - inner @ gram_inv @ inner.transpose(0, 2, 1)
+    inner = (deriv @ basis.transpose(0, 2, 1)) * used[:, None, :]  # [n, 2, 3]
+    gram = np.where(used[:, :, None] & used[:, None, :], basis @ basis.transpose(0, 2, 1), np.eye(3))
+    hess = deriv @ deriv.transpose(0, 2, 1) - inner @ _inverse(gram) @ inner.transpose(0, 2, 1)
     return hess, _matvec(deriv, resid)
 
 
