@@ -120,7 +120,8 @@ def plan_evaluate(config: EvaluateConfig) -> Job:
         inputs={"release": storage.redact_url(release_url), "recordings": storage.redact_url(recordings_url),
                 "burnin": config.burnin},
         settings={"scans_filter": config.scans and [f"{s}-{i}" for s, i in config.scans]},
-        bytes_per_unit_frame=0.0, bytes_per_unit=8.0 * 16 * max(len(ps) for ps in parts.values()))
+        bytes_per_unit_frame=0.0,  # the statistics: 3 R + 8 float64 per unit and video
+        bytes_per_unit=8.0 * max(sum(3 * len(p.repeats) + 8 for p in ps) for ps in parts.values()))
 
 
 def merge_performance(job: Job, storage_options: Mapping[str, Any] | None = None) -> dict[Scan, pd.DataFrame]:

@@ -236,7 +236,8 @@ def _npz_movie(fs: AbstractFileSystem, path: str, where: str, name: str, key: st
 
 def _trial_movies(fs: AbstractFileSystem, root: str, where: str) -> Iterator[Movie]:
     base = posixpath.join(root, "stimuli")
-    trials = sorted(p for p in fs.find(base) if p.endswith(".npy")) if fs.isdir(base) else []
+    found = fs.find(base) if fs.isdir(base) else []
+    trials = sorted(p for p in found if p.endswith(".npy") and not re.search(r"(^|/)[._]", p[len(base) :].strip("/")))
     if not trials:
         raise ValueError(f"{where}: expected a .npy, .npz or video file, or a folder with stimuli/<trial>.npy")
     for path in trials:
@@ -260,12 +261,14 @@ def _video_movie(fs: AbstractFileSystem, path: str, where: str, name: str, size:
     source = path if storage.is_local(fs) else fs.open(path, "rb")
     try:
         container = av.open(source)
-        stream = container.streams.video[0]
-    except IndexError:
-        container.close()
-        raise ValueError(f"{where}: cannot decode video (no video stream)") from None
-    except (av.FFmpegError, OSError) as e:
+        if not container.streams.video:
+            container.close()
+            raise ValueError("no video stream")
+    except (av.FFmpegError, OSError, ValueError) as e:
+        if not isinstance(source, str):
+            source.close()
         raise ValueError(f"{where}: cannot decode video ({e})") from None
+    stream = container.streams.video[0]
     stream.thread_type = "AUTO"
     height, width = size
     rate = Fraction(str(fps))
@@ -309,6 +312,8 @@ def _video_movie(fs: AbstractFileSystem, path: str, where: str, name: str, size:
             raise ValueError(f"{where}: cannot decode video ({e})") from None
         finally:
             container.close()
+            if not isinstance(source, str):
+                source.close()
 
     return Movie(name, where, height, width, None, _Forward(chunks(), height, width))
 

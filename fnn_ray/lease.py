@@ -51,8 +51,9 @@ log = logging.getLogger(__name__)
 #: Name of the lease object inside the output directory ('_' keeps it out of pyarrow.dataset).
 LEASE_NAME = "_lease.json"
 _GUARD_NAME = "_lease.lock"
-#: S3 error codes of a failed condition (409: a concurrent conditional write won).
-_CONFLICT_CODES = frozenset({"PreconditionFailed", "ConditionalRequestConflict", "412", "409"})
+#: S3 error codes of a failed condition (409: a concurrent conditional write won; NoSuchKey: If-Match on a
+#: lease that is gone).
+_CONFLICT_CODES = frozenset({"PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey", "412", "409"})
 
 
 class LeaseHeld(RuntimeError):
@@ -127,11 +128,13 @@ class _S3Store:
     def _call(self, method: str, **kwargs: Any) -> dict:
         try:
             return self.fs.call_s3(method, Bucket=self.bucket, Key=self.key, **kwargs)
-        except (FileExistsError, FileNotFoundError) as e:
+        except FileExistsError as e:
             raise _Conflict(str(e)) from None
         except Exception as e:
             if _client_error_code(e) in _CONFLICT_CODES:
                 raise _Conflict(str(e)) from None
+            if isinstance(e, FileNotFoundError):  # NoSuchBucket
+                raise FileNotFoundError(f"s3://{self.bucket}/{self.key}: {e}") from e
             raise
 
 
@@ -196,6 +199,19 @@ class _LocalStore:
         with self._guard():
             self._check(tag)
             os.remove(self.path)
+
+
+def _dead_here(holder: Mapping[str, Any]) -> bool:
+    """The holder ran on this host and its process is gone (killed with -9): its lease is stale at once."""
+    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+        return False
+    try:
+        os.kill(holder["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 def _iso(t: float) -> str:
@@ -276,7 +292,8 @@ class OutputLease:
                 raise LeaseHeld(self._held_message(holder, timeout_s if timed_out else None), holder)
             if waiting_for != holder.get("token"):
                 waiting_for = holder.get("token")
-                log.info("%s", self._held_message(holder, None).split(";")[0] + "; waiting")
+                log.info("output %s in use by run %s (host %s, pid %s); waiting for it", self._output,
+                         holder.get("run_id"), holder.get("host"), holder.get("pid"))
             time.sleep(self.poll_s if deadline is None else max(0.0, min(self.poll_s, deadline - time.monotonic())))
         self._stop.clear()
         self._heartbeat = threading.Thread(target=self._beat, name=f"lease-heartbeat-{self.run_id}", daemon=True)
@@ -352,7 +369,7 @@ class OutputLease:
                 self._tag = current.tag
                 return None
             holder = self._parse(current)
-            if holder["expires_at"] > time.time():
+            if holder["expires_at"] > time.time() and not _dead_here(holder):
                 return current
             try:
                 self._tag = self._retry(self._store.replace, self._payload(), current.tag, what="take over the lease")

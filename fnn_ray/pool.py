@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -30,7 +32,11 @@ def init_ray(address: str | None = None, **kwargs: Any) -> bool:
     if address:
         ray.init(address=address, **kwargs)
         return False
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", **kwargs)
+    if threading.current_thread() is threading.main_thread():  # Ray installs its own; the job's come first
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
     return True
 
 

@@ -28,6 +28,7 @@ with fewer repeats is padded with NaN).
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import posixpath
@@ -46,7 +47,7 @@ from fnn_ray.reducers import Reducer, Units
 from fnn_ray.sources import Source
 from fnn_ray.stimuli import Clip
 
-__all__ = ["KINDS", "RecordingSource", "RepeatsReducer", "VideoRepeats", "list_scan", "read_stats",
+__all__ = ["KINDS", "RecordingSource", "RepeatsReducer", "VideoRepeats", "list_scan", "npy_bytes", "read_stats",
            "scan_folders", "stats_table", "write_repeat"]
 
 Scan = tuple[int, int]
@@ -134,8 +135,8 @@ def _header(data: bytes, where: str) -> tuple[tuple[int, ...], np.dtype, int] | 
     buffer = io.BytesIO(data[:needed])
     try:
         version = fmt.read_magic(buffer)
-        shape, fortran, dtype = (fmt.read_array_header_1_0(buffer) if version == (1, 0)
-                                 else fmt.read_array_header_2_0(buffer))
+        shape, _, dtype = (fmt.read_array_header_1_0(buffer) if version == (1, 0)
+                           else fmt.read_array_header_2_0(buffer))
     except ValueError as e:
         raise ValueError(f"{where}: bad .npy header ({e})") from None
     if dtype.hasobject:
@@ -146,9 +147,12 @@ def _header(data: bytes, where: str) -> tuple[tuple[int, ...], np.dtype, int] | 
 def _load(data: bytes, where: str) -> np.ndarray:
     """A ``.npy`` file's array (never unpickled)."""
     try:
-        return np.load(io.BytesIO(data), allow_pickle=False)
+        array = np.load(io.BytesIO(data), allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
         raise ValueError(f"{where}: cannot read the .npy array ({e})") from None
+    if not isinstance(array, np.ndarray):
+        raise ValueError(f"{where}: not a .npy array (a {type(array).__name__})")
+    return array
 
 
 def _check(kind: str, shape: tuple[int, ...], dtype: np.dtype, units: int, where: str) -> int:
@@ -218,6 +222,23 @@ def _npy_files(fs: AbstractFileSystem, root: str, shown: str) -> dict[str, dict[
     return files
 
 
+def _repeats(files: Mapping[str, Mapping[str, Mapping[str, Any]]], shown: str) -> list[tuple[str, str]]:
+    """The ``(video, repeat)`` pairs of a scan folder, after checking that every repeat has ``stimuli`` and
+    ``units`` and, when the scan has any, ``perspectives`` / ``modulations``."""
+    repeats = {(video, r) for video, named in files["stimuli"].items() for r in named}
+    for kind in KINDS[1:]:
+        have = {(video, r) for video, named in files[kind].items() for r in named}
+        if kind in _OPTIONAL and not have:
+            continue
+        for video, repeat in sorted(repeats ^ have)[:1]:
+            lacking, having = (kind, "stimuli") if (video, repeat) in repeats else ("stimuli", kind)
+            raise ValueError(f"{storage.join(shown, lacking, video, repeat + '.npy')} is missing "
+                             f"({storage.join(shown, having, video, repeat + '.npy')} exists)")
+    if not repeats:
+        raise FileNotFoundError(f"recordings folder {shown} holds no stimuli/<video>/<repeat>.npy files")
+    return sorted(repeats, key=lambda vr: (_natural(vr[0]), _natural(vr[1])))
+
+
 def list_scan(url: str, units: int, burnin: int = 0,
               storage_options: Mapping[str, Any] | None = None) -> list[VideoRepeats]:
     """List and check the recordings of one scan folder (``units``: the scan's unit count in the release);
@@ -232,75 +253,59 @@ def list_scan(url: str, units: int, burnin: int = 0,
     fs, root = storage.filesystem(url, storage_options)
     root = root.rstrip("/")
     files = _npy_files(fs, root, shown)
-    repeats = {(v, r) for v, named in files["stimuli"].items() for r in named}
-    if not repeats and not any(files.values()):
-        raise FileNotFoundError(f"recordings folder {shown} holds no stimuli/<video>/<repeat>.npy files")
-    for kind in KINDS:
-        have = {(v, r) for v, named in files[kind].items() for r in named}
-        if kind in _OPTIONAL and not have:
-            continue
-        missing = sorted(repeats - have) or sorted(have - repeats)
-        if missing:
-            video, repeat = missing[0]
-            other = "stimuli" if (video, repeat) in repeats else kind
-            absent = kind if other == "stimuli" else "stimuli"
-            more = f" ({len(missing)} such repeats)" if len(missing) > 1 else ""
-            raise ValueError(f"{storage.join(shown, absent, video, repeat + '.npy')} is missing: "
-                             f"{storage.join(shown, other, video, repeat + '.npy')} exists{more}")
-    present = [kind for kind in KINDS if files[kind]]
-    paths = [files[kind][v][r] for kind in present for v, r in sorted(repeats)]
-    headers = _read_headers(fs, [p for p, _ in paths], [storage.join(url, p[len(root):]) for p, _ in paths])
-    lengths: dict[tuple[str, str], dict[str, int]] = {}
-    for (path, size), (shape, dtype, offset), kind_repeat in zip(
-            paths, headers, [(k, vr) for k in present for vr in sorted(repeats)]):
-        kind, (video, repeat) = kind_repeat
+    repeats = _repeats(files, shown)
+    kinds = [kind for kind in KINDS if files[kind]]
+    keys = [(kind, video, repeat) for kind in kinds for video, repeat in repeats]
+    headers = _read_headers(fs, [files[k][v][r][0] for k, v, r in keys],
+                            [storage.join(shown, k, v, f"{r}.npy") for k, v, r in keys])
+    frames: dict[tuple[str, str], dict[str, int]] = {}
+    for (kind, video, repeat), (shape, dtype, offset) in zip(keys, headers):
         where = storage.join(shown, kind, video, f"{repeat}.npy")
-        expected = offset + int(np.prod(shape)) * dtype.itemsize
+        size, expected = files[kind][video][repeat][1], offset + int(np.prod(shape)) * dtype.itemsize
         if size != expected:
-            raise ValueError(f"{where}: {size} bytes, its header {list(shape)} {dtype} needs {expected} "
-                             f"(truncated or corrupt)")
-        lengths.setdefault((video, repeat), {})[kind] = _check(kind, shape, dtype, units, where)
-    parts = []
-    for video in sorted({v for v, _ in repeats}, key=_natural):
-        names = sorted((r for v, r in repeats if v == video), key=_natural)
-        first = None
-        for repeat in names:
-            per_kind = lengths[(video, repeat)]
-            if len(set(per_kind.values())) > 1:
-                sizes = ", ".join(f"{k} {t}" for k, t in per_kind.items())
-                raise ValueError(f"{storage.join(shown, '*', video, repeat + '.npy')}: the arrays of this repeat "
-                                 f"disagree in length (frames: {sizes})")
-            if first is None:
-                first = (repeat, per_kind["stimuli"])
-            elif per_kind["stimuli"] != first[1]:
-                raise ValueError(f"{storage.join(shown, 'stimuli', video, repeat + '.npy')}: {per_kind['stimuli']} "
-                                 f"frames, but repeat {first[0]!r} of video {video!r} has {first[1]}")
-        if first[1] <= burnin:
-            raise ValueError(f"{storage.join(shown, 'stimuli', video)}: {first[1]} frames per repeat, not more "
-                             f"than the {burnin} burn-in frames")
-        parts.append(VideoRepeats(url, video, tuple(names), first[1], perspectives=bool(files["perspectives"]),
-                                  modulations=bool(files["modulations"])))
+            raise ValueError(f"{where}: {size} bytes, its header ({dtype} {list(shape)}) needs {expected}: "
+                             f"truncated or corrupt")
+        frames.setdefault((video, repeat), {})[kind] = _check(kind, shape, dtype, units, where)
+    parts: dict[str, VideoRepeats] = {}
+    for video, repeat in repeats:
+        length = frames[(video, repeat)]["stimuli"]
+        stimuli = storage.join(shown, "stimuli", video, f"{repeat}.npy")
+        for kind, count in frames[(video, repeat)].items():
+            if count != length:
+                raise ValueError(f"{storage.join(shown, kind, video, repeat + '.npy')}: {count} frames, but "
+                                 f"{stimuli} has {length}: the arrays of a repeat must have the same length")
+        part = parts.get(video)
+        if part is None:
+            if length <= burnin:
+                raise ValueError(f"{stimuli}: {length} frames, not more than the {burnin} burn-in frames")
+            part = VideoRepeats(url, video, (), length, perspectives="perspectives" in kinds,
+                                modulations="modulations" in kinds)
+        elif length != part.num_frames:
+            raise ValueError(f"{stimuli}: {length} frames, but repeat {part.repeats[0]!r} of video {video!r} has "
+                             f"{part.num_frames}: the repeats of a video must have the same length")
+        parts[video] = dataclasses.replace(part, repeats=(*part.repeats, repeat))
     ids: dict[str, str] = {}
-    for part in parts:
+    for part in parts.values():
         if part.part_id in ids:
-            raise ValueError(f"{shown}: videos {ids[part.part_id]!r} and {part.video!r} map to the same item id "
+            raise ValueError(f"{shown}: videos {ids[part.part_id]!r} and {part.video!r} both make the item id "
                              f"{part.part_id!r}; rename one")
         ids[part.part_id] = part.video
-    return parts
+    return list(parts.values())
 
 
-def _read_headers(fs: AbstractFileSystem, paths: list[str], urls: list[str]
+def _read_headers(fs: AbstractFileSystem, paths: list[str], names: list[str]
                   ) -> list[tuple[tuple[int, ...], np.dtype, int]]:
-    """The ``.npy`` headers of ``paths`` (ranged reads of their first bytes; ``urls`` name them in errors)."""
+    """The ``.npy`` headers of ``paths`` (ranged reads of their first bytes; ``names`` name them in errors)."""
     if not paths:
         return []
-    starts = fs.cat_ranges(paths, [0] * len(paths), [_HEADER_BYTES] * len(paths))
+    starts = fs.cat_ranges(paths, [0] * len(paths), [_HEADER_BYTES] * len(paths), on_error="raise")
     out = []
-    for path, url, data in zip(paths, urls, starts):
-        where = storage.redact_url(url)
+    for path, where, data in zip(paths, names, starts):
         header = _header(bytes(data), where)
-        if isinstance(header, int):  # a long header: read exactly as much as it needs
+        if isinstance(header, int):  # a long header: read as much as it says it needs
             header = _header(bytes(fs.cat_file(path, start=0, end=header)), where)
+            if isinstance(header, int):
+                raise ValueError(f"{where}: truncated .npy header")
         out.append(header)
     return out
 
@@ -326,9 +331,8 @@ def write_repeat(url: str, video: str, repeat: str, stimuli: np.ndarray, units: 
 def _read_arrays(part: VideoRepeats, kinds: Sequence[str], storage_options: Mapping[str, Any] | None,
                  stats: dict[str, float] | None = None) -> dict[tuple[str, str], np.ndarray]:
     """``{(kind, repeat): array}`` for every repeat of ``part`` (all files fetched concurrently)."""
-    fs, _ = storage.filesystem(part.url, storage_options)
-    wanted = {(kind, r): storage.filesystem(part.file(kind, r), storage_options)[1] for kind in kinds
-              for r in part.repeats}
+    fs, root = storage.filesystem(part.url, storage_options)
+    wanted = {(kind, r): posixpath.join(root, kind, part.video, f"{r}.npy") for kind in kinds for r in part.repeats}
     try:
         data = fs.cat(list(wanted.values()), on_error="raise")
     except FileNotFoundError as e:
@@ -378,31 +382,34 @@ class RecordingSource(Source):
 
 # ------------------------------------------------------------------------------------------------- reducing
 def stats_table(units: Units, stats: Mapping[str, np.ndarray]) -> pa.Table:
-    """One row per unit: ``unit_id``, ``readout_id`` and each statistic of ``stats`` (arrays ``[..., U]`` over
-    the model's readout columns) as a list<float64> column (the unit's values, flattened) whose per-unit shape
-    is in the schema metadata ``shapes``."""
+    """One row per unit: ``unit_id``, ``readout_id`` and each statistic of ``stats`` (float arrays ``[U]`` or
+    ``[R, U]`` over the model's readout columns, as :func:`fnn_ray.analysis.performance.cc_stats` returns them):
+    ``[U]`` as a float64 column, ``[R, U]`` as a list<float64>[R] column; the shapes are in the schema metadata
+    ``shapes``."""
     columns: dict[str, pa.Array] = {"unit_id": pa.array(units.unit_ids.astype(np.int64)),
                                     "readout_id": pa.array(units.readout_ids.astype(np.int32))}
     shapes = {}
     for name, value in stats.items():
-        value = np.asarray(value, np.float64)
-        per_unit = np.moveaxis(value, -1, 0)[units.readout_ids]  # [U, ...] in the table's unit order
+        per_unit = np.moveaxis(np.asarray(value, np.float64), -1, 0)[units.readout_ids]  # [U, ...], table order
         shapes[name] = list(per_unit.shape[1:])
-        size = int(np.prod(per_unit.shape[1:]))
-        columns[name] = pa.FixedSizeListArray.from_arrays(pa.array(per_unit.reshape(-1)), max(size, 1)) \
-            if size else pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(len(per_unit))), 1)
+        columns[name] = (pa.array(per_unit) if per_unit.ndim == 1 else
+                         pa.FixedSizeListArray.from_arrays(pa.array(per_unit.reshape(-1)),
+                                                           int(np.prod(per_unit.shape[1:]))))
     return pa.table(columns).replace_schema_metadata({"shapes": json.dumps(shapes)})
 
 
 def read_stats(table: pa.Table) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
-    """Inverse of :func:`stats_table`: ``(unit_ids [U], readout_ids [U], {name: array [..., U]})`` in the
-    table's row order."""
+    """Inverse of :func:`stats_table`: ``(unit_ids [U], readout_ids [U], {name: array [U] or [R, U]})``, units in
+    the table's row order."""
     shapes = json.loads((table.schema.metadata or {}).get(b"shapes", b"{}"))
     stats = {}
     for name, shape in shapes.items():
-        flat = table.column(name).combine_chunks().flatten().to_numpy(zero_copy_only=False)
-        stats[name] = np.moveaxis(flat[: table.num_rows * int(np.prod(shape))].reshape(table.num_rows, *shape), 0, -1)
-    return (table.column("unit_id").to_numpy(), table.column("readout_id").to_numpy(), stats)
+        column = table.column(name).combine_chunks()
+        if shape:
+            column = column.flatten()
+        values = column.to_numpy(zero_copy_only=False).reshape(table.num_rows, *shape)
+        stats[name] = np.moveaxis(values, 0, -1)
+    return table.column("unit_id").to_numpy(), table.column("readout_id").to_numpy(), stats
 
 
 @dataclass(frozen=True)

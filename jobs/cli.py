@@ -34,8 +34,7 @@ class Interrupted(KeyboardInterrupt):
 
 def add_job_options(parser: argparse.ArgumentParser) -> None:
     """The options every job takes (release, output, scans, workers, stores)."""
-    parser.add_argument("--release", help="release directory or .zip URL (params_*.pt, scans.csv, units.csv), or "
-                                          "'microns' for the public release read from its bucket")
+    parser.add_argument("--release", help="release directory or .zip URL (params_*.pt, scans.csv, units.csv)")
     parser.add_argument("--output", help="output URL (a local path, s3://bucket/prefix, ...)")
     parser.add_argument("--scans", default=None, help="SESSION-SCAN_IDX,... (default: every scan of the release)")
     parser.add_argument("--actors", type=int, default=None,

@@ -41,8 +41,9 @@ DRY_RUN_DIR = "fnn-ray-output"
 
 
 def synthetic_recordings(release_url: str, recordings_url: str, videos: int = 4, repeats: int = 5,
-                         frames: int = 40, height: int = 36, width: int = 64, noise: float | Mapping = 0.5,
-                         jitter: float = 0.05, seed: int = 0, scans: Sequence[tuple[int, int]] | None = None,
+                         frames: int = 40, height: int = 36, width: int = 64, noise: float = 0.5,
+                         jitter: float = 0.05, gaps: bool = True, seed: int = 0,
+                         scans: Sequence[tuple[int, int]] | None = None,
                          storage_options: Mapping[str, Any] | None = None) -> None:
     """Write recordings of ``scans`` (default every scan of the release) whose responses are the model's own
     predictions plus Gaussian noise.
@@ -50,9 +51,9 @@ def synthetic_recordings(release_url: str, recordings_url: str, videos: int = 4,
     Every video has ``frames`` random uint8 ``[height, width]`` frames (the same in every repeat); each repeat
     gets its own eye positions and behaviour (the video's, plus ``jitter`` x standard-normal noise). Recorded =
     predicted + ``noise`` x (the unit's standard deviation over all predictions of the scan) x standard-normal
-    noise; ``noise`` may be a mapping scan -> noise. So that every path of the metrics is exercised: the last
-    repeat of every odd-numbered video is missing, unit 0 was never recorded (NaN), unit 1 is constant (zero
-    variance) and unit 2 was not recorded during the first repeat of video 0 (NaN). Deterministic in ``seed``.
+    noise. With ``gaps`` every path of the metrics is exercised: the last repeat of every odd-numbered video is
+    missing, unit 0 was never recorded (NaN), unit 1 is constant (zero variance) and unit 2 was not recorded
+    during the first repeat of video 0 (NaN). Deterministic in ``seed``.
     """
     from fnn_model.engine import Engine
     from fnn_model.release import Release
@@ -66,22 +67,22 @@ def synthetic_recordings(release_url: str, recordings_url: str, videos: int = 4,
     for session, scan_idx in scans or [info.key for info in release.scans]:
         scan = (session, scan_idx)
         engine.add_head(scan, release.load_head(*scan))
-        shown = [(v, r) for v in range(videos) for r in range(repeats - (v % 2 == 1 and repeats > 1))]
+        shown = [(v, r) for v in range(videos) for r in range(repeats - (gaps and v % 2 == 1 and repeats > 1))]
         persp = {vr: eye[vr[0]] + jitter * rng.standard_normal(eye[0].shape, dtype=np.float32) for vr in shown}
         modul = {vr: behaviour[vr[0]] + jitter * rng.standard_normal(eye[0].shape, dtype=np.float32)
                  for vr in shown}
-        predicted = {vr: engine.predict(video_frames[vr[0]][None], [scan], persp[vr][None],
-                                        modul[vr][None])[scan][0] for vr in shown}
+        batch = engine.predict(video_frames[[v for v, _ in shown]], [scan], np.stack([persp[vr] for vr in shown]),
+                               np.stack([modul[vr] for vr in shown]))[scan]  # [N, T, U]
+        predicted = dict(zip(shown, batch))
         spread = np.concatenate(list(predicted.values())).std(axis=0)  # [U]
-        level = noise.get(scan, 0.5) if isinstance(noise, Mapping) else noise
         folder = storage.join(recordings_url, f"{session}-{scan_idx}")
         for (v, r), response in predicted.items():
-            recorded = response + level * spread * rng.standard_normal(response.shape, dtype=np.float32)
-            recorded[:, 0] = np.nan
-            if recorded.shape[1] > 1:
-                recorded[:, 1] = 1.0
-            if recorded.shape[1] > 2 and (v, r) == (0, 0):
-                recorded[:, 2] = np.nan
+            recorded = response + noise * spread * rng.standard_normal(response.shape, dtype=np.float32)
+            if gaps:
+                recorded[:, 0] = np.nan
+                recorded[:, 1:2] = 1.0
+                if (v, r) == (0, 0):
+                    recorded[:, 2:3] = np.nan
             write_repeat(folder, f"video{v}", str(r), video_frames[v], recorded.astype(np.float32), persp[(v, r)],
                          modul[(v, r)], storage_options)
         engine.remove_head(scan)

@@ -24,6 +24,7 @@ import pandas as pd
 from fnn_ray.analysis.receptive_fields import rf_table
 from fnn_ray.experiment import ExperimentConfig, ScanMeans
 from fnn_ray.generators import family_from_name
+from fnn_ray.plots import rf_plots
 from jobs.cli import add_job_options, job_options, run_cli
 from jobs.experiment_cli import add_experiment_options, dry_run_release, parse_size, run_experiment
 
@@ -55,6 +56,11 @@ def analyse(rows: int, cols: int, height: int, width: int):
     return run
 
 
+def maps(table: pd.DataFrame, rows: int, cols: int) -> pd.DataFrame:
+    """``table`` with ``sta_on`` / ``sta_off`` as ``[rows, cols]`` arrays (for plotting)."""
+    return table.assign(**{k: [np.asarray(v).reshape(rows, cols) for v in table[k]] for k in ("sta_on", "sta_off")})
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
@@ -62,8 +68,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--release and --output are required (or give neither for a dry run)")
 
     def body():
-        from fnn_ray.plots import rf_plots
-
         options = job_options(args)
         dry = not args.release
         release, output = (args.release, args.output) if not dry else dry_run_release()
@@ -80,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_experiment("receptive_fields", DATA_DIR, config, args.save_stimuli,
                               analyse(rows, cols, height, width),
                               {"grid": [rows, cols], "height": height, "width": width}, CSV_COLUMNS,
-                              lambda table, directory: rf_plots(table, (rows, cols), directory))
+                              lambda table, directory: rf_plots(maps(table, rows, cols), height, width, directory))
 
     return run_cli(body)
 

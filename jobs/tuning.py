@@ -24,6 +24,7 @@ import pandas as pd
 from fnn_ray.analysis.tuning import tuning_table
 from fnn_ray.experiment import ExperimentConfig, ScanMeans
 from fnn_ray.generators import family_from_name
+from fnn_ray.plots import tuning_plots
 from jobs.cli import add_job_options, job_options, run_cli
 from jobs.experiment_cli import add_experiment_options, dry_run_release, parse_size, run_experiment
 
@@ -55,12 +56,6 @@ def analyse(directions_deg: np.ndarray):
     return run
 
 
-def plot(table: pd.DataFrame, directory: str) -> list[str]:
-    from fnn_ray.plots import tuning_plots
-
-    return tuning_plots(table, directory)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
@@ -84,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         config = ExperimentConfig(release=release, output=output, family=family,
                                   clips_per_part=args.clips_per_part, **options)
         return run_experiment("tuning", DATA_DIR, config, args.save_stimuli, analyse(directions),
-                              {"directions_deg": directions.tolist()}, CSV_COLUMNS, plot)
+                              {"directions_deg": directions.tolist()}, CSV_COLUMNS,
+                              lambda table, directory: tuning_plots(table, directions, directory))
 
     return run_cli(body)
 

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+pytest_plugins = ["faultproxy"]
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 #: Dummy credentials used against the moto server; distinctive so tests can check they never leak.

@@ -15,8 +15,8 @@
 It is bounded: at most ``max_connections`` open connections (more are reset), and it stops by itself after
 ``lifetime_s``. Use it as a context manager (``with FaultProxy(url) as proxy: ...``) or through the
 ``store_proxy`` fixture below, which fronts the ``s3`` fixture's server and points ``AWS_ENDPOINT_URL`` of
-this process (and of processes it starts afterwards) at the proxy for the duration of one test. Test modules
-use it with ``from faultproxy import store_proxy  # noqa: F401`` (or conftest.py lists it once for all).
+this process (and of processes it starts afterwards) at the proxy for the duration of one test. A test
+module gets the fixture with ``pytest_plugins = ["faultproxy"]`` (or conftest.py lists it once for all).
 """
 
 from __future__ import annotations
@@ -41,14 +41,10 @@ _POLL_S = 0.05
 
 def _hard_close(sock: socket.socket) -> None:
     """Close ``sock`` with a TCP RST (SO_LINGER 0), so the peer sees 'connection reset'."""
-    try:
+    with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    except OSError:
-        pass
-    try:
+    with contextlib.suppress(OSError):
         sock.close()
-    except OSError:
-        pass
 
 
 class FaultProxy:
@@ -88,6 +84,8 @@ class FaultProxy:
         self._wake_r, self._wake_w = socket.socketpair()
         self._listener: socket.socket | None = self._listen(port)
         self.port = self._listener.getsockname()[1]
+        #: storage options that reach the store through the proxy (the fixture adds the credentials)
+        self.storage_options: dict = {"endpoint_url": self.endpoint_url}
         self._acceptor = threading.Thread(target=self._accept_loop, name=f"faultproxy-{self.port}", daemon=True)
         self._acceptor.start()
         self._later(lifetime_s, self.close)
@@ -106,10 +104,6 @@ class FaultProxy:
     def bytes_to_client(self) -> int:
         with self._cond:
             return self._to_client
-
-    @property
-    def is_up(self) -> bool:
-        return self._mode == "up"
 
     def reset_counts(self) -> None:
         with self._cond:
@@ -286,6 +280,6 @@ def store_proxy(s3, monkeypatch):
     (or ``runtime_env={"env_vars": {"AWS_ENDPOINT_URL": proxy.endpoint_url}}``) to reach the store through it.
     """
     with FaultProxy(s3.endpoint_url) as proxy:
-        proxy.storage_options = {**s3.storage_options, "endpoint_url": proxy.endpoint_url}
+        proxy.storage_options = {**s3.storage_options, **proxy.storage_options}
         monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint_url)
         yield proxy

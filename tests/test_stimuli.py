@@ -265,7 +265,7 @@ def test_clip_writer_streams_file_by_file(tmp_url):
     url = tmp_url("local")
     clips = make_clips(7)
     committed = []
-    with stimuli.ClipWriter(url, clips_per_file=3) as writer:
+    with stimuli.ClipWriter(url, clips_per_file=3, columns={"perspectives", "modulations"}) as writer:
         for c in clips:
             writer.write(c)
             committed.append(len([n for n in os.listdir(url) if n.endswith(".parquet")]) if os.path.isdir(url)
@@ -285,14 +285,21 @@ def test_clip_writer_streams_file_by_file(tmp_url):
 
 def test_clip_writer_file_bytes_and_new_columns(tmp_url):
     url = tmp_url("memory")
-    clips = make_clips(4)  # frames of 3, 4, 5, 6 x 4 x 6 bytes; clip 1 is the first with perspectives
-    with stimuli.ClipWriter(url, max_file_bytes=5 * 24 + 6 * 24) as writer:
-        for c in clips:
+    plain = [Clip(f"c{i}", np.full((3 + i, 4, 6), i, np.uint8)) for i in range(4)]  # 72, 96, 120, 144 bytes
+    with stimuli.ClipWriter(url, max_file_bytes=216) as writer:
+        for c in plain:
             writer.write(c)
-    # clip 1 needs the perspectives column: new file; clips 2 + 3 fit in max_file_bytes together
+    assert [s.clip_ids for s in stimuli.list_shards(url, 10)] == [("c0", "c1"), ("c2",), ("c3",)]
+    # a clip needing a column the file being built lacks starts a new file
+    mixed = [plain[0], Clip("p", plain[1].frames, perspectives=np.ones((4, 2), np.float32)), plain[2],
+             Clip("w", plain[3].frames, context_frames=2)]
+    url = tmp_url("memory")
+    with stimuli.ClipWriter(url) as writer:
+        for c in mixed:
+            writer.write(c)
     shards = stimuli.list_shards(url, 10)
-    assert [s.clip_ids for s in shards] == [("clip-000",), ("clip-001", "clip-002", "clip-003")]
-    assert [c for s in shards for c in stimuli.read_shard(s)] == clips
+    assert [s.clip_ids for s in shards] == [("c0",), ("p", "c2"), ("w",)]
+    assert [c for s in shards for c in stimuli.read_shard(s)] == mixed
 
 
 def test_clip_writer_error_removes_what_it_wrote(tmp_url):
@@ -357,6 +364,21 @@ def test_reads_fetch_only_what_an_item_needs(s3, s3_url, monkeypatch):
             for key, value in stats.items():
                 total[key] = total.get(key, 0) + value
         assert total["bytes_read"] / total["frame_bytes"] < 1.06  # footer: 32 KiB per item of 737 KB or more
+
+
+def test_footer_larger_than_the_first_read(tmp_url):
+    """200 one-clip row groups: the footer is over 32 KiB and is completed by a second request."""
+    url = tmp_url("local")
+    clips = with_context(make_clips(200, hw=(2, 3)), every=3)
+    (file_url,) = stimuli.write_clips(url, clips, clips_per_file=200)
+    footer = int.from_bytes(open(file_url, "rb").read()[-8:-4], "little")
+    assert footer > 32 * 1024
+    stats = {}
+    shards = stimuli.list_shards(url, 50, stats=stats)
+    assert stats["bytes_read"] > footer
+    stats = {}
+    assert stimuli.read_shard(shards[2], stats=stats) == clips[100:150]
+    assert stats["requests"] == 3  # the footer in two pieces, then the shard's rows in one range
 
 
 # ------------------------------------------------------------------------------------ read validation

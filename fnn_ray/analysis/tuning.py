@@ -30,6 +30,11 @@ Choices where ``IN_SILICO.md`` leaves room (documented here and in the function 
   the cost: a numerical stationary point) within :attr:`FitConfig.max_iter` iterations with finite parameters.
   Parameters of an unconverged fit are still reported (the best point found); a curve with a non-finite value
   gets NaN everywhere and ``fit_success`` False.
+* ``kappa`` has no upper bound. For a curve best fitted by a spike at one direction the optimum lies at
+  ``kappa -> inf`` (and, with ``mu`` off the sampled directions, ``A -> inf``): the iteration stops where the
+  cost stops falling (``fit_success`` True) with a very large ``kappa`` and possibly a huge ``A`` (on i.i.d.
+  noise curves up to ~1e9 and ~1e160). OSI and DSI of such fits are still defined; a value that overflows gives
+  NaN, never a warning.
 * After the fit ``mu`` is wrapped to ``[0, 360)`` degrees (after the ``phi < 0.5`` flip), so ``fit_mu`` equals
   ``pref_dir``.
 * A ratio whose denominator is not positive (gOSI/gDSI with ``sum_k r_k <= 0``, OSI with
@@ -107,10 +112,10 @@ def global_indices(curves: np.ndarray, directions_deg: np.ndarray) -> tuple[np.n
         ``(gosi [U], gdsi [U])``; NaN for a curve with a non-finite value or ``sum_k r_k <= 0``.
     """
     curves, theta = _check_curves(curves, directions_deg)
-    total = curves.sum(axis=1)
-    ori = np.abs(curves @ np.exp(2j * theta))
-    direction = np.abs(curves @ np.exp(1j * theta))
-    return _ratio(ori, total), _ratio(direction, total)
+    finite = np.all(np.isfinite(curves), axis=1)
+    curves = np.where(finite[:, None], curves, 0.0)
+    total = np.where(finite, curves.sum(axis=1), np.nan)
+    return _ratio(np.abs(curves @ np.exp(2j * theta)), total), _ratio(np.abs(curves @ np.exp(1j * theta)), total)
 
 
 def von_mises(theta_deg, mu_deg, phi, kappa, scale, bias) -> np.ndarray:
@@ -342,13 +347,16 @@ def tuning_table(curves: np.ndarray, directions_deg: np.ndarray, config: FitConf
     def curve_at(angle: np.ndarray) -> np.ndarray:
         return von_mises(angle, mu, fit["phi"], fit["kappa"], fit["scale"], fit["bias"])
 
-    r_pref = (curve_at(pref_ori) + curve_at(pref_ori + 180.0)) / 2.0
-    r_orth = (curve_at(pref_ori + 90.0) + curve_at(pref_ori + 270.0)) / 2.0
+    with np.errstate(over="ignore", invalid="ignore"):  # a spike fit's huge scale may overflow: NaN below
+        r_pref = (curve_at(pref_ori) + curve_at(pref_ori + 180.0)) / 2.0
+        r_orth = (curve_at(pref_ori + 90.0) + curve_at(pref_ori + 270.0)) / 2.0
+        osi = _ratio(r_pref - r_orth, r_pref + r_orth)
+        dsi = 1.0 - _ratio(curve_at(mu + 180.0), curve_at(mu))
     fit_columns = ("mu", "phi", "kappa", "scale", "bias", "mse", "success")
     return pd.DataFrame(
         {
-            "OSI": _ratio(r_pref - r_orth, r_pref + r_orth),
-            "DSI": 1.0 - _ratio(curve_at(mu + 180.0), curve_at(mu)),
+            "OSI": osi,
+            "DSI": dsi,
             "gOSI": gosi,
             "gDSI": gdsi,
             "pref_ori": pref_ori,

@@ -1,0 +1,84 @@
+"""Export to the published MICrONS layout (shared/IN_SILICO.md section 5).
+
+    python -m jobs.export --output OUT --to URL [--scans 8-5,9-6] [--stimuli URL] [--work-dir DIR]
+                          [--storage-options JSON]
+        the sweep at OUT -> URL/responses/: responses.npy float32 [units, frames], units.csv (session, scan_idx,
+        unit_id, readout_id: the rows of the array), metadata.csv (one row per scan)
+
+    python -m jobs.export --readout --release URL --to URL [--scans 8-5,9-6] [--storage-options JSON]
+        the release alone -> URL/readout/: readout_weights.npy [units, streams x channels],
+        readout_locations.npy [units, 2] (mu), units.csv (session, scan_idx, unit_id)
+
+Read the array with ``numpy.load(".../responses.npy", mmap_mode="r")``. Memory stays bounded however large the
+array (it is filled by memory map, one record batch of one part file at a time). For a remote --to the files are
+built in a local temporary directory (--work-dir, default $TMPDIR; it must hold the array) and uploaded at the
+end; a local --to is built in place under URL/_staging/. Nothing is left at --to when the export fails. A sweep
+with uncommitted items is refused (naming them). Exit status: 0 written, 2 bad setup or data (one ``error:``
+line), 130/143 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from fnn_ray.export import export_readout, export_responses
+from fnn_ray.preflight import parse_scans
+from jobs.cli import run_cli
+
+__all__ = ["build_parser", "main"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m jobs.export", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output", help="the sweep's output URL (responses export)")
+    parser.add_argument("--readout", action="store_true", help="export the readout of --release instead")
+    parser.add_argument("--release", help="release directory or .zip URL (with --readout)")
+    parser.add_argument("--to", required=True, help="where the published layout goes (local path, s3://...)")
+    parser.add_argument("--scans", default=None, help="SESSION-SCAN_IDX,... (default: every scan, in order)")
+    parser.add_argument("--stimuli", default=None,
+                        help="stimulus dataset URL (default: the one recorded in the sweep's manifest)")
+    parser.add_argument("--work-dir", default=None,
+                        help="local directory for building the files of a remote --to (default $TMPDIR)")
+    parser.add_argument("--storage-options", default=None,
+                        help="JSON fsspec options for every store, e.g. '{\"endpoint_url\": ...}' (never echoed)")
+    return parser
+
+
+def _storage_options(text: str | None) -> dict[str, Any] | None:
+    try:
+        options = json.loads(text) if text else None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--storage-options is not valid JSON ({e.msg} at character {e.pos})") from None
+    if options is not None and not isinstance(options, dict):
+        raise ValueError(f"--storage-options must be a JSON object, got a JSON {type(options).__name__}")
+    return options
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
+    if args.readout and (not args.release or args.output or args.stimuli):
+        parser.error("--readout takes --release (not --output or --stimuli)")
+    if not args.readout and (not args.output or args.release):
+        parser.error("--output is required (or --readout with --release)")
+
+    def body() -> int:
+        options = _storage_options(args.storage_options)
+        scans = parse_scans(args.scans)
+        if args.readout:
+            result = export_readout(args.release, args.to, scans, options, work_dir=args.work_dir)
+        else:
+            result = export_responses(args.output, args.to, scans, options, stimuli_url=args.stimuli,
+                                      work_dir=args.work_dir, log=print)
+        print(result)
+        return 0
+
+    return run_cli(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
