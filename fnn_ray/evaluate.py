@@ -102,10 +102,9 @@ def plan_evaluate(config: EvaluateConfig) -> Job:
                                                (config.release, config.recordings, config.output))
     folders = scan_folders(recordings_url, so)
     if config.scans is not None:
-        absent = [s for s in config.scans if s not in folders]
-        if absent:
-            raise FileNotFoundError(f"no recordings for scan {absent[0][0]}-{absent[0][1]}: "
-                                    f"{storage.join(storage.redact_url(recordings_url), '%d-%d' % absent[0])} "
+        for session, scan_idx in [s for s in config.scans if s not in folders][:1]:
+            raise FileNotFoundError(f"no recordings for scan {session}-{scan_idx}: "
+                                    f"{storage.join(storage.redact_url(recordings_url), f'{session}-{scan_idx}')} "
                                     f"does not exist")
     wanted = list(config.scans) if config.scans is not None else list(folders)
     scans = _open_release(release_url, wanted, folders, so)
@@ -147,7 +146,7 @@ def merge_performance(job: Job, storage_options: Mapping[str, Any] | None = None
         first[2].append(stats)
         done.add(commit.key)
     if done != planned:
-        key = sorted(planned - done)[0]
+        key = min(planned - done)
         raise ValueError(f"item {key[0]}-{key[1]}/{key[2]} is not committed under "
                          f"{storage.redact_url(job.output_url)}: run the job to the end first")
     tables = {}

@@ -314,11 +314,13 @@ def _read_headers(fs: AbstractFileSystem, paths: list[str], names: list[str]
 def write_repeat(url: str, video: str, repeat: str, stimuli: np.ndarray, units: np.ndarray,
                  perspectives: np.ndarray | None = None, modulations: np.ndarray | None = None,
                  storage_options: Mapping[str, Any] | None = None) -> None:
-    """Write one repeat into the scan folder ``url``: ``stimuli`` uint8 ``[T, H, W]`` (stored as ``[T, H, W, 1]``),
-    ``units`` float32 ``[T, U]``, optional ``perspectives`` / ``modulations`` float32 ``[T, 2]``."""
+    """Write one repeat into the scan folder ``url``: ``stimuli`` uint8 ``[T, H, W]`` (stored as ``[T, H, W, 1]``,
+    like the original layout) or ``[T, H, W, 1]``, ``units`` ``[T, U]``, optional ``perspectives`` /
+    ``modulations`` ``[T, 2]`` (stored as float32)."""
     fs, root = storage.filesystem(url, storage_options)
-    arrays = {"stimuli": np.asarray(stimuli, np.uint8)[..., None] if np.ndim(stimuli) == 3 else stimuli,
-              "perspectives": perspectives, "modulations": modulations, "units": units}
+    frames = np.asarray(stimuli)
+    arrays = {"stimuli": frames[..., None] if frames.ndim == 3 else frames, "perspectives": perspectives,
+              "modulations": modulations, "units": units}
     for kind, array in arrays.items():
         if array is None:
             continue

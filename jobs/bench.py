@@ -187,16 +187,19 @@ def bench_sweep(release_url: str, root: Path, scans: list[tuple[int, int]], clip
     sweeps (each to a new output) counts; the actor is kept between them, as a session's sweeps keep it."""
     from fnn_ray.sweep import SweepConfig, run_sweep
     from fnn_ray.stimuli import Clip, write_clips
-    from fnn_ray.pool import WorkerPool
+    import ray
+
+    from fnn_ray.pool import WorkerPool, init_ray
 
     stimuli = root / "stimuli"
     data = random_clips(clips, frames, seed=4)
     write_clips(str(stimuli), [Clip(f"clip-{n:04d}", data[n]) for n in range(clips)], clips_per_file=clips)
     config = SweepConfig(release=release_url, stimuli=str(stimuli), output=str(root / "output-0"), scans=scans,
                          actors=1, clips_per_batch=clips_per_batch, clips_per_shard=clips_per_batch, dtype=dtype,
-                         progress=False, verbose=False, local_ray=True, reuse_workers=True,
+                         progress=False, verbose=False, reuse_workers=True,
                          cpus_per_actor=float(torch.get_num_threads()) if device.type == "cpu" else None)
     seconds, peak_mb = float("inf"), 0.0
+    started = init_ray()  # one Ray for every repeat, so the actor (and its loaded core) is kept between them
     try:
         for run in range(max(1, repeats)):
             summary = run_sweep(replace(config, output=str(root / f"output-{run}"))).raise_for_failures()
@@ -204,9 +207,55 @@ def bench_sweep(release_url: str, root: Path, scans: list[tuple[int, int]], clip
             peak_mb = max(peak_mb, summary.execution.peak_memory_mb)
     finally:
         WorkerPool.shutdown()
+        if started:
+            ray.shutdown()
     row = make_row(f"sweep {dtype}: Ray, 1 actor, batch {clips_per_batch}", dtype, len(scans), clips, frames,
                    seconds, flops, peak, memory)
     row.peak_memory_mb = peak_mb  # the actor's process (GPU: its allocator), not this one
+    return row
+
+
+def bench_tuning(release_url: str, root: Path, scans: list[tuple[int, int]], clips: int, frames: int,
+                 clips_per_batch: int, device: torch.device, dtype: str, flops: float, peak: float,
+                 memory: Memory, repeats: int) -> Row:
+    """The tuning job (Monet clips generated on one actor, window sums reduced there, then merged and analysed)
+    on about the same clips x frames as the sweep row; the fastest of `repeats` runs counts (worker time plus the
+    driver's merge and analysis)."""
+    import time as _time
+
+    from fnn_ray.analysis.tuning import tuning_table
+    from fnn_ray.experiment import ExperimentConfig, condition_means, plan_experiment
+    from fnn_ray.generators import Monet
+    from fnn_ray.job import run_job
+    import ray
+
+    from fnn_ray.pool import WorkerPool, init_ray
+
+    family = Monet(directions=2, trials=clips, block_frames=max(2, (frames - 15) // 2), seed=0)
+    seconds, peak_mb, scan_frames = float("inf"), 0.0, 0
+    started = init_ray()
+    try:
+        for run in range(max(1, repeats)):
+            config = ExperimentConfig(release=release_url, output=str(root / f"tuning-{run}"), family=family,
+                                      scans=scans, actors=1, clips_per_batch=clips_per_batch,
+                                      clips_per_part=clips_per_batch, dtype=dtype, progress=False, verbose=False,
+                                      reuse_workers=True,
+                                      cpus_per_actor=float(torch.get_num_threads()) if device.type == "cpu" else None)
+            job = plan_experiment("tuning", config)
+            summary = run_job(job, config).raise_for_failures()
+            start = _time.perf_counter()
+            for means in condition_means(job).values():
+                tuning_table(means.means, [c["direction_deg"] for c in family.conditions])
+            seconds = min(seconds, summary.execution.compute_s + _time.perf_counter() - start)
+            peak_mb = max(peak_mb, summary.execution.peak_memory_mb)
+            scan_frames = summary.scan_frames
+    finally:
+        WorkerPool.shutdown()
+        if started:
+            ray.shutdown()
+    row = make_row(f"tuning {dtype}: Ray, 1 actor, batch {clips_per_batch}", dtype, len(scans), family.num_clips,
+                   scan_frames // max(1, len(scans) * family.num_clips), seconds, flops, peak, memory)
+    row.peak_memory_mb = peak_mb
     return row
 
 
@@ -225,6 +274,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=3,
                         help="timed runs of each row; the fastest counts (default 3)")
     parser.add_argument("--no-sweep", action="store_true", help="skip the Ray sweep row")
+    parser.add_argument("--no-tuning", action="store_true", help="skip the tuning-job row")
     parser.add_argument("--error-release", default=None,
                         help="also report the bfloat16 error on this release's weights (default: the golden release "
                              "at $FNN_GOLDEN or ../shared/golden, when there)")
@@ -271,6 +321,13 @@ def main(argv: list[str] | None = None) -> dict:
                                 flops, peaks[best.dtype], memory, args.repeats)  # 3 items per scan: I/O overlaps
             rows.append(sweep)
             print_row(sweep)
+        tuning = None
+        if not args.no_tuning:
+            per_item = best.clips  # generated clips per item: the best engine batch
+            tuning = bench_tuning(release_url, root, scan_keys, 3 * per_item, frames, per_item, device, best.dtype,
+                                  flops, peaks[best.dtype], memory, args.repeats)
+            rows.append(tuning)
+            print_row(tuning)
 
     def best_of(dtype: str) -> Row | None:
         return max((r for r in curve if r.dtype == dtype), key=lambda r: r.scan_frames_per_s, default=None)
@@ -298,6 +355,8 @@ def main(argv: list[str] | None = None) -> dict:
         "engine_vs_baseline": best.scan_frames_per_s / baseline_rate,
         **{f"engine_{name}_vs_baseline": best_of(name).scan_frames_per_s / baseline_rate for name in dtypes},
         "sweep_vs_engine": sweep.scan_frames_per_s / best.scan_frames_per_s if sweep else None,
+        "tuning": asdict(tuning) if tuning else None,
+        "tuning_vs_engine": tuning.scan_frames_per_s / best.scan_frames_per_s if tuning else None,
         "bfloat16_max_rel_error": bf16_error,
         "bfloat16_error_release": error_release,
         "bfloat16_max_rel_error_on_that_release": release_error,
@@ -306,6 +365,8 @@ def main(argv: list[str] | None = None) -> dict:
     ratio += "".join(f", {name} {result[f'engine_{name}_vs_baseline']:.2f}x" for name in dtypes)
     if sweep:
         ratio += f"; sweep/engine {result['sweep_vs_engine']:.2f}x"
+    if tuning:
+        ratio += f"; tuning/engine {result['tuning_vs_engine']:.2f}x"
     if bf16_error is not None:
         ratio += f"; bfloat16 max relative error vs float32 {bf16_error:.2e}"
     print(ratio)

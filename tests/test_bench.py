@@ -12,7 +12,7 @@ from jobs import bench
 def test_bench_writes_consistent_json(tmp_path):
     path = tmp_path / "bench.json"
     result = bench.main(["--device", "cpu", "--scans", "1", "--units", "50", "--frames", "2", "--batches", "1,2",
-                         "--repeats", "2", "--no-sweep", "--json", str(path)])
+                         "--repeats", "2", "--no-sweep", "--no-tuning", "--json", str(path)])
     saved = json.loads(path.read_text())
     assert saved["engine_vs_baseline"] == pytest.approx(result["engine_vs_baseline"])
     rows = saved["rows"]
