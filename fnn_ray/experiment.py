@@ -30,7 +30,7 @@ from fnn_ray.reducers import WindowReducer
 from fnn_ray.sources import GeneratedSource, blocks
 from fnn_ray.stimuli import Clip, write_clips
 
-__all__ = ["ExperimentConfig", "ScanMeans", "clips_metadata", "condition_means", "csv_bytes", "plan_experiment",
+__all__ = ["ExperimentConfig", "ScanMeans", "clips_metadata", "condition_means", "csv_bytes", "plan_experiment", "read_results",
            "save_stimuli", "write_file", "write_table"]
 
 Scan = tuple[int, int]
@@ -140,3 +140,15 @@ def csv_bytes(frame: pd.DataFrame) -> bytes:
     buffer = io.StringIO()
     frame.to_csv(buffer, index=False)
     return buffer.getvalue().encode()
+
+
+def read_results(output_url: str, data_dir: str, storage_options: Mapping[str, Any] | None = None,
+                 filter: Any = None) -> pd.DataFrame:
+    """An analysis table (``ori_dir_tuning``, ``receptive_fields``, ``performance``) of every scan as one
+    DataFrame with ``session`` / ``scan_idx`` columns (``filter``: a ``pyarrow.dataset`` expression on them)."""
+    import pyarrow.dataset as ds
+
+    fs, root = storage.filesystem(storage.join(output_url, data_dir), storage_options)
+    dataset = ds.dataset([p for p in fs.find(root) if p.endswith("/units.parquet")], filesystem=fs,
+                         format="parquet", partitioning=ds.partitioning(flavor="hive"), partition_base_dir=root)
+    return dataset.to_table(filter=filter).to_pandas()

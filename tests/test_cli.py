@@ -1,0 +1,249 @@
+"""The sweep's command line as a user runs it: ``python -m jobs.sweep ...`` in a real subprocess.
+
+* Bad setup -> exit status 2 within seconds, one ``error:`` line naming the problem as the last line of stderr, no
+  traceback, nothing created at ``--output`` (each case runs in an empty working directory that must stay empty).
+* Credentials given in ``--storage-options`` appear in no output and no file written.
+* SIGINT / SIGTERM -> 130 / 143 within seconds, "rerun the same command" printed, no process of the run left; the
+  rerun completes and its responses equal those of an uninterrupted run (marked slow).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from fnn_model.config import NetworkConfig
+from fnn_ray.ledger import Ledger
+from fnn_ray.responses import read_responses
+from jobs.make_synthetic import make_synthetic
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+#: Scans (session, scan_idx, units) of the synthetic release; frame size of its clips.
+SCANS = [(8, 5, 20), (9, 6, 15)]
+HEIGHT, WIDTH = 36, 64
+#: Seconds a bad setup may take to be reported (the contract says 5; this machine is shared and loaded).
+SETUP_LIMIT_S = 15.0
+#: The environment variable that tags every process of one run (scanned for in /proc).
+TAG = "FNN_TEST_CLI_RUN"
+LEAK_KEY, LEAK_SECRET = "AKIA-LEAK-TEST", "LEAK-SECRET-TEST"
+SORT_KEYS = [("session", "ascending"), ("scan_idx", "ascending"), ("clip_id", "ascending"),
+             ("readout_id", "ascending")]
+
+
+def _cli(args: list[str], cwd: Path, tag: str, timeout: float = 240.0) -> tuple[int, str, str, float]:
+    """Run ``python -m jobs.sweep *args`` in ``cwd``; return (exit status, stdout, stderr, wall seconds)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
+               **{TAG: tag})
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "jobs.sweep", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    return done.returncode, done.stdout, done.stderr, time.perf_counter() - start
+
+
+def _tagged_pids(tag: str) -> list[int]:
+    """Pids of live processes whose environment holds ``TAG=tag`` (zombies excluded)."""
+    needle = f"{TAG}={tag}".encode()
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                if needle not in f.read().split(b"\0"):
+                    continue
+            with open(f"/proc/{entry}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    continue
+        except OSError:  # gone meanwhile, or a kernel thread
+            continue
+        pids.append(int(entry))
+    return pids
+
+
+def _kill_tagged(tag: str) -> None:
+    for pid in _tagged_pids(tag):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, Path]:
+    """A tiny synthetic release (2 scans), 8 clips of <= 8 frames, and 24 clips of <= 16 frames for interrupts."""
+    root = tmp_path_factory.mktemp("cli-data")
+    make_synthetic(str(root / "release"), str(root / "stimuli"), SCANS, 8, 8, NetworkConfig.tiny(), HEIGHT, WIDTH,
+                   clips_per_file=8, seed=0)
+    from fnn_ray.stimuli import write_clips
+    from jobs.make_synthetic import synthetic_clips
+
+    write_clips(str(root / "long"), synthetic_clips(24, 16, HEIGHT, WIDTH, seed=1), clips_per_file=24)
+    return {"root": root, "release": root / "release", "stimuli": root / "stimuli", "long": root / "long"}
+
+
+def _broken_release(data: dict[str, Path], tmp_path: Path, change) -> Path:
+    release = tmp_path / "inputs" / "release"
+    shutil.copytree(data["release"], release)
+    change(release)
+    return release
+
+
+def _no_core(release: Path) -> None:
+    (release / "params_core.pt").unlink()
+
+
+def _pickled_head(release: Path) -> None:
+    (release / "params_8_5.pt").write_bytes(pickle.dumps({"a": 1}))
+
+
+# (case id, extra args or a release changer, words the error line must contain)
+BAD_SETUPS = [
+    ("missing-release", {"release": "no-such-release"}, ["no-such-release"]),
+    ("no-core", {"change": _no_core}, ["params_core.pt"]),
+    ("pickled-head", {"change": _pickled_head}, ["params_8_5.pt", "pickle"]),
+    ("unknown-scan", {"args": ["--scans", "1-1"]}, ["1-1"]),
+    ("missing-stimuli", {"stimuli": "no-such-stimuli"}, ["no-such-stimuli"]),
+    # root ignores directory permissions, so the unwritable output is a path under a regular file
+    ("output-under-file", {"output": "afile/out"}, ["afile"]),
+    ("storage-options-list", {"args": ["--storage-options", "[1]"]}, ["--storage-options"]),
+    ("zero-actors", {"args": ["--actors", "0"]}, ["--actors"]),
+]
+
+
+@pytest.mark.parametrize("case", BAD_SETUPS, ids=[c[0] for c in BAD_SETUPS])
+def test_bad_setup_exits_2_with_one_error_line(data, tmp_path, case):
+    name, spec, words = case
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    (inputs / "afile").write_text("a regular file\n")
+    release = _broken_release(data, tmp_path, spec["change"]) if "change" in spec else data["release"]
+    release = inputs / spec["release"] if "release" in spec else release
+    stimuli = inputs / spec["stimuli"] if "stimuli" in spec else data["stimuli"]
+    output = inputs / spec.get("output", "out")
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    before = sorted(p.name for p in inputs.iterdir())
+    tag = uuid.uuid4().hex
+    try:
+        code, out, err, wall = _cli(["--release", str(release), "--stimuli", str(stimuli), "--output", str(output),
+                                     "--no-progress", *spec.get("args", [])], cwd, tag, timeout=120)
+    finally:
+        _kill_tagged(tag)
+    print(f"\n{name}: exit {code} in {wall:.2f} s; stderr: {err.strip()[-300:]!r}")
+    assert code == 2, f"{name}: exit {code}\nstdout:\n{out}\nstderr:\n{err}"
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines and lines[-1].startswith("error:"), err
+    for word in words:
+        assert word in lines[-1], f"{name}: {word!r} not in {lines[-1]!r}"
+    assert "Traceback" not in out + err
+    assert not os.path.lexists(output), f"{name}: {output} was created"
+    assert sorted(p.name for p in inputs.iterdir()) == before
+    assert (inputs / "afile").is_file()
+    assert list(cwd.iterdir()) == []
+    assert wall < SETUP_LIMIT_S, f"{name}: the error took {wall:.1f} s"
+
+
+def test_credentials_never_echoed_or_written(data, tmp_path):
+    output = tmp_path / "out"
+    tag = uuid.uuid4().hex
+    options = f'{{"key": "{LEAK_KEY}", "secret": "{LEAK_SECRET}"}}'
+    try:
+        code, out, err, wall = _cli(["--release", str(data["release"]), "--stimuli", str(data["stimuli"]),
+                                     "--output", str(output), "--storage-options", options, "--actors", "1",
+                                     "--cpus-per-actor", "1", "--no-progress"], tmp_path, tag)
+    finally:
+        _kill_tagged(tag)
+    print(f"\ncredentials run: exit {code} in {wall:.1f} s")
+    assert code == 0, f"stdout:\n{out}\nstderr:\n{err}"
+    assert read_responses(str(output)).num_rows == 8 * sum(u for _, _, u in SCANS)
+    for secret in (LEAK_KEY, LEAK_SECRET):
+        assert secret not in out + err
+        for path in tmp_path.rglob("*"):
+            if path.is_file():
+                assert secret.encode() not in path.read_bytes(), f"{secret} written to {path}"
+
+
+def _long_args(data: dict[str, Path], output: Path) -> list[str]:
+    return ["--release", str(data["release"]), "--stimuli", str(data["long"]), "--output", str(output),
+            "--clips-per-shard", "1", "--clips-per-batch", "1", "--actors", "1", "--cpus-per-actor", "1",
+            "--no-progress"]
+
+
+def _sorted_rows(output: Path) -> list[dict]:
+    return read_responses(str(output)).sort_by(SORT_KEYS).to_pylist()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data, tmp_path_factory) -> list[dict]:
+    """The long stimulus set's responses from one uninterrupted run, sorted."""
+    root = tmp_path_factory.mktemp("cli-whole")
+    tag = uuid.uuid4().hex
+    try:
+        code, out, err, wall = _cli(_long_args(data, root / "out"), root, tag)
+    finally:
+        _kill_tagged(tag)
+    print(f"\nuninterrupted run: exit {code} in {wall:.1f} s")
+    assert code == 0, f"stdout:\n{out}\nstderr:\n{err}"
+    return _sorted_rows(root / "out")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
+def test_interrupt_then_rerun_resumes(data, uninterrupted, tmp_path, sig, status):
+    output, log = tmp_path / "out", tmp_path / "run.log"
+    tag = uuid.uuid4().hex
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
+               **{TAG: tag})
+    command = [sys.executable, "-m", "jobs.sweep", *_long_args(data, output)]
+    try:
+        with open(log, "w") as f:
+            child = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=f, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 180
+            while len(Ledger(str(output)).commits()) < 2:
+                assert child.poll() is None, f"the run ended before 2 commits:\n{log.read_text()}"
+                assert time.monotonic() < deadline, f"no 2 commits in 180 s:\n{log.read_text()}"
+                time.sleep(0.2)
+            committed = len(Ledger(str(output)).commits())
+            start = time.perf_counter()
+            child.send_signal(sig)
+            code = child.wait(timeout=30)
+            wall = time.perf_counter() - start
+        finally:
+            if child.poll() is None:
+                os.killpg(child.pid, signal.SIGKILL)
+                child.wait()
+        text = log.read_text()
+        deadline = time.monotonic() + 10
+        while _tagged_pids(tag) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        left = _tagged_pids(tag)
+        print(f"\n{sig.name}: {committed} commits at the signal; exit {code} {wall:.2f} s after it; "
+              f"left processes {left}")
+        assert code == status, text
+        assert wall < 10.0, f"exit took {wall:.1f} s after {sig.name}"
+        assert "rerun the same command" in text
+        assert "Traceback" not in text
+        assert not left, f"processes of the run left: {left}"
+        assert len(Ledger(str(output)).commits()) < 2 * 24, "the run finished before the signal"
+    finally:
+        _kill_tagged(tag)
+    rerun_tag = uuid.uuid4().hex
+    try:
+        code, out, err, wall = _cli(_long_args(data, output), tmp_path, rerun_tag)
+    finally:
+        _kill_tagged(rerun_tag)
+    print(f"rerun: exit {code} in {wall:.1f} s")
+    assert code == 0, f"stdout:\n{out}\nstderr:\n{err}"
+    assert _sorted_rows(output) == uninterrupted
