@@ -116,7 +116,7 @@ def execute(items: list[WorkItem], task: Task, pool: WorkerPool, n_actors: int, 
     attempts: Counter[Key] = Counter()
     first_fault: dict[Key, float] = {}
     timings: Counter[str] = Counter()
-    state = {"crashed": False, "handed_out": 0}
+    state = {"crashed": False, "handed_out": 0, "store_down": False}
     completed = False
 
     def submit(name: str, item: WorkItem) -> None:
@@ -128,6 +128,8 @@ def execute(items: list[WorkItem], task: Task, pool: WorkerPool, n_actors: int, 
         return sum(1 for n, _ in inflight.values() if n == name) + sum(1 for _, n, _ in delayed if n == name)
 
     def top_up() -> None:
+        if state["store_down"]:
+            return
         for name in scheduler.actors:
             while busy(name) < IN_FLIGHT:
                 if faults.max_items is not None and state["handed_out"] >= faults.max_items:
@@ -155,7 +157,9 @@ def execute(items: list[WorkItem], task: Task, pool: WorkerPool, n_actors: int, 
     def fail(name: str, item: WorkItem, cause: BaseException) -> None:
         scheduler.complete(name, item)
         run.failed += 1
-        run.store_failures += isinstance(cause, storage.StoreUnavailable) or storage.is_transient(cause)
+        if isinstance(cause, storage.StoreUnavailable) or storage.is_transient(cause):
+            run.store_failures += 1
+            state["store_down"] = True  # an outage is not an item's fault: hand out nothing more
         run.failures.append(_message(item, cause, attempts[item.key]))
         progress.write(f"FAILED {run.failures[-1]}")
         progress.update(item.frames, failed=True)
@@ -219,7 +223,10 @@ def execute(items: list[WorkItem], task: Task, pool: WorkerPool, n_actors: int, 
                 progress.update(result.scan_frames)
             top_up()
         pending = scheduler.pending
-        if pending and not run.stopped_early:
+        if pending and state["store_down"]:
+            run.failures.append(f"the store stayed unreachable for {task.store_timeout_s:.0f} s: {pending} more "
+                                f"item(s) not attempted; rerun when it is back")
+        elif pending and not run.stopped_early:
             run.failures.append(f"no live worker left after {run.actor_restarts} restart(s): {pending} item(s) not "
                                 f"computed; rerun to finish them")
         completed = True

@@ -12,10 +12,11 @@ dataset's frames (clips in dataset order, each without its context frames, conca
 row per scan: session, scan_idx, sampling_frequency, stimulus_height, stimulus_width, burnin_frames, frames.
 
 Bounded memory, however large the array (the full MICrONS table is 31 GB): the ``.npy`` file is created with its
-header and filled through a memory map that is opened for one record batch of one part file at a time and closed
-after it, so only the pages of that batch are ever resident; part files are read batch by batch, in plan order
-(each scan's clips in frame order, so the pages a batch leaves half-written are completed by the next). Every row
-is checked against the plan: clip, unit id, readout id and response length; every (clip, unit) must be written once.
+header (sparse) and filled through memory maps, each opened for the rows of one clip in one record batch
+(``BATCH_ROWS`` rows of a part file) and closed after them, so only the pages those rows touch are ever resident;
+part files are read batch by batch, in plan order (each scan's clips in frame order, so the pages a part leaves
+half-written are completed by the next while still cached). Every row is checked against the plan: clip, unit id,
+readout id and response length; every (clip, unit) of the scans exported must be written exactly once.
 
 Atomic: nothing is written before the checks pass (a sweep with uncommitted items is refused, naming them). The
 files are built in a working directory (``<to>/_staging/<id>/`` for a local ``to``, so the array is written once
@@ -29,6 +30,7 @@ after the other, so a reader racing the final moves may see a new file next to a
 from __future__ import annotations
 
 import itertools
+import mmap
 import os
 import posixpath
 import shutil
@@ -199,24 +201,36 @@ def _plan(output_url: str, scans: Sequence[Scan] | None, stimuli_url: str | None
 
 # ------------------------------------------------------------------------------------------- writing
 class _Npy:
-    """A float32 C-order ``.npy`` file ``[rows, columns]`` at a local ``path``, written block by block through a
-    memory map opened per block (so only the pages of the block in hand are resident)."""
+    """A float32 C-order ``.npy`` file ``[rows, columns]`` at a local ``path``, written block by block, each block
+    through its own memory map of just its rows, closed after it: only the pages a block touches become resident
+    (read-around is switched off: on large-folio filesystems, e.g. ext4 on Linux 6.x, a fault would otherwise map
+    ~150 KB around every touched row)."""
 
     def __init__(self, path: str, shape: tuple[int, int]) -> None:
         created = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
         self.path, self.shape, self.offset = path, shape, created.offset
         del created
 
-    @contextmanager
-    def rows(self, first: int, count: int) -> Iterator[np.ndarray]:
-        """A writable memory map of rows ``[first, first + count)``, ``[count, columns]``, closed on exit."""
-        view = np.memmap(self.path, np.float32, "r+", offset=self.offset + first * self.shape[1] * 4,
-                         shape=(count, self.shape[1]))
+    def write(self, rows: np.ndarray, start: int, values: np.ndarray) -> None:
+        """``array[rows, start:start + k] = values`` (``values`` ``[len(rows), k]``; ``rows`` int, ascending)."""
+        low, high = int(rows[0]), int(rows[-1])
+        row_bytes = self.shape[1] * 4
+        begin = self.offset + low * row_bytes
+        aligned = begin - begin % mmap.ALLOCATIONGRANULARITY
+        with open(self.path, "r+b") as f:
+            mapped = mmap.mmap(f.fileno(), begin - aligned + (high - low + 1) * row_bytes, offset=aligned)
         try:
-            yield view
+            if hasattr(mapped, "madvise"):
+                mapped.madvise(mmap.MADV_RANDOM)
+            block = np.ndarray((high - low + 1, self.shape[1]), np.float32, buffer=mapped, offset=begin - aligned)
+            columns = slice(start, start + values.shape[1])
+            if high - low + 1 == len(rows):
+                block[:, columns] = values
+            else:
+                block[rows - low, columns] = values
+            del block
         finally:
-            view.flush()
-            del view
+            mapped.close()
 
 
 @contextmanager
@@ -241,6 +255,8 @@ def _publish(to_url: str, folder: str, storage_options: Mapping[str, Any] | None
         if local:
             os.makedirs(target, exist_ok=True)
             for name in names:
+                with open(posixpath.join(work, name), "rb+") as f:
+                    os.fsync(f.fileno())  # on disk before it takes the published name
                 os.replace(posixpath.join(work, name), posixpath.join(target, name))
         else:
             for name in names:
@@ -325,12 +341,8 @@ class _Filler:
             raise ValueError(f"{where}: clip {clip_id!r} readout_id {int(readout_ids[bad])} has {int(lengths[bad])} "
                              f"frames, expected {length} (num_frames - context_frames)")
         values = responses.flatten().to_numpy(zero_copy_only=False).reshape(len(readout_ids), length)
-        low, high = int(readout_ids.min()), int(readout_ids.max())
-        with self.array.rows(self.first_row + low, high - low + 1) as rows:
-            if high - low + 1 == len(readout_ids) and (np.diff(readout_ids) > 0).all():
-                rows[:, start:start + length] = values
-            else:
-                rows[readout_ids - low, start:start + length] = values
+        order = np.argsort(readout_ids, kind="stable")
+        self.array.write(self.first_row + readout_ids[order], start, values[order])
 
 
 def export_responses(
@@ -410,10 +422,9 @@ def export_readout(
         for info in chosen:
             state = release.load_head(*info.key).state_dict()
             streams = [state[f"readout.feature.weights.{s}"][:, 0, :] for s in range(release.config.streams)]
-            with weights.rows(row, info.units) as rows:
-                rows[:] = np.concatenate([s.numpy() for s in streams], axis=1)
-            with locations.rows(row, info.units) as rows:
-                rows[:] = state["readout.position.mu"].numpy()
+            index = np.arange(row, row + info.units)
+            weights.write(index, 0, np.concatenate([s.numpy() for s in streams], axis=1))
+            locations.write(index, 0, state["readout.position.mu"].numpy())
             units = release.units(*info.key)
             table.append(pd.DataFrame({"session": info.session, "scan_idx": info.scan_idx,
                                        "unit_id": units.unit_id.to_numpy()}))

@@ -197,9 +197,10 @@ def _remove_staging(ledger: Ledger) -> int:
     return len(paths)
 
 
-def _save_manifest(manifest: Manifest, job: Job, so: Mapping[str, Any] | None, warnings: list[str]) -> None:
+def _save_manifest(manifest: Manifest, job: Job, so: Mapping[str, Any] | None, warnings: list[str],
+                   budget_s: float) -> None:
     try:
-        storage.retry(manifest.save, job.output_url, so, budget_s=30.0, what="saving the manifest")
+        storage.retry(manifest.save, job.output_url, so, budget_s=budget_s, what="saving the manifest")
     except Exception as e:  # reported, never raised: the ledger, not the manifest, says what is committed
         warnings.append(f"could not save {storage.redact_url(manifest_url(job.output_url))}: {type(e).__name__}: "
                         f"{e}; the commits are safe (the next run rewrites it)")
@@ -220,17 +221,20 @@ def run_job(job: Job, config: JobConfig) -> JobSummary:
         raise ValueError(f"output {storage.redact_url(job.output_url)} holds a {previous.job or 'run'} of other inputs "
                          f"({', '.join(changed)} differ): use another output URL")
 
-    lease = OutputLease(job.output_url, so, ttl_s=config.lease_ttl_s).acquire(wait=config.wait_for_lock)
+    budget = min(config.store_timeout_s, 30.0)  # for the driver's own store calls at the end
+    lease = OutputLease(job.output_url, so, ttl_s=config.lease_ttl_s, retry_budget_s=budget).acquire(
+        wait=config.wait_for_lock)
     started_ray = False
     summary: JobSummary | None = None
     manifest: Manifest | None = None
     try:
         ledger = Ledger(job.output_url, so)
         _remove_staging(ledger)
-        good, bad = ledger.verify()
+        commits = ledger.commits()
+        good, bad = ledger.verify(commits)
         everything = build_items(job.scans, job.parts)
         planned = {item.key for item in everything}
-        strays = ledger.strays(job.reducer.data_dir, good)
+        strays = ledger.strays(job.reducer.data_dir, commits)  # a broken commit's file is recomputed, not a stray
         if bad:
             ledger.forget(bad)
         items = [item for item in everything if item.key not in good]
@@ -268,7 +272,7 @@ def run_job(job: Job, config: JobConfig) -> JobSummary:
             def on_commit(result) -> None:
                 manifest.mark_done([result.key])
                 if time.monotonic() - last_save[0] > 10:
-                    _save_manifest(manifest, job, so, summary.warnings)
+                    _save_manifest(manifest, job, so, summary.warnings, budget)
                     last_save[0] = time.monotonic()
 
             try:
@@ -283,18 +287,19 @@ def run_job(job: Job, config: JobConfig) -> JobSummary:
             finally:
                 progress.close()
     finally:
+        if summary is not None and summary.execution is not None and summary.execution.store_failures:
+            budget = lease.retry_budget_s = 5.0  # the store is down: record what we can, don't wait for it
         if summary is not None and manifest is not None:  # reconcile with what is really committed
             try:
                 now_good, _ = Ledger(job.output_url, so).verify()
-                manifest.items_done = sorted(k for k in now_good if k in {i.key for i in build_items(job.scans, job.parts)})
+                manifest.items_done = sorted(k for k in now_good if k in planned)
             except Exception as e:
                 summary.warnings.append(f"could not read the ledger: {type(e).__name__}: {e}")
             done_keys = set(manifest.items_done)
             summary.items_done = len(done_keys) - summary.items_skipped
-            summary.pending = summary.items_total - len(done_keys)
             summary.items_failed = summary.execution.failed if summary.execution else 0
-            summary.pending -= summary.items_failed
-            _save_manifest(manifest, job, so, summary.warnings)
+            summary.pending = summary.items_total - len(done_keys) - summary.items_failed
+            _save_manifest(manifest, job, so, summary.warnings, budget)
             summary.wall_s = time.perf_counter() - start
         lease.release()
         if started_ray:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import tempfile
 import uuid
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -72,8 +73,10 @@ def check_output(url: str, storage_options: Mapping[str, Any] | None = None) -> 
                 parent = os.path.dirname(parent)
             if not os.path.isdir(parent):
                 raise ValueError(f"output {shown}: {parent} is not a directory")
-            if not os.access(parent, os.W_OK | os.X_OK):
-                raise ValueError(f"output {shown}: {parent} is not writable")
+            try:  # a real write (root passes os.access everywhere, even on read-only file systems)
+                os.rmdir(tempfile.mkdtemp(prefix=".fnn-probe-", dir=parent))
+            except OSError as e:
+                raise ValueError(f"output {shown}: cannot write in {parent} ({e.strerror})") from None
             return
         probe = posixpath.join(root, storage.STAGING_DIR, f"probe-{uuid.uuid4().hex}")
         fs.pipe_file(probe, b"")

@@ -164,5 +164,6 @@ def format_summary(summary: JobSummary) -> str:
     elif s.pending and not s.failures:
         lines.append(f"  {s.pending} item(s) not computed yet: rerun the same command to finish.")
     lines += [f"  WARNING: {w}" for w in s.warnings]
-    lines.append(f"  output: {redact_url(s.output_url)}/{s.data_dir}  (manifest: {redact_url(s.manifest_url)})")
+    where = redact_url(s.output_url) + ("" if s.data_dir.startswith("_") else f"/{s.data_dir}")  # partials: internal
+    lines.append(f"  output: {where}  (manifest: {redact_url(s.manifest_url)})")
     return "\n".join(lines)

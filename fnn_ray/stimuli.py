@@ -681,7 +681,7 @@ def list_shards(
         optional = _check_schema(pf.schema_arrow, where)
         columns = _SMALL + [name for name in optional if name == "context_frames"]
         f.prefetch(_chunk_ranges(pf.metadata, range(pf.metadata.num_row_groups), columns))
-        table = _read(lambda: pf.read(columns=columns), where)
+        table = _read(lambda: pf.read(columns=columns, use_threads=False), where)
         ids, num_frames, _ = _check_small(table, where, 0)
         for row, cid in enumerate(ids):
             if cid in owner:
@@ -769,7 +769,7 @@ def read_shard(
         offset += rows
     columns = _SMALL + ["frames"] + optional
     f.prefetch(_chunk_ranges(md, groups, columns))
-    table = _read(lambda: pf.read_row_groups(groups, columns=columns), where)
+    table = _read(lambda: pf.read_row_groups(groups, columns=columns, use_threads=False), where)
     table = table.slice(shard.row_start - first, n)
     ids, nframes, context = _check_small(table, where, shard.row_start)
     if tuple(ids) != shard.clip_ids:

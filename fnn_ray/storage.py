@@ -277,6 +277,9 @@ class StoreUnavailable(RuntimeError):
         super().__init__(message)
         self.what = what
 
+    def __reduce__(self):  # picklable with its two arguments (Ray sends it from workers to the driver)
+        return type(self), (str(self), self.what)
+
 
 @dataclass(frozen=True)
 class Retry:

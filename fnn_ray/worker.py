@@ -184,7 +184,7 @@ def predict_clips(engine, scan: ScanKey, clips: Sequence[Clip], clips_per_batch:
             lengths=lengths,
         )[scan]  # [N, T_max, U]
         for n, i in enumerate(batch):
-            out[i] = np.ascontiguousarray(result[n, getattr(clips[i], "context_frames", 0): lengths[n]])
+            out[i] = np.ascontiguousarray(result[n, clips[i].context_frames: lengths[n]])
     return out  # type: ignore[return-value]
 
 

@@ -18,7 +18,7 @@ from fnn_ray.job import JobSummary
 from fnn_ray.lease import LeaseHeld
 from fnn_ray.preflight import parse_scans
 
-__all__ = ["Interrupted", "add_job_options", "job_options", "run_cli"]
+__all__ = ["Interrupted", "add_job_options", "job_options", "parse_storage_options", "run_cli"]
 
 #: Exit status per interrupting signal (128 + the signal number, as shells report it).
 EXIT = {"SIGINT": 130, "SIGTERM": 143}
@@ -56,14 +56,20 @@ def add_job_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
 
 
-def job_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The :class:`fnn_ray.job.JobConfig` fields of ``args``, plus ``scans`` (ValueError naming a bad option)."""
+def parse_storage_options(text: str | None) -> dict[str, Any] | None:
+    """``--storage-options``: a JSON object (or nothing); ValueError naming the problem otherwise."""
     try:
-        options = json.loads(args.storage_options) if args.storage_options else None
+        options = json.loads(text) if text else None
     except json.JSONDecodeError as e:
         raise ValueError(f"--storage-options is not valid JSON ({e.msg} at character {e.pos})") from None
     if options is not None and not isinstance(options, dict):
         raise ValueError(f"--storage-options must be a JSON object, got a JSON {type(options).__name__}")
+    return options
+
+
+def job_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The :class:`fnn_ray.job.JobConfig` fields of ``args``, plus ``scans`` (ValueError naming a bad option)."""
+    options = parse_storage_options(args.storage_options)
     if args.actors is not None and args.actors < 1:
         raise ValueError(f"--actors must be >= 1, got {args.actors}")
     return dict(scans=parse_scans(args.scans), actors=args.actors, clips_per_batch=args.clips_per_batch, dtype=args.dtype, storage_options=options,

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -16,9 +18,12 @@ import pandas as pd
 from fnn_ray import storage
 from fnn_ray.experiment import ExperimentConfig, ScanMeans, clips_metadata, condition_means, csv_bytes, \
     plan_experiment, save_stimuli, write_file, write_table
+from fnn_ray.generators import Family
 from fnn_ray.job import JobSummary, run_job
+from jobs.cli import job_options, run_cli
 
-__all__ = ["add_experiment_options", "dry_run_release", "parse_size", "run_experiment"]
+__all__ = ["Experiment", "add_experiment_options", "dry_run_release", "experiment_main", "parse_size",
+           "run_experiment"]
 
 #: The dry run's synthetic release: (session, scan_idx, units), small frames.
 DRY_RUN_SCANS = ((4, 7, 60), (8, 5, 100), (9, 6, 80))
@@ -103,3 +108,39 @@ def run_experiment(name: str, data_dir: str, config: ExperimentConfig, save_stim
           f"  published layout: {shown}/units.csv\n  metadata: {shown}/metadata.json\n"
           f"  plots: {shown}/plots/ ({len(paths)} PNG)")
     return summary
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """What one experiment job adds to the shared machinery: its stimulus ``family``, ``analyse`` (condition
+    means -> table columns), extra ``metadata``, the published ``csv_columns`` and ``plot`` (table, dir -> PNGs)."""
+
+    family: Family
+    analyse: Callable[[ScanMeans], pd.DataFrame]
+    metadata: dict
+    csv_columns: list[str]
+    plot: Callable[[pd.DataFrame, str], list]
+
+
+def experiment_main(parser: argparse.ArgumentParser, argv: list[str] | None, name: str, data_dir: str,
+                    build: Callable[[argparse.Namespace, bool, tuple[int, int]], Experiment]) -> int:
+    """The command line of an experiment job: parse, dry run when neither --release nor --output is given (a
+    synthetic release, 36x64 frames), ``build(args, dry, (height, width))`` the experiment, run it."""
+    args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
+    if bool(args.release) != bool(args.output):
+        parser.error("--release and --output are required (or give neither for a dry run)")
+
+    def body() -> JobSummary:
+        options = job_options(args)
+        dry = not args.release
+        release, output = (args.release, args.output) if not dry else dry_run_release()
+        if dry:
+            output = f"{output}/{name}"
+            print(f"fnn-ray {name} dry run: synthetic release {release}, output {output}")
+        experiment = build(args, dry, parse_size(args.size or ("36x64" if dry else "144x256")))
+        config = ExperimentConfig(release=release, output=output, family=experiment.family,
+                                  clips_per_part=args.clips_per_part, **options)
+        return run_experiment(name, data_dir, config, args.save_stimuli, experiment.analyse, experiment.metadata,
+                              experiment.csv_columns, experiment.plot)
+
+    return run_cli(body)

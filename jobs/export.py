@@ -20,13 +20,11 @@ line), 130/143 interrupted.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from typing import Any
 
 from fnn_ray.export import export_readout, export_responses
 from fnn_ray.preflight import parse_scans
-from jobs.cli import run_cli
+from jobs.cli import parse_storage_options, run_cli
 
 __all__ = ["build_parser", "main"]
 
@@ -48,16 +46,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _storage_options(text: str | None) -> dict[str, Any] | None:
-    try:
-        options = json.loads(text) if text else None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"--storage-options is not valid JSON ({e.msg} at character {e.pos})") from None
-    if options is not None and not isinstance(options, dict):
-        raise ValueError(f"--storage-options must be a JSON object, got a JSON {type(options).__name__}")
-    return options
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
@@ -67,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--output is required (or --readout with --release)")
 
     def body() -> int:
-        options = _storage_options(args.storage_options)
+        options = parse_storage_options(args.storage_options)
         scans = parse_scans(args.scans)
         if args.readout:
             result = export_readout(args.release, args.to, scans, options, work_dir=args.work_dir)

@@ -22,11 +22,11 @@ import numpy as np
 import pandas as pd
 
 from fnn_ray.analysis.receptive_fields import rf_table
-from fnn_ray.experiment import ExperimentConfig, ScanMeans
+from fnn_ray.experiment import ScanMeans
 from fnn_ray.generators import family_from_name
 from fnn_ray.plots import rf_plots
-from jobs.cli import add_job_options, job_options, run_cli
-from jobs.experiment_cli import add_experiment_options, dry_run_release, parse_size, run_experiment
+from jobs.cli import add_job_options
+from jobs.experiment_cli import Experiment, add_experiment_options, experiment_main, parse_size
 
 DATA_DIR = "receptive_fields"
 CSV_COLUMNS = ["session", "scan_idx", "unit_id", "rf_x", "rf_y", "ssi"]
@@ -61,32 +61,19 @@ def maps(table: pd.DataFrame, rows: int, cols: int) -> pd.DataFrame:
     return table.assign(**{k: [np.asarray(v).reshape(rows, cols) for v in table[k]] for k in ("sta_on", "sta_off")})
 
 
+def build(args: argparse.Namespace, dry: bool, size: tuple[int, int]) -> Experiment:
+    rows, cols = parse_size(args.grid)
+    height, width = size
+    family = family_from_name("dots", rows=rows, cols=cols, trials=args.trials, dot_frames=args.dot_frames,
+                              gap_frames=args.gap_frames, seed=args.seed, height=height, width=width,
+                              burnin_frames=args.burnin, latency_frames=args.latency)
+    return Experiment(family, analyse(rows, cols, height, width), {"grid": [rows, cols], "height": height,
+                                                                    "width": width}, CSV_COLUMNS,
+                      lambda table, directory: rf_plots(maps(table, rows, cols), height, width, directory))
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
-    if bool(args.release) != bool(args.output):
-        parser.error("--release and --output are required (or give neither for a dry run)")
-
-    def body():
-        options = job_options(args)
-        dry = not args.release
-        release, output = (args.release, args.output) if not dry else dry_run_release()
-        if dry:
-            output = f"{output}/receptive_fields"
-            print(f"fnn-ray receptive-fields dry run: synthetic release {release}, output {output}")
-        rows, cols = parse_size(args.grid)
-        height, width = parse_size(args.size or ("36x64" if dry else "144x256"))
-        family = family_from_name("dots", rows=rows, cols=cols, trials=args.trials, dot_frames=args.dot_frames,
-                                  gap_frames=args.gap_frames, seed=args.seed, height=height, width=width,
-                                  burnin_frames=args.burnin, latency_frames=args.latency)
-        config = ExperimentConfig(release=release, output=output, family=family,
-                                  clips_per_part=args.clips_per_part, **options)
-        return run_experiment("receptive_fields", DATA_DIR, config, args.save_stimuli,
-                              analyse(rows, cols, height, width),
-                              {"grid": [rows, cols], "height": height, "width": width}, CSV_COLUMNS,
-                              lambda table, directory: rf_plots(maps(table, rows, cols), height, width, directory))
-
-    return run_cli(body)
+    return experiment_main(build_parser(), argv, "receptive_fields", DATA_DIR, build)
 
 
 if __name__ == "__main__":

@@ -22,11 +22,11 @@ import numpy as np
 import pandas as pd
 
 from fnn_ray.analysis.tuning import tuning_table
-from fnn_ray.experiment import ExperimentConfig, ScanMeans
+from fnn_ray.experiment import ScanMeans
 from fnn_ray.generators import family_from_name
 from fnn_ray.plots import tuning_plots
-from jobs.cli import add_job_options, job_options, run_cli
-from jobs.experiment_cli import add_experiment_options, dry_run_release, parse_size, run_experiment
+from jobs.cli import add_job_options
+from jobs.experiment_cli import Experiment, add_experiment_options, experiment_main
 
 DATA_DIR = "ori_dir_tuning"
 CSV_COLUMNS = ["session", "scan_idx", "unit_id", "OSI", "DSI", "gOSI", "gDSI", "pref_ori", "pref_dir"]
@@ -56,33 +56,19 @@ def analyse(directions_deg: np.ndarray):
     return run
 
 
+def build(args: argparse.Namespace, dry: bool, size: tuple[int, int]) -> Experiment:
+    params = dict(directions=args.directions, trials=args.trials or (2 if dry else 4), seed=args.seed,
+                  height=size[0], width=size[1], burnin_frames=args.burnin, latency_frames=args.latency)
+    if args.block_frames or dry:
+        params["block_frames"] = args.block_frames or 12
+    family = family_from_name(args.stimulus, **params)
+    directions = np.array([c["direction_deg"] for c in family.conditions], float)
+    return Experiment(family, analyse(directions), {"directions_deg": directions.tolist()}, CSV_COLUMNS,
+                      lambda table, directory: tuning_plots(table, directions, directory))
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
-    if bool(args.release) != bool(args.output):
-        parser.error("--release and --output are required (or give neither for a dry run)")
-
-    def body():
-        options = job_options(args)
-        dry = not args.release
-        release, output = (args.release, args.output) if not dry else dry_run_release()
-        if dry:
-            output = f"{output}/tuning"
-            print(f"fnn-ray tuning dry run: synthetic release {release}, output {output}")
-        size = parse_size(args.size or ("36x64" if dry else "144x256"))
-        params = dict(directions=args.directions, trials=args.trials or (2 if dry else 4), seed=args.seed,
-                      height=size[0], width=size[1], burnin_frames=args.burnin, latency_frames=args.latency)
-        if args.block_frames or dry:
-            params["block_frames"] = args.block_frames or 12
-        family = family_from_name(args.stimulus, **params)
-        directions = np.array([c["direction_deg"] for c in family.conditions], float)
-        config = ExperimentConfig(release=release, output=output, family=family,
-                                  clips_per_part=args.clips_per_part, **options)
-        return run_experiment("tuning", DATA_DIR, config, args.save_stimuli, analyse(directions),
-                              {"directions_deg": directions.tolist()}, CSV_COLUMNS,
-                              lambda table, directory: tuning_plots(table, directions, directory))
-
-    return run_cli(body)
+    return experiment_main(build_parser(), argv, "tuning", DATA_DIR, build)
 
 
 if __name__ == "__main__":
