@@ -224,8 +224,8 @@ def execute(items: list[WorkItem], task: Task, pool: WorkerPool, n_actors: int, 
             top_up()
         pending = scheduler.pending
         if pending and state["store_down"]:
-            run.failures.append(f"the store stayed unreachable for {task.store_timeout_s:.0f} s: {pending} more "
-                                f"item(s) not attempted; rerun when it is back")
+            run.failures.append(f"store unreachable for {task.store_timeout_s:.0f} s: {pending} more item(s) not "
+                                f"attempted; rerun when it is back")
         elif pending and not run.stopped_early:
             run.failures.append(f"no live worker left after {run.actor_restarts} restart(s): {pending} item(s) not "
                                 f"computed; rerun to finish them")
