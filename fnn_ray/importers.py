@@ -53,7 +53,8 @@ from fsspec import AbstractFileSystem
 from fnn_ray import storage
 from fnn_ray.stimuli import Clip
 
-__all__ = ["Boundaries", "Movie", "VIDEO_SIZE", "cut", "import_clips", "open_movies", "read_boundaries"]
+__all__ = ["Boundaries", "Movie", "VIDEO_SIZE", "cut", "import_clips", "open_movies", "read_boundaries",
+           "read_npy_header"]
 
 #: Default ``(height, width)`` of imported video frames.
 VIDEO_SIZE = (144, 256)
@@ -129,7 +130,7 @@ class _Forward:
         return frames[start - self._first : max(start, stop) - self._first]
 
 
-def _npy_header(stream: Any, where: str) -> tuple[tuple[int, ...], np.dtype, bool]:
+def read_npy_header(stream: Any, where: str) -> tuple[tuple[int, ...], np.dtype, bool]:
     """Parse a .npy header from ``stream`` (left at the first data byte): ``(shape, dtype, fortran_order)``."""
     try:
         version = np.lib.format.read_magic(stream)
@@ -169,7 +170,7 @@ def _npy_movie(fs: AbstractFileSystem, path: str, where: str, name: str,
                vectors: Mapping[str, np.ndarray | None] | None = None) -> Movie:
     size = fs.size(path)
     header = io.BytesIO(fs.cat_file(path, start=0, end=min(size, _HEADER_BYTES)))
-    shape, dtype, fortran = _npy_header(header, where)
+    shape, dtype, fortran = read_npy_header(header, where)
     T, H, W = _frame_shape(shape, dtype, fortran, where)
     offset, frame_bytes = header.tell(), H * W
     if size < offset + T * frame_bytes:
@@ -213,7 +214,7 @@ def _npz_movie(fs: AbstractFileSystem, path: str, where: str, name: str, key: st
         raise ValueError(f"{where}: no array {key!r}; found {keys}")
     at = f"{where}[{key}]"
     member = archive.open(f"{key}.npy")
-    T, H, W = _frame_shape(*_npy_header(member, at), at)
+    T, H, W = _frame_shape(*read_npy_header(member, at), at)
     vectors = {v: _vector(archive.read(f"{v}.npy"), v, T, f"{where}[{v}]") for v in _VECTORS if v in keys}
     per_chunk = max(1, _CHUNK_BYTES // (H * W))
 

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import threading
@@ -33,6 +34,8 @@ def init_ray(address: str | None = None, **kwargs: Any) -> bool:
         ray.init(address=address, **kwargs)
         return False
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    # a private instance keeps Ray's token authentication on; its notice on every start is noise here
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", **kwargs)
     if threading.current_thread() is threading.main_thread():  # Ray installs its own; the job's come first
         for sig, handler in handlers.items():

@@ -103,12 +103,15 @@ def format_plan(job: Job, summary: JobSummary) -> str:
     """What a job is about to do: scans, units, clips, frames, scan-frames and the size of its output."""
     from fnn_ray.storage import redact_url
 
+    from fnn_ray.plan import build_items
+
     scans = ", ".join(f"{s}-{i}" for s, i in summary.scans)
+    scan_frames = sum(item.frames for item in build_items(job.scans, job.parts))
     size = sum(u for _, u in job.scans) * (job.frames * job.bytes_per_unit_frame + job.bytes_per_unit)
     to_do = summary.items_total - summary.items_skipped
     lines = [
         f"fnn-ray {job.name}: {len(summary.scans)} scan(s) ({scans}), {summary.units:,} units; {job.clips:,} clips, "
-        f"{job.frames:,} frames -> {job.frames * len(summary.scans):,} scan-frames",
+        f"{job.frames:,} frames -> {scan_frames:,} scan-frames",
         f"  {summary.items_total} item(s) ({len(summary.scans)} scan(s) x {summary.parts} part(s)): "
         f"{summary.items_skipped} already committed, {to_do} to compute",
         f"  output {redact_url(job.output_url)}: about {format_bytes(size)} in {job.reducer.data_dir}/",

@@ -42,6 +42,7 @@ import pyarrow as pa
 from fsspec import AbstractFileSystem
 
 from fnn_ray import storage
+from fnn_ray.importers import read_npy_header
 from fnn_ray.plan import WorkItem
 from fnn_ray.reducers import Reducer, Units
 from fnn_ray.sources import Source
@@ -132,13 +133,7 @@ def _header(data: bytes, where: str) -> tuple[tuple[int, ...], np.dtype, int] | 
     needed = 8 + size_bytes + int.from_bytes(data[8:8 + size_bytes], "little")
     if len(data) < needed:
         return needed
-    buffer = io.BytesIO(data[:needed])
-    try:
-        version = fmt.read_magic(buffer)
-        shape, _, dtype = (fmt.read_array_header_1_0(buffer) if version == (1, 0)
-                           else fmt.read_array_header_2_0(buffer))
-    except ValueError as e:
-        raise ValueError(f"{where}: bad .npy header ({e})") from None
+    shape, dtype, _ = read_npy_header(io.BytesIO(data[:needed]), where)
     if dtype.hasobject:
         raise ValueError(f"{where}: holds Python objects ({dtype}); expected a numeric array")
     return tuple(int(n) for n in shape), dtype, needed
