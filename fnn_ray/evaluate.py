@@ -98,8 +98,8 @@ def plan_evaluate(config: EvaluateConfig) -> Job:
     """Check the setup (release, recordings: listing and ``.npy`` headers, output) and build the evaluation's job;
     nothing is written and Ray is not started. ValueError / FileNotFoundError naming the file."""
     so = config.storage_options
-    release_url, recordings_url, output_url = (absolute(u) for u in
-                                               (config.release, config.recordings, config.output))
+    release_url, release_so = preflight.release_location(config.release, so)
+    recordings_url, output_url = absolute(config.recordings), absolute(config.output)
     folders = scan_folders(recordings_url, so)
     if config.scans is not None:
         for session, scan_idx in [s for s in config.scans if s not in folders][:1]:
@@ -107,13 +107,14 @@ def plan_evaluate(config: EvaluateConfig) -> Job:
                                     f"{storage.join(storage.redact_url(recordings_url), f'{session}-{scan_idx}')} "
                                     f"does not exist")
     wanted = list(config.scans) if config.scans is not None else list(folders)
-    scans = _open_release(release_url, wanted, folders, so)
+    scans = _open_release(release_url, wanted, folders, release_so)
     parts = {scan: list_scan(folders[scan], units, config.burnin, so) for scan, units in scans}
     preflight.check_output(output_url, so)
     every = [p for ps in parts.values() for p in ps]
     frames = sum(p.frames for p in every)
     return Job(
-        name="evaluate", release_url=release_url, output_url=output_url, source=RecordingSource(so),
+        name="evaluate", release_url=release_url, release_options=release_so, output_url=output_url,
+        source=RecordingSource(so),
         reducer=RepeatsReducer(config.burnin, so, config.store_timeout_s), scans=scans, parts=parts,
         clips=sum(len(p.repeats) for p in every), frames=frames,
         inputs={"release": storage.redact_url(release_url), "recordings": storage.redact_url(recordings_url),

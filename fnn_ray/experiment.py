@@ -68,13 +68,15 @@ class ScanMeans:
 def plan_experiment(name: str, config: ExperimentConfig) -> Job:
     """Check the setup (release, scans, output) and build the experiment's job (nothing written, no Ray)."""
     so = config.storage_options
-    release_url, output_url = absolute(config.release), absolute(config.output)
-    _, scans = preflight.open_release(release_url, config.scans, so)
+    release_url, release_so = preflight.release_location(config.release, so)
+    output_url = absolute(config.output)
+    _, scans = preflight.open_release(release_url, config.scans, release_so)
     preflight.check_output(output_url, so)
     family = config.family
     parts = blocks(family, config.clips_per_part)
     return Job(
-        name=name, release_url=release_url, output_url=output_url, source=GeneratedSource(family),
+        name=name, release_url=release_url, release_options=release_so, output_url=output_url,
+        source=GeneratedSource(family),
         reducer=WindowReducer(family, data_dir=f"_partials/{name}"), scans=scans, parts=parts,
         clips=family.num_clips, frames=sum(p.frames for p in parts),
         inputs={"release": storage.redact_url(release_url), "stimulus": family.name, "params": family.params()},

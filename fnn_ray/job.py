@@ -89,6 +89,7 @@ class Job:
     """One job. ``scans``: ``((session, scan_idx), units)`` pairs; ``parts``: the source's parts, the same for
     every scan or per scan; ``clips`` / ``frames``: the stimulus size (for the plan); ``inputs``: what the manifest
     records as the job's inputs (URLs, generator parameters: a rerun on other inputs is refused);
+    ``release_options``: storage options for the release alone (None: the job's ``storage_options``);
     ``bytes_per_unit_frame`` / ``bytes_per_unit``: the committed size per (unit, frame) and per unit, for the
     size estimate printed with the plan."""
 
@@ -103,6 +104,7 @@ class Job:
     frames: int
     inputs: Mapping[str, Any]
     settings: Mapping[str, Any] = field(default_factory=dict)
+    release_options: Mapping[str, Any] | None = field(default=None, repr=False)
     bytes_per_unit_frame: float = 4.0
     bytes_per_unit: float = 0.0
 
@@ -262,7 +264,8 @@ def run_job(job: Job, config: JobConfig) -> JobSummary:
         if items:
             started_ray = init_ray(config.address)
             n_actors, resources, kind = cluster_plan(config.actors, config.cpus_per_actor)
-            pool = WorkerPool(WorkerOptions(release_url=job.release_url, storage_options=so, dtype=config.dtype,
+            pool = WorkerPool(WorkerOptions(release_url=job.release_url, storage_options=so,
+                                            release_options=job.release_options, dtype=config.dtype,
                                             clips_per_batch=config.clips_per_batch, max_heads=config.max_heads),
                               resources, reuse=config.reuse_workers)
             task = Task(job.source, job.reducer, job.output_url, config.store_timeout_s)

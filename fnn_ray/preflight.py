@@ -20,7 +20,7 @@ from fnn_ray import storage
 if TYPE_CHECKING:
     from fnn_model.release import Release
 
-__all__ = ["check_output", "open_release", "parse_scans"]
+__all__ = ["check_output", "open_release", "parse_scans", "release_location"]
 
 Scan = tuple[int, int]
 
@@ -37,6 +37,16 @@ def parse_scans(text: str | None) -> list[Scan] | None:
         except ValueError:
             raise ValueError(f"bad scan {part!r}: expected SESSION-SCAN_IDX, e.g. 8-5") from None
     return out or None
+
+
+def release_location(url: str, storage_options: Mapping[str, Any] | None = None
+                     ) -> tuple[str, Mapping[str, Any] | None]:
+    """Where the release is and how to reach it: ``"microns"`` is the public release read in place from its
+    bucket with anonymous access (the other stores' options never reach it); a local path is made absolute."""
+    from fnn_model.microns import resolve_release
+
+    url, options = resolve_release(url, storage_options)
+    return (url if "://" in url else os.path.abspath(os.path.expanduser(url))), options
 
 
 def open_release(url: str, wanted: Sequence[Scan] | None,

@@ -84,8 +84,9 @@ def plan_sweep(config: SweepConfig) -> Job:
     """Check the setup (release, scans, stimuli, output) and build the sweep's job; nothing is written and Ray is
     not started. ValueError / FileNotFoundError naming the problem."""
     so = config.storage_options
-    release_url, stimuli_url, output_url = (absolute(u) for u in (config.release, config.stimuli, config.output))
-    release, scans = preflight.open_release(release_url, config.scans, so)
+    release_url, release_so = preflight.release_location(config.release, so)
+    stimuli_url, output_url = absolute(config.stimuli), absolute(config.output)
+    _, scans = preflight.open_release(release_url, config.scans, release_so)
     one_clip = list_shards(stimuli_url, 1, so)
     preflight.check_output(output_url, so)
     previous = Manifest.load(output_url, so)
@@ -98,7 +99,7 @@ def plan_sweep(config: SweepConfig) -> Job:
         clips_per_shard = choose_clips_per_shard(len(one_clip), len(scans), _planned_actors(config),
                                                  max_clips=max(8, config.clips_per_batch))
     return Job(
-        name="sweep", release_url=release_url, output_url=output_url,
+        name="sweep", release_url=release_url, release_options=release_so, output_url=output_url,
         source=ParquetSource(stimuli_url, so), reducer=FramesReducer(), scans=scans,
         parts=regroup(one_clip, int(clips_per_shard)), clips=len(one_clip), frames=sum(s.frames for s in one_clip),
         inputs={"release": storage.redact_url(release_url), "stimuli": storage.redact_url(stimuli_url)},

@@ -84,6 +84,7 @@ class WorkerOptions:
 
     release_url: str
     storage_options: Mapping[str, Any] | None = field(default=None, repr=False)
+    release_options: Mapping[str, Any] | None = field(default=None, repr=False)  # None: storage_options
     dtype: str = "float32"
     clips_per_batch: int = 8
     max_heads: int = 4
@@ -201,7 +202,8 @@ class Worker:
         self.options = options
         self.device = options.device or _default_device()
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fnn-compute")
-        self.release = Release.open(options.release_url, storage_options=options.storage_options)
+        self.release = Release.open(options.release_url, storage_options=options.release_options
+                                    if options.release_options is not None else options.storage_options)
         self.engine = self._on_compute_thread(self._load_engine, options.threads or _assigned_cpus())
         self._heads: OrderedDict[ScanKey, Units] = OrderedDict()
         self.items_done = 0

@@ -18,7 +18,7 @@ from fnn_ray.job import JobSummary
 from fnn_ray.lease import LeaseHeld
 from fnn_ray.preflight import parse_scans
 
-__all__ = ["Interrupted", "add_job_options", "job_options", "parse_storage_options", "run_cli"]
+__all__ = ["Interrupted", "add_job_options", "job_options", "parse_size", "parse_storage_options", "run_cli"]
 
 #: Exit status per interrupting signal (128 + the signal number, as shells report it).
 EXIT = {"SIGINT": 130, "SIGTERM": 143}
@@ -34,7 +34,8 @@ class Interrupted(KeyboardInterrupt):
 
 def add_job_options(parser: argparse.ArgumentParser) -> None:
     """The options every job takes (release, output, scans, workers, stores)."""
-    parser.add_argument("--release", help="release directory or .zip URL (params_*.pt, scans.csv, units.csv)")
+    parser.add_argument("--release", help="release directory or .zip URL (params_*.pt, scans.csv, units.csv), or "
+                                          "'microns': the public release read in place from its bucket (anonymous)")
     parser.add_argument("--output", help="output URL (a local path, s3://bucket/prefix, ...)")
     parser.add_argument("--scans", default=None, help="SESSION-SCAN_IDX,... (default: every scan of the release)")
     parser.add_argument("--actors", type=int, default=None,
@@ -54,6 +55,17 @@ def add_job_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-heads", type=int, default=4, help="scan heads cached per worker (default 4)")
     parser.add_argument("--cpus-per-actor", type=float, default=None, help="Ray CPUs per worker")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """``"144x256"`` -> ``(144, 256)`` (ValueError otherwise)."""
+    try:
+        a, b = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"bad size {text!r}: expected ROWSxCOLS, e.g. 144x256") from None
+    if a < 1 or b < 1:
+        raise ValueError(f"bad size {text!r}: both numbers must be >= 1")
+    return a, b
 
 
 def parse_storage_options(text: str | None) -> dict[str, Any] | None:

@@ -20,25 +20,13 @@ from fnn_ray.experiment import ExperimentConfig, ScanMeans, clips_metadata, cond
     plan_experiment, save_stimuli, write_file, write_table
 from fnn_ray.generators import Family
 from fnn_ray.job import JobSummary, run_job
-from jobs.cli import job_options, run_cli
+from jobs.cli import job_options, parse_size, run_cli
 
-__all__ = ["Experiment", "add_experiment_options", "dry_run_release", "experiment_main", "parse_size",
-           "run_experiment"]
+__all__ = ["Experiment", "add_experiment_options", "dry_run_release", "experiment_main", "run_experiment"]
 
 #: The dry run's synthetic release: (session, scan_idx, units), small frames.
 DRY_RUN_SCANS = ((4, 7, 60), (8, 5, 100), (9, 6, 80))
 DRY_RUN_DIR = "fnn-ray-output"
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    """``"144x256"`` -> ``(144, 256)`` (ValueError otherwise)."""
-    try:
-        a, b = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise ValueError(f"bad size {text!r}: expected ROWSxCOLS, e.g. 144x256") from None
-    if a < 1 or b < 1:
-        raise ValueError(f"bad size {text!r}: both numbers must be >= 1")
-    return a, b
 
 
 def add_experiment_options(parser: argparse.ArgumentParser) -> None:

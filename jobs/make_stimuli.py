@@ -21,7 +21,6 @@ run that writes a small synthetic movie to ./fnn-ray-output/movie.npy and import
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -32,8 +31,9 @@ from fnn_model.synthetic import random_clips
 from fnn_ray import storage
 from fnn_ray.importers import import_clips
 from fnn_ray.stimuli import ClipWriter
+from jobs.cli import parse_size, parse_storage_options
 
-__all__ = ["main", "make_stimuli", "parse_size", "synthetic_movie"]
+__all__ = ["main", "make_stimuli", "synthetic_movie"]
 
 DRY_RUN_DIR = "fnn-ray-output"
 #: Files are finished at this many bytes of frames: with one file in memory, this bounds the job's memory.
@@ -48,17 +48,6 @@ def synthetic_movie(frames: int, height: int = 144, width: int = 256, seed: int 
     weight = (t % period / period)[:, None, None].astype(np.float32)
     movie = (1 - weight) * keys[t // period] + weight * keys[t // period + 1]
     return np.round(movie).astype(np.uint8)
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    """``"144x256"`` -> ``(144, 256)`` (height, width)."""
-    try:
-        height, width = (int(x) for x in text.lower().split("x"))
-    except ValueError:
-        raise ValueError(f"bad size {text!r}: expected HEIGHTxWIDTH, e.g. 144x256") from None
-    if min(height, width) < 1:
-        raise ValueError(f"bad size {text!r}: height and width must be >= 1")
-    return height, width
 
 
 def make_stimuli(
@@ -129,10 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--clip-frames must be >= 1, got {args.clip_frames}")
         if args.clips_per_file < 1:
             raise ValueError(f"--clips-per-file must be >= 1, got {args.clips_per_file}")
-        try:
-            options = json.loads(args.storage_options) if args.storage_options else None
-        except json.JSONDecodeError as e:
-            raise ValueError(f"--storage-options is not valid JSON ({e})") from None
+        options = parse_storage_options(args.storage_options)
         writer = make_stimuli(
             args.source, args.output, clip_frames=args.clip_frames, boundaries=args.boundaries,
             context_frames=args.context_frames, strict_context=args.strict_context, key=args.key,

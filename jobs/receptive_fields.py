@@ -25,8 +25,8 @@ from fnn_ray.analysis.receptive_fields import rf_table
 from fnn_ray.experiment import ScanMeans
 from fnn_ray.generators import family_from_name
 from fnn_ray.plots import rf_plots
-from jobs.cli import add_job_options
-from jobs.experiment_cli import Experiment, add_experiment_options, experiment_main, parse_size
+from jobs.cli import add_job_options, parse_size
+from jobs.experiment_cli import Experiment, add_experiment_options, experiment_main
 
 DATA_DIR = "receptive_fields"
 CSV_COLUMNS = ["session", "scan_idx", "unit_id", "rf_x", "rf_y", "ssi"]

@@ -174,3 +174,35 @@ def test_readout_export_matches_head_parameters(sweep, tmp_path):
             assert locations[row].tolist() == params["readout.position.mu"][u].tolist()
             row += 1
     assert row == 18
+
+
+def test_movie_npy_to_published_layout(ray_cluster, tmp_path):
+    """A synthetic movie .npy -> jobs.make_stimuli (clips with context) -> jobs.sweep -> jobs.export: each clip's
+    columns of responses.npy equal the engine's prediction of that clip (context run, then dropped)."""
+    from jobs import make_stimuli
+    from jobs.make_stimuli import synthetic_movie
+
+    release, movie_path = str(tmp_path / "release"), tmp_path / "movie.npy"
+    make_release(release, SCANS, NetworkConfig.tiny(), seed=6)
+    movie = synthetic_movie(50, *SIZE, seed=3)
+    np.save(movie_path, movie)
+    stimuli, output, to = str(tmp_path / "stimuli"), str(tmp_path / "out"), str(tmp_path / "published")
+    assert make_stimuli.main(["--from", str(movie_path), "--output", stimuli, "--clip-frames", "20",
+                              "--context-frames", "5"]) == 0
+    summary = run_sweep(SweepConfig(release=release, stimuli=stimuli, output=output, actors=1, cpus_per_actor=1,
+                                    progress=False, verbose=False))
+    assert summary.ok, summary.failures
+    assert main(["--output", output, "--to", to]) == 0
+    array = np.load(f"{to}/responses/responses.npy", mmap_mode="r")
+    assert array.shape == (sum(u for *_, u in SCANS), 50)  # every movie frame once, in movie order
+    engine = Engine(Release.open(release).load_core())
+    starts, row = [0, 20, 40], 0
+    for session, scan_idx, units in SCANS:
+        engine.add_head((session, scan_idx), Release.open(release).load_head(session, scan_idx))
+        for start in starts:
+            first = max(0, start - 5)
+            clip = movie[first:start + 20][None]
+            want = engine.predict(clip, [(session, scan_idx)])[(session, scan_idx)][0, start - first:]  # [T, U]
+            np.testing.assert_allclose(array[row:row + units, start:start + want.shape[0]], want.T, rtol=1e-5,
+                                       atol=1e-7)
+        row += units

@@ -273,3 +273,18 @@ def test_check_passes_good_releases_and_refuses_unknown_scans_and_missing_roots(
 
 def test_check_passes_the_golden_release(golden_dir) -> None:
     Release.open(str(golden_dir / "release")).check()
+
+
+def test_jobs_read_release_microns_in_place(public_zip, ray_cluster, tmp_path) -> None:
+    """`--release microns` runs a job on the public zip, read anonymously by the driver and the workers."""
+    from fnn_ray.experiment import read_results
+    from jobs import tuning
+
+    out = str(tmp_path / "out")
+    args = ["--release", "microns", "--output", out, "--size", "36x64", "--directions", "4", "--trials", "1",
+            "--block-frames", "4", "--actors", "1", "--cpus-per-actor", "1", "--no-progress"]
+    assert tuning.main(args) == 0
+    table = read_results(out, "ori_dir_tuning")
+    assert sorted(table.groupby(["session", "scan_idx"]).size().items()) == [((s, i), u) for s, i, u in SCANS]
+    manifest = (tmp_path / "out" / "manifest.json").read_text()
+    assert microns.PUBLIC_RELEASE_URL in manifest
