@@ -160,3 +160,21 @@ def ray_cluster(s3, request):
         os.environ.pop("PYTHONPATH", None)
     else:
         os.environ["PYTHONPATH"] = saved
+
+
+@pytest.fixture
+def s3_gets(monkeypatch) -> list[int]:
+    """The body sizes of every S3 GetObject this process makes from now on (counted at the s3fs client)."""
+    import s3fs
+
+    fetched: list[int] = []
+    call = s3fs.S3FileSystem._call_s3
+
+    async def counting(self, method, *args, **kwargs):
+        out = await call(self, method, *args, **kwargs)
+        if method == "get_object":
+            fetched.append(int(out["ContentLength"]))
+        return out
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "_call_s3", counting)
+    return fetched

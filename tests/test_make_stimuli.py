@@ -9,7 +9,6 @@ import re
 
 import numpy as np
 import pytest
-import s3fs
 import torch
 
 from fnn_model.config import NetworkConfig
@@ -77,22 +76,14 @@ def test_npy_local_clips_with_context(movie, tmp_path, trailing_axis):
     check_clips(whole, movie, "movie", [(0, 50, 0)])
 
 
-def test_npy_on_s3_reads_only_the_clips(s3, s3_url, monkeypatch):
+def test_npy_on_s3_reads_only_the_clips(s3, s3_url, s3_gets):
     movie = np.random.default_rng(1).integers(0, 256, (200, 48, 64), dtype=np.uint8)
     fs, root = storage.filesystem(s3_url)
     buffer = io.BytesIO()
     np.save(buffer, movie)
     fs.pipe_file(f"{root}/movie.npy", buffer.getvalue())
-    fetched = []
-    call = s3fs.S3FileSystem._call_s3
-
-    async def counting(self, method, *args, **kwargs):
-        out = await call(self, method, *args, **kwargs)
-        if method == "get_object":
-            fetched.append(int(out["ContentLength"]))
-        return out
-
-    monkeypatch.setattr(s3fs.S3FileSystem, "_call_s3", counting)
+    fetched = s3_gets
+    fetched.clear()  # count from here on
     clips = list(import_clips(f"{s3_url}/movie.npy", clip_frames=20, context_frames=10))
     check_clips(clips, movie, "movie", spans(200, 20, 10))
     # one 64 KiB header read, then exactly the frames of each clip (context included), one request per clip

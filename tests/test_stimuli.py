@@ -9,7 +9,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import s3fs
 
 from fnn_ray import stimuli, storage
 from fnn_ray.stimuli import Clip, Shard
@@ -328,7 +327,7 @@ def test_clip_writer_overwrite_keeps_old_files_until_the_first_new_one(tmp_url):
 
 
 # ------------------------------------------------------------------------------------------ bytes read
-def test_reads_fetch_only_what_an_item_needs(s3, s3_url, monkeypatch):
+def test_reads_fetch_only_what_an_item_needs(s3, s3_url, s3_gets):
     """Counted at the S3 client: every GetObject's body; 12 clips of 20 frames of 144x256 in one file."""
     rng = np.random.default_rng(4)
     clips = [Clip(f"c{i:02d}", rng.integers(0, 256, (20, 144, 256), dtype=np.uint8),
@@ -337,16 +336,8 @@ def test_reads_fetch_only_what_an_item_needs(s3, s3_url, monkeypatch):
     (file_url,) = stimuli.write_clips(s3_url, clips)
     fs, path = storage.filesystem(file_url)
     size = fs.size(path)
-    fetched = []
-    call = s3fs.S3FileSystem._call_s3
-
-    async def counting(self, method, *args, **kwargs):
-        out = await call(self, method, *args, **kwargs)
-        if method == "get_object":
-            fetched.append(int(out["ContentLength"]))
-        return out
-
-    monkeypatch.setattr(s3fs.S3FileSystem, "_call_s3", counting)
+    fetched = s3_gets
+    fetched.clear()  # count from here on
     listing = {}
     assert len(stimuli.list_shards(s3_url, 1, stats=listing)) == 12
     assert listing["bytes_read"] == sum(fetched) < 0.01 * size  # footer and small columns only
