@@ -36,7 +36,20 @@ def init_ray(address: str | None = None, **kwargs: Any) -> bool:
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     # a private instance keeps Ray's token authentication on; its notice on every start is noise here
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-    ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", **kwargs)
+    # Ray replaces a loopback node address with the machine's external one unless clusters are off (its own
+    # switch, read at import): turn it off for this private instance so nothing advertises another interface
+    switch = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+    saved, os.environ[switch] = os.environ.get(switch), "0"
+    constants = ray._private.ray_constants
+    cluster, constants.ENABLE_RAY_CLUSTER = constants.ENABLE_RAY_CLUSTER, False
+    try:
+        ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", **kwargs)
+    finally:
+        constants.ENABLE_RAY_CLUSTER = cluster
+        if saved is None:
+            os.environ.pop(switch)
+        else:
+            os.environ[switch] = saved
     if threading.current_thread() is threading.main_thread():  # Ray installs its own; the job's come first
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
