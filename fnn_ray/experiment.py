@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +28,7 @@ from fnn_ray.job import Job, JobConfig, absolute
 from fnn_ray.ledger import Ledger, parquet_bytes
 from fnn_ray.reducers import WindowReducer
 from fnn_ray.sources import GeneratedSource, blocks
-from fnn_ray.stimuli import Clip, write_clips
+from fnn_ray.stimuli import Clip, ClipWriter
 
 __all__ = ["ExperimentConfig", "ScanMeans", "clips_metadata", "condition_means", "csv_bytes", "plan_experiment", "read_results",
            "save_stimuli", "write_file", "write_table"]
@@ -127,14 +127,13 @@ def write_table(output_url: str, data_dir: str, scan: Scan, frame: pd.DataFrame,
     return write_file(url, parquet_bytes(pa.Table.from_pandas(frame, preserve_index=False)), storage_options)
 
 
-def _clips(family: Family) -> Iterator[Clip]:
-    for i in range(family.num_clips):
-        yield Clip(family.clip_id(i), family.frames(i))
-
-
 def save_stimuli(family: Family, url: str, storage_options: Mapping[str, Any] | None = None) -> list[str]:
-    """Write the experiment's exact clips as a stimulus dataset (the sweep's contract, the metadata's clip ids)."""
-    return write_clips(url, list(_clips(family)), storage_options, overwrite=True)
+    """Write the experiment's exact clips as a stimulus dataset (the sweep's contract, the metadata's clip ids),
+    one clip in memory at a time; returns the file URLs."""
+    with ClipWriter(url, storage_options, overwrite=True) as writer:
+        for i in range(family.num_clips):
+            writer.write(Clip(family.clip_id(i), family.frames(i)))
+    return writer.files
 
 
 def csv_bytes(frame: pd.DataFrame) -> bytes:

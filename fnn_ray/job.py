@@ -260,7 +260,7 @@ def run_job(job: Job, config: JobConfig) -> JobSummary:
         if previous is not None:
             manifest.started = previous.started
         manifest.save(job.output_url, so)
-        say(format_plan(job, summary))
+        say(format_plan(job, summary, sum(item.frames for item in everything)))
         if items:
             started_ray = init_ray(config.address)
             n_actors, resources, kind = cluster_plan(config.actors, config.cpus_per_actor)

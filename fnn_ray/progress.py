@@ -99,14 +99,12 @@ class Progress:
             self._bar = None
 
 
-def format_plan(job: Job, summary: JobSummary) -> str:
-    """What a job is about to do: scans, units, clips, frames, scan-frames and the size of its output."""
+def format_plan(job: Job, summary: JobSummary, scan_frames: int) -> str:
+    """What a job is about to do: scans, units, clips, frames, ``scan_frames`` (over all its items) and the size
+    of its output."""
     from fnn_ray.storage import redact_url
 
-    from fnn_ray.plan import build_items
-
     scans = ", ".join(f"{s}-{i}" for s, i in summary.scans)
-    scan_frames = sum(item.frames for item in build_items(job.scans, job.parts))
     size = sum(u for _, u in job.scans) * (job.frames * job.bytes_per_unit_frame + job.bytes_per_unit)
     to_do = summary.items_total - summary.items_skipped
     lines = [

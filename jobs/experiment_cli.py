@@ -20,13 +20,23 @@ from fnn_ray.experiment import ExperimentConfig, ScanMeans, clips_metadata, cond
     plan_experiment, save_stimuli, write_file, write_table
 from fnn_ray.generators import Family
 from fnn_ray.job import JobSummary, run_job
-from jobs.cli import job_options, parse_size, run_cli
+from jobs.cli import add_job_options, job_options, parse_size, run_cli
 
-__all__ = ["Experiment", "add_experiment_options", "dry_run_release", "experiment_main", "run_experiment"]
+__all__ = ["Experiment", "add_experiment_options", "dry_run_release", "experiment_main", "experiment_parser",
+           "run_experiment"]
 
 #: The dry run's synthetic release: (session, scan_idx, units), small frames.
 DRY_RUN_SCANS = ((4, 7, 60), (8, 5, 100), (9, 6, 80))
 DRY_RUN_DIR = "fnn-ray-output"
+
+
+def experiment_parser(prog: str, description: str | None) -> argparse.ArgumentParser:
+    """The command line every experiment job starts from: the job options and the experiment options."""
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_job_options(parser)
+    add_experiment_options(parser)
+    return parser
 
 
 def add_experiment_options(parser: argparse.ArgumentParser) -> None:

@@ -25,18 +25,15 @@ from fnn_ray.analysis.receptive_fields import rf_table
 from fnn_ray.experiment import ScanMeans
 from fnn_ray.generators import family_from_name
 from fnn_ray.plots import rf_plots
-from jobs.cli import add_job_options, parse_size
-from jobs.experiment_cli import Experiment, add_experiment_options, experiment_main
+from jobs.cli import parse_size
+from jobs.experiment_cli import Experiment, experiment_main, experiment_parser
 
 DATA_DIR = "receptive_fields"
 CSV_COLUMNS = ["session", "scan_idx", "unit_id", "rf_x", "rf_y", "ssi"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m jobs.receptive_fields", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_job_options(parser)
-    add_experiment_options(parser)
+    parser = experiment_parser("python -m jobs.receptive_fields", __doc__)
     parser.add_argument("--grid", default="5x9", help="dot grid ROWSxCOLS covering the screen (default 5x9)")
     parser.add_argument("--trials", type=int, default=1, help="repeats of every (cell, polarity) (default 1)")
     parser.add_argument("--dot-frames", type=int, default=6, help="frames a dot is shown (default 6)")

@@ -25,18 +25,14 @@ from fnn_ray.analysis.tuning import tuning_table
 from fnn_ray.experiment import ScanMeans
 from fnn_ray.generators import family_from_name
 from fnn_ray.plots import tuning_plots
-from jobs.cli import add_job_options
-from jobs.experiment_cli import Experiment, add_experiment_options, experiment_main
+from jobs.experiment_cli import Experiment, experiment_main, experiment_parser
 
 DATA_DIR = "ori_dir_tuning"
 CSV_COLUMNS = ["session", "scan_idx", "unit_id", "OSI", "DSI", "gOSI", "gDSI", "pref_ori", "pref_dir"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m jobs.tuning", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_job_options(parser)
-    add_experiment_options(parser)
+    parser = experiment_parser("python -m jobs.tuning", __doc__)
     parser.add_argument("--stimulus", default="monet", help="monet (directional pink noise) or gratings")
     parser.add_argument("--directions", type=int, default=16, help="directions, 360/D apart from 0 (default 16)")
     parser.add_argument("--trials", type=int, default=None, help="repeats of every direction (default 4; dry run 2)")
