@@ -28,7 +28,7 @@ from fnn_ray.executor import Execution, Faults, execute
 from fnn_ray.ledger import Ledger
 from fnn_ray.lease import OutputLease
 from fnn_ray.manifest import Manifest, manifest_url
-from fnn_ray.plan import HEAD_LOAD_COST, Part, WorkItem, build_items
+from fnn_ray.plan import HEAD_LOAD_COST, Part, build_items
 from fnn_ray.pool import WorkerPool, cluster_plan, init_ray
 from fnn_ray.progress import Progress, format_plan, format_summary
 from fnn_ray.reducers import Reducer
