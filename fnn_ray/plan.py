@@ -41,12 +41,19 @@ __all__ = [
     "UNIT_COST",
     "HEAD_LOAD_COST",
     "CostModel",
+    "Key",
+    "Scan",
     "DEFAULT_COST_MODEL",
     "Part",
     "WorkItem",
     "build_items",
     "choose_clips_per_shard",
 ]
+
+#: A scan: (session, scan_idx).
+Scan = tuple[int, int]
+#: A work item's key: (session, scan_idx, part id).
+Key = tuple[int, int, str]
 
 #: Cost of one frame through the core (the unit of all costs), see the module docstring.
 CORE_COST: float = 1.0

@@ -191,7 +191,7 @@ def bench_sweep(release_url: str, root: Path, scans: list[tuple[int, int]], clip
     from fnn_ray.stimuli import Clip, write_clips
     import ray
 
-    from fnn_ray.pool import WorkerPool, init_ray
+    from fnn_ray.pool import RayPool, init_ray
 
     stimuli = root / "stimuli"
     data = random_clips(clips, frames, seed=4)
@@ -208,7 +208,7 @@ def bench_sweep(release_url: str, root: Path, scans: list[tuple[int, int]], clip
             seconds = min(seconds, summary.scan_frames / summary.scan_frames_per_s)
             peak_mb = max(peak_mb, summary.execution.peak_memory_mb)
     finally:
-        WorkerPool.shutdown()
+        RayPool.shutdown()
         if started:
             ray.shutdown()
     row = make_row(f"sweep {dtype}: Ray, 1 actor, batch {clips_per_batch}", dtype, len(scans), clips, frames,
@@ -231,7 +231,7 @@ def bench_tuning(release_url: str, root: Path, scans: list[tuple[int, int]], cli
     from fnn_ray.job import run_job
     import ray
 
-    from fnn_ray.pool import WorkerPool, init_ray
+    from fnn_ray.pool import RayPool, init_ray
 
     family = Monet(directions=16, trials=clips, block_frames=max(2, frames // 4), seed=0)
     seconds, analysis, peak_mb, scan_frames = float("inf"), float("inf"), 0.0, 0
@@ -253,7 +253,7 @@ def bench_tuning(release_url: str, root: Path, scans: list[tuple[int, int]], cli
             peak_mb = max(peak_mb, summary.execution.peak_memory_mb)
             scan_frames = summary.scan_frames
     finally:
-        WorkerPool.shutdown()
+        RayPool.shutdown()
         if started:
             ray.shutdown()
     row = make_row(f"tuning {dtype}: Ray, 1 actor, batch {clips_per_batch}", dtype, len(scans), family.num_clips,

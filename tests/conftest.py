@@ -142,7 +142,7 @@ def ray_cluster(s3, request):
     import ray
     import torch
 
-    from fnn_ray.pool import WorkerPool
+    from fnn_ray.pool import RayPool
 
     if ray.is_initialized():
         ray.shutdown()
@@ -153,7 +153,7 @@ def ray_cluster(s3, request):
     ray.init(num_cpus=4, num_gpus=getattr(request.module, "RAY_GPUS", 0), include_dashboard=False,
              log_to_driver=False)
     yield ray
-    WorkerPool.shutdown()
+    RayPool.shutdown()
     ray.shutdown()
     torch.set_num_threads(threads)
     if saved is None:
