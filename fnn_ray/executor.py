@@ -117,20 +117,6 @@ class Execution:
         self.frame_bytes += result.frame_bytes
 
 
-@dataclass
-class Loop:
-    """What the loop holds between two outcomes: items waiting out a store fault ``(at, worker, item)``, attempts
-    and first-fault times per item, and whether the store is down (then nothing more is handed out)."""
-
-    delayed: list[tuple[float, str, WorkItem]] = field(default_factory=list)
-    attempts: Counter[Key] = field(default_factory=Counter)
-    first_fault: dict[Key, float] = field(default_factory=dict)
-    store_down: bool = False
-
-    def held(self, pool: Pool, name: str) -> int:
-        return pool.in_flight(name) + sum(1 for _, n, _ in self.delayed if n == name)
-
-
 def _message(item: WorkItem, cause: BaseException, attempts: int) -> str:
     """One line per failed item: the worker's message names the item, file, row and clip."""
     text = str(cause).strip().splitlines()[-1] if str(cause).strip() else type(cause).__name__
@@ -139,79 +125,110 @@ def _message(item: WorkItem, cause: BaseException, attempts: int) -> str:
     return text + (f" (after {attempts} attempts)" if attempts > 1 else "")
 
 
+class Loop:
+    """What the loop holds between two outcomes: the pool, the scheduler, the policy, the record so far
+    (:class:`Execution`), items waiting out a store fault ``(at, worker, item)``, attempts and first-fault times
+    per item, and whether the store is down (then nothing more is handed out)."""
+
+    def __init__(self, pool: Pool, scheduler: Scheduler, policy: Policy, progress: Progress) -> None:
+        self.pool, self.scheduler, self.policy, self.progress = pool, scheduler, policy, progress
+        self.run = Execution(assigned={n: [i.key for i in scheduler.queue_of(n)] for n in scheduler.actors})
+        self.delayed: list[tuple[float, str, WorkItem]] = []
+        self.attempts: Counter[Key] = Counter()
+        self.first_fault: dict[Key, float] = {}
+        self.store_down = False
+
+    def busy(self) -> bool:
+        return bool(self.delayed) or any(self.pool.in_flight(name) for name in self.scheduler.actors)
+
+    def held(self, name: str) -> int:
+        return self.pool.in_flight(name) + sum(1 for _, n, _ in self.delayed if n == name)
+
+    def top_up(self, reported: str | None = None) -> None:
+        """Fill the free slots of ``reported`` (None: of every worker) and of idle workers."""
+        for name in [] if self.store_down else self.scheduler.actors:
+            if reported in (None, name) or not self.held(name):
+                while (self.scheduler.queued and self.held(name) < IN_FLIGHT
+                       and (item := self.scheduler.next_item(name)) is not None):
+                    self.pool.submit(name, item)
+
+    def resubmit_due(self) -> float:
+        """Hand back the items whose back-off is over; return how long to wait for an outcome."""
+        now = self.pool.clock()
+        for entry in [d for d in self.delayed if d[0] <= now]:
+            self.delayed.remove(entry)
+            self.pool.submit(entry[1], entry[2])
+        return max(0.05, min(d[0] for d in self.delayed) - now) if self.delayed else self.policy.tick_s
+
+    def lost(self, name: str, error: BaseException) -> None:
+        """``name`` died: its items go back to the others; a replacement joins while restarts are left."""
+        self.delayed = [d for d in self.delayed if d[1] != name]
+        requeued = self.scheduler.fail_actor(name)
+        new = self.pool.replace(name, spawn=self.run.actor_restarts < self.policy.max_actor_restarts)
+        self.progress.write(f"worker {name} died ({error}); {len(requeued)} item(s) requeued")
+        if new is not None:
+            self.run.actor_restarts += 1
+            self.scheduler.add_actor(new)
+
+    def failed(self, name: str, item: WorkItem, cause: BaseException) -> None:
+        """An attempt of ``item`` on ``name`` raised ``cause``: as :func:`decide` says."""
+        now = self.pool.clock()
+        self.attempts[item.key] += 1
+        action = decide(cause, self.attempts[item.key], self.first_fault.setdefault(item.key, now), now, self.policy)
+        if isinstance(action, Fail):
+            return self.fail(name, item, action.error)
+        self.run.retries += 1
+        if isinstance(action, RetryAt):
+            self.delayed.append((action.at, name, item))
+        else:
+            self.progress.write(f"retrying {item_label(item)} after {type(cause).__name__}: {cause}")
+            self.pool.submit(name, item)  # same worker: the scheduler still counts it in flight there
+
+    def fail(self, name: str, item: WorkItem, error: BaseException) -> None:
+        self.scheduler.complete(name, item)
+        self.run.failed += 1
+        if isinstance(error, storage.StoreUnavailable) or storage.is_transient(error):
+            self.run.store_failures += 1
+            self.store_down = True  # an outage is not an item's fault: hand out nothing more
+        self.run.failures.append(_message(item, error, self.attempts[item.key]))
+        self.progress.write(f"FAILED {self.run.failures[-1]}")
+        self.progress.update(item.frames, failed=True)
+
+    def finish(self, started: float) -> Execution:
+        """The record, with a line for what is left (the store went down, or no worker is left)."""
+        run, pending = self.run, self.scheduler.pending
+        if pending:
+            run.failures.append(
+                f"store unreachable for {self.policy.store_timeout_s:.0f} s: {pending} more item(s) not attempted; "
+                f"rerun when it is back" if self.store_down else f"no live worker left after {run.actor_restarts} "
+                f"restart(s): {pending} item(s) not computed; rerun to finish them")
+        run.compute_s, run.steals, run.requeued = self.pool.clock() - started, self.scheduler.steals, \
+            self.scheduler.requeued
+        return run
+
+
 def execute(items: list[WorkItem], pool: Pool, scheduler: Scheduler, on_result: Callable[[ItemResult], None], *,
             policy: Policy = Policy(), progress: Progress | None = None) -> Execution:
     """Run ``items`` on the started ``pool`` as ``scheduler`` (built over the pool's workers) places them;
     ``on_result`` is called on this thread for each committed item. The caller closes the pool."""
-    run, loop = Execution(assigned={n: [i.key for i in scheduler.queue_of(n)] for n in scheduler.actors}), Loop()
-    progress = progress or Progress(len(items), 0, enabled=False)
     started = pool.clock()
-
-    def fail(name: str, item: WorkItem, error: BaseException) -> None:
-        scheduler.complete(name, item)
-        run.failed += 1
-        if isinstance(error, storage.StoreUnavailable) or storage.is_transient(error):
-            run.store_failures += 1
-            loop.store_down = True  # an outage is not an item's fault: hand out nothing more
-        run.failures.append(_message(item, error, loop.attempts[item.key]))
-        progress.write(f"FAILED {run.failures[-1]}")
-        progress.update(item.frames, failed=True)
-
-    def lost(name: str, error: BaseException) -> None:
-        loop.delayed = [d for d in loop.delayed if d[1] != name]
-        requeued = scheduler.fail_actor(name)
-        new = pool.replace(name, spawn=run.actor_restarts < policy.max_actor_restarts)
-        progress.write(f"worker {name} died ({error}); {len(requeued)} item(s) requeued")
-        if new is not None:
-            run.actor_restarts += 1
-            scheduler.add_actor(new)
-
-    def failed(name: str, item: WorkItem, cause: BaseException) -> None:
-        now = pool.clock()
-        loop.attempts[item.key] += 1
-        action = decide(cause, loop.attempts[item.key], loop.first_fault.setdefault(item.key, now), now, policy)
-        if isinstance(action, Fail):
-            return fail(name, item, action.error)
-        run.retries += 1
-        if isinstance(action, RetryAt):
-            loop.delayed.append((action.at, name, item))
-        else:
-            progress.write(f"retrying {item_label(item)} after {type(cause).__name__}: {cause}")
-            pool.submit(name, item)  # same worker: the scheduler still counts it in flight there
-
-    def top_up(reported: str | None = None) -> None:  # after an outcome of ``reported``: it, and idle workers
-        for name in [] if loop.store_down else scheduler.actors:
-            if reported in (None, name) or not loop.held(pool, name):
-                while (scheduler.queued and loop.held(pool, name) < IN_FLIGHT
-                       and (item := scheduler.next_item(name)) is not None):
-                    pool.submit(name, item)
-
-    top_up()
-    while loop.delayed or any(pool.in_flight(name) for name in scheduler.actors):
-        now = pool.clock()
-        for entry in [d for d in loop.delayed if d[0] <= now]:
-            loop.delayed.remove(entry)
-            pool.submit(entry[1], entry[2])
-        outcome = pool.wait(max(0.05, min(d[0] for d in loop.delayed) - now) if loop.delayed else policy.tick_s)
-        progress.tick()
+    loop = Loop(pool, scheduler, policy, progress or Progress(len(items), 0, enabled=False))
+    loop.top_up()
+    while loop.busy():
+        outcome = pool.wait(loop.resubmit_due())
+        loop.progress.tick()
         if outcome is None:
             continue
         name, item, result = outcome
         if isinstance(result, WorkerLost):
-            lost(name, result)
+            loop.lost(name, result)
             name = None  # every worker may take over its items
         elif isinstance(result, BaseException):
-            failed(name, item, result)
+            loop.failed(name, item, result)
         else:
             scheduler.complete(name, item)
-            run.record(name, item, result)
+            loop.run.record(name, item, result)
             on_result(result)
-            progress.update(result.scan_frames)
-        top_up(name)
-    if scheduler.pending:
-        run.failures.append(
-            f"store unreachable for {policy.store_timeout_s:.0f} s: {scheduler.pending} more item(s) not attempted; "
-            f"rerun when it is back" if loop.store_down else f"no live worker left after {run.actor_restarts} "
-            f"restart(s): {scheduler.pending} item(s) not computed; rerun to finish them")
-    run.compute_s, run.steals, run.requeued = pool.clock() - started, scheduler.steals, scheduler.requeued
-    return run
+            loop.progress.update(result.scan_frames)
+        loop.top_up(name)
+    return loop.finish(started)
