@@ -27,19 +27,16 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 
 from fnn_ray import preflight, storage
-from fnn_ray.experiment import csv_bytes, write_file, write_table
 from fnn_ray.job import Job, JobConfig, JobSummary, absolute, run_job
-from fnn_ray.ledger import Ledger
-from fnn_ray.plan import build_items
+from fnn_ray.outputs import committed_tables, csv_bytes, write_file, write_table
+from fnn_ray.plan import Scan
 from fnn_ray.recordings import RecordingSource, RepeatsReducer, list_scan, read_stats, scan_folders
 
 __all__ = ["DATA_DIR", "EvaluateConfig", "Evaluation", "format_performance", "merge_performance", "plan_evaluate",
            "run_evaluate", "write_performance"]
 
-Scan = tuple[int, int]
 
 #: Where the final tables go, under the output URL.
 DATA_DIR = "performance"
@@ -130,26 +127,15 @@ def merge_performance(job: Job, storage_options: Mapping[str, Any] | None = None
     otherwise); commits of other scans in the output are left out."""
     from fnn_ray.analysis.performance import cc_from_stats, merge_stats
 
-    planned = {item.key for item in build_items(job.scans, job.parts)}
-    ledger = Ledger(job.output_url, storage_options)
     found: dict[Scan, list] = {}
-    done = set()
-    for commit in ledger.committed_files(job.reducer.data_dir):
-        if commit.key not in planned:
-            continue
-        with ledger.fs.open(ledger.path(commit.file), "rb") as f:
-            unit_ids, readout_ids, stats = read_stats(pq.read_table(f))
-        scan = commit.key[:2]
+    for key, table in committed_tables(job, storage_options):
+        unit_ids, readout_ids, stats = read_stats(table)
+        scan = key[:2]
         first = found.setdefault(scan, [unit_ids, readout_ids, []])
         if not (np.array_equal(first[0], unit_ids) and np.array_equal(first[1], readout_ids)):
-            raise ValueError(f"{storage.redact_url(storage.join(job.output_url, commit.file))}: its units differ from "
-                             f"those of the other items of scan {scan[0]}-{scan[1]}")
+            raise ValueError(f"{storage.redact_url(job.output_url)}: the units of item {key[0]}-{key[1]}/{key[2]} "
+                             f"differ from those of the other items of scan {scan[0]}-{scan[1]}")
         first[2].append(stats)
-        done.add(commit.key)
-    if done != planned:
-        key = min(planned - done)
-        raise ValueError(f"item {key[0]}-{key[1]}/{key[2]} is not committed under "
-                         f"{storage.redact_url(job.output_url)}: run the job to the end first")
     tables = {}
     for scan, (unit_ids, readout_ids, stats) in sorted(found.items()):
         metrics = cc_from_stats(merge_stats(stats))

@@ -6,34 +6,28 @@ clips are made on the workers, no stimulus I/O) and whose reducer is a :class:`f
 After the items are committed, :func:`condition_means` merges the partial sums of every item into the mean
 response per unit and condition, and the experiment's analysis (tuning, receptive fields) turns them into tables.
 
-:func:`write_table` and :func:`write_file` commit the final outputs atomically; a rerun rewrites them identically.
+The final outputs are written by :mod:`fnn_ray.outputs`.
 """
 
 from __future__ import annotations
 
-import io
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from fnn_ray import preflight, storage
 from fnn_ray.generators import Family
 from fnn_ray.job import Job, JobConfig, absolute
-from fnn_ray.ledger import Ledger, parquet_bytes
+from fnn_ray.outputs import committed_tables
+from fnn_ray.plan import Scan
 from fnn_ray.reducers import WindowReducer
 from fnn_ray.sources import GeneratedSource, blocks
 from fnn_ray.stimuli import Clip, ClipWriter
 
-__all__ = ["ExperimentConfig", "ScanMeans", "clips_metadata", "condition_means", "csv_bytes", "plan_experiment", "read_results",
-           "save_stimuli", "write_file", "write_table"]
-
-Scan = tuple[int, int]
+__all__ = ["ExperimentConfig", "ScanMeans", "clips_metadata", "condition_means", "plan_experiment", "save_stimuli"]
 
 
 @dataclass(kw_only=True)
@@ -85,16 +79,13 @@ def plan_experiment(name: str, config: ExperimentConfig) -> Job:
 
 
 def condition_means(job: Job, storage_options: Mapping[str, Any] | None = None) -> dict[Scan, ScanMeans]:
-    """Merge the committed partial sums of ``job`` per scan (every item must be committed)."""
-    ledger = Ledger(job.output_url, storage_options)
+    """Merge the committed partial sums of ``job`` per scan (ValueError unless every item is committed)."""
     k = len(job.source.family.conditions)  # type: ignore[attr-defined]
     acc: dict[Scan, list] = {}
-    for commit in ledger.committed_files(job.reducer.data_dir):
-        with ledger.fs.open(ledger.path(commit.file), "rb") as f:
-            table = pq.read_table(f)
+    for key, table in committed_tables(job, storage_options):
         counts = np.asarray(json.loads(table.schema.metadata[b"counts"]), np.int64)
         sums = table.column("sums").combine_chunks().flatten().to_numpy().reshape(-1, k)
-        scan = commit.key[:2]
+        scan = key[:2]
         if scan not in acc:
             acc[scan] = [table.column("unit_id").to_numpy(), table.column("readout_id").to_numpy(),
                          np.zeros_like(sums), np.zeros(k, np.int64)]
@@ -113,20 +104,6 @@ def clips_metadata(family: Family) -> list[dict]:
             for i in range(family.num_clips)]
 
 
-def write_file(url: str, data: bytes, storage_options: Mapping[str, Any] | None = None) -> str:
-    """Commit ``data`` at ``url`` atomically; return ``url``."""
-    fs, path = storage.filesystem(url, storage_options)
-    storage.commit_bytes(fs, path, data)
-    return url
-
-
-def write_table(output_url: str, data_dir: str, scan: Scan, frame: pd.DataFrame,
-                storage_options: Mapping[str, Any] | None = None) -> str:
-    """Commit one scan's table as ``OUTPUT/<data_dir>/session=<s>/scan_idx=<i>/units.parquet``."""
-    url = storage.join(output_url, data_dir, f"session={scan[0]}", f"scan_idx={scan[1]}", "units.parquet")
-    return write_file(url, parquet_bytes(pa.Table.from_pandas(frame, preserve_index=False)), storage_options)
-
-
 def save_stimuli(family: Family, url: str, storage_options: Mapping[str, Any] | None = None) -> list[str]:
     """Write the experiment's exact clips as a stimulus dataset (the sweep's contract, the metadata's clip ids),
     one clip in memory at a time; returns the file URLs."""
@@ -134,22 +111,3 @@ def save_stimuli(family: Family, url: str, storage_options: Mapping[str, Any] | 
         for i in range(family.num_clips):
             writer.write(Clip(family.clip_id(i), family.frames(i)))
     return writer.files
-
-
-def csv_bytes(frame: pd.DataFrame) -> bytes:
-    """``frame`` as CSV (no index)."""
-    buffer = io.StringIO()
-    frame.to_csv(buffer, index=False)
-    return buffer.getvalue().encode()
-
-
-def read_results(output_url: str, data_dir: str, storage_options: Mapping[str, Any] | None = None,
-                 filter: Any = None) -> pd.DataFrame:
-    """An analysis table (``ori_dir_tuning``, ``receptive_fields``, ``performance``) of every scan as one
-    DataFrame with ``session`` / ``scan_idx`` columns (``filter``: a ``pyarrow.dataset`` expression on them)."""
-    import pyarrow.dataset as ds
-
-    fs, root = storage.filesystem(storage.join(output_url, data_dir), storage_options)
-    dataset = ds.dataset([p for p in fs.find(root) if p.endswith("/units.parquet")], filesystem=fs,
-                         format="parquet", partitioning=ds.partitioning(flavor="hive"), partition_base_dir=root)
-    return dataset.to_table(filter=filter).to_pandas()

@@ -16,13 +16,13 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from fnn_ray import storage
+from fnn_ray.plan import Scan
 
 if TYPE_CHECKING:
     from fnn_model.release import Release
 
 __all__ = ["check_output", "open_release", "parse_scans", "release_location"]
 
-Scan = tuple[int, int]
 
 
 def parse_scans(text: str | None) -> list[Scan] | None:

@@ -16,15 +16,13 @@ from dataclasses import dataclass
 from fnn_ray import preflight, storage
 from fnn_ray.job import Job, JobConfig, JobSummary, absolute, run_job
 from fnn_ray.manifest import Manifest
-from fnn_ray.plan import choose_clips_per_shard
+from fnn_ray.plan import Scan, choose_clips_per_shard
 from fnn_ray.pool import cluster_plan, init_ray
 from fnn_ray.reducers import FramesReducer
 from fnn_ray.sources import ParquetSource
-from fnn_ray.stimuli import Shard, list_shards
+from fnn_ray.stimuli import list_shards, regroup
 
-__all__ = ["SweepConfig", "plan_sweep", "regroup", "run_sweep"]
-
-Scan = tuple[int, int]
+__all__ = ["SweepConfig", "plan_sweep", "run_sweep"]
 
 
 @dataclass(kw_only=True)
@@ -45,28 +43,6 @@ class SweepConfig(JobConfig):
             raise ValueError(f"clips_per_shard must be >= 1, got {self.clips_per_shard}")
         if self.scans is not None:
             self.scans = [(int(s), int(i)) for s, i in self.scans]
-
-
-def regroup(shards: Sequence[Shard], clips_per_shard: int) -> list[Shard]:
-    """Merge one-clip shards (``list_shards(url, 1)``) into shards of ``clips_per_shard`` consecutive rows of one
-    file: the same shards (and ids) as ``list_shards(url, clips_per_shard)``, without listing twice."""
-    out: list[Shard] = []
-    group: list[Shard] = []
-
-    def flush() -> None:
-        if group:
-            first, last = group[0], group[-1]
-            out.append(Shard(url=first.url, path=first.path, row_start=first.row_start, row_stop=last.row_stop,
-                             clip_ids=tuple(c for s in group for c in s.clip_ids),
-                             frames=sum(s.frames for s in group), file=first.file))
-            group.clear()
-
-    for shard in shards:
-        if group and (shard.path != group[0].path or shard.row_start % clips_per_shard == 0):
-            flush()
-        group.append(shard)
-    flush()
-    return out
 
 
 def _planned_actors(config: JobConfig) -> int:

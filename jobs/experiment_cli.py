@@ -16,8 +16,9 @@ from pathlib import Path
 import pandas as pd
 
 from fnn_ray import storage
-from fnn_ray.experiment import ExperimentConfig, ScanMeans, clips_metadata, condition_means, csv_bytes, \
-    plan_experiment, save_stimuli, write_file, write_table
+from fnn_ray.experiment import ExperimentConfig, ScanMeans, clips_metadata, condition_means, plan_experiment, \
+    save_stimuli
+from fnn_ray.outputs import csv_bytes, write_file, write_table
 from fnn_ray.generators import Family
 from fnn_ray.job import JobSummary, run_job
 from jobs.cli import add_job_options, job_options, parse_size, run_cli

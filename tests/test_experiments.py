@@ -11,7 +11,8 @@ import pytest
 
 from fnn_model.config import NetworkConfig
 from fnn_model.synthetic import make_release
-from fnn_ray.experiment import ExperimentConfig, read_results
+from fnn_ray.experiment import ExperimentConfig
+from fnn_ray.outputs import read_results
 from fnn_ray.generators import Dots, Monet
 from fnn_ray.responses import read_responses
 from fnn_ray.sweep import SweepConfig, run_sweep
