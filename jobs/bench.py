@@ -272,6 +272,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="engine dtypes, comma-separated (float32, bfloat16); the baseline is always float32")
     parser.add_argument("--scans", type=int, default=None, help="scans (default 4, quick 2)")
     parser.add_argument("--units", type=int, default=10_000, help="units per scan")
+    parser.add_argument("--config", choices=["full", "tiny"], default="full",
+                        help="network size (tiny: a check of the bookkeeping, not a benchmark; no --error-release "
+                             "by default)")
     parser.add_argument("--frames", type=int, default=None, help="frames per clip (default 16, quick 8)")
     parser.add_argument("--batches", default=None, help="clips per engine call, comma-separated (default 1,2,4,8)")
     parser.add_argument("--repeats", type=int, default=3,
@@ -295,7 +298,8 @@ def main(argv: list[str] | None = None) -> dict:
         release_url = str(root / "release")
         from fnn_model.synthetic import make_release
 
-        make_release(release_url, [(s, i, args.units) for s, i in scan_keys], NetworkConfig(), seed=0)
+        network = NetworkConfig.tiny() if args.config == "tiny" else NetworkConfig()
+        make_release(release_url, [(s, i, args.units) for s, i in scan_keys], network, seed=0)
         release = Release.open(release_url)
         peaks = {name: matmul_peak(device, dtype) for name, dtype in {"float32": torch.float32, **dtypes}.items()}
         flops = flops_per_scan_frame(release, scan_keys[0])
@@ -339,7 +343,7 @@ def main(argv: list[str] | None = None) -> dict:
     exact = {clips: responses[name, clips] for name, clips in responses if name == "float32"}
     approx = {clips: responses[name, clips] for name, clips in responses if name == "bfloat16"}
     bf16_error = max((max_rel_error(approx[c], exact[c]) for c in exact if c in approx), default=None)
-    error_release = args.error_release or default_error_release()
+    error_release = args.error_release or (default_error_release() if args.config == "full" else None)
     release_error = None
     if error_release and "bfloat16" in dtypes:
         release_error = release_bf16_error(error_release, device)

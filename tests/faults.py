@@ -14,6 +14,7 @@ from collections import Counter
 from typing import Any
 
 from fnn_ray.job import PoolFactory
+from fnn_ray.ledger import Ledger
 from fnn_ray.plan import WorkItem
 from fnn_ray.pool import LocalPool, Outcome, Pool, WorkerLost
 from fnn_ray.worker import ItemResult, Task, Worker, WorkerOptions, item_label
@@ -125,3 +126,8 @@ def wait_for(condition, what: str, timeout_s: float = 300.0, poll_s: float = 0.0
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
         time.sleep(poll_s)
+
+
+def committed(output_url: str, storage_options=None, data_dir: str = "responses") -> set:
+    """The keys of the items committed (intact) under ``output_url``: what a run left behind."""
+    return {c.key for c in Ledger(output_url, storage_options).committed_files(data_dir)}

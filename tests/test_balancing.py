@@ -14,12 +14,13 @@ import pytest
 from fnn_model.config import NetworkConfig
 from fnn_ray.sweep import SweepConfig, run_sweep
 from fnn_ray.plan import HEAD_LOAD_COST, WorkItem
-from fnn_ray.responses import committed_items, read_responses
+from fnn_ray.responses import read_responses
+from faults import committed
+from conftest import RAY_GPUS
 from jobs.make_synthetic import make_synthetic
 
 SCANS = [(4, 7, 9), (8, 5, 15), (9, 6, 12)]
 CLIPS, FRAMES, SIZE = 16, 12, (36, 64)
-RAY_GPUS = 4
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +52,7 @@ def test_one_actor_per_gpu_scans_spread_by_cost(ray_cluster, data):
 
     # every actor did work, and every item ran exactly once
     ran = [k for keys in summary.execution.ran.values() for k in keys]
-    assert sorted(ran) == sorted(committed_items(data[2] / "even")) and len(set(ran)) == 24
+    assert sorted(ran) == sorted(committed(data[2] / "even")) and len(set(ran)) == 24
     assert set(summary.execution.ran) == set(summary.execution.workers) and all(summary.execution.ran.values())
 
     # the initial assignment cuts the scan-ordered line into segments of equal cost counting the head loads

@@ -93,6 +93,7 @@ def test_wait_gets_the_lease_when_the_holder_releases(kind, tmp_url):
     waiter.release()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", KINDS)
 def test_stale_lease_of_a_killed_run_is_taken_over(kind, tmp_url):
     url = tmp_url(kind, "out")

@@ -7,9 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow
 def test_private_local_ray_is_on_loopback():
     script = ("import ray; from fnn_ray.pool import init_ray\n"
               "assert init_ray()\n"

@@ -19,11 +19,13 @@ from fnn_model.config import NetworkConfig
 from fnn_ray import storage
 from fnn_ray.lease import LeaseHeld
 from fnn_ray.manifest import Manifest
-from fnn_ray.responses import committed_items, read_responses
+from fnn_ray.responses import read_responses
 from fnn_ray.stimuli import write_clips
 from fnn_ray.sweep import SweepConfig, run_sweep
-from faults import local_pool, wait_for
+from faults import committed, local_pool, wait_for
 from jobs.make_synthetic import make_synthetic, synthetic_clips
+
+pytestmark = pytest.mark.slow  # store outages, a proxy, real Ray
 
 SCANS = [(4, 7, 11), (8, 5, 17)]
 CLIPS, FRAMES, SIZE = 8, 8, (36, 64)
@@ -68,7 +70,7 @@ def when_committed(output: str, s3, n: int, action, timeout_s: float = 120.0) ->
     """Run ``action()`` in a thread as soon as ``n`` items of ``output`` are committed (read directly)."""
     def watch() -> None:
         deadline = time.monotonic() + timeout_s
-        while len(committed_items(output, s3.storage_options)) < n and time.monotonic() < deadline:
+        while len(committed(output, s3.storage_options)) < n and time.monotonic() < deadline:
             time.sleep(0.1)
         action()
 
@@ -169,7 +171,7 @@ def test_two_drivers_on_one_output(ray_cluster, s3, data, clean, store_proxy, wa
     # the first driver commits one item, then holds the others until the second has been refused or waits
     first = threading.Thread(target=drive, args=("first",), kwargs={"pool": local_pool(gate=gate, free=1)})
     first.start()
-    wait_for(lambda: len(committed_items(output, s3.storage_options)) >= 1, "the first driver's first commit")
+    wait_for(lambda: len(committed(output, s3.storage_options)) >= 1, "the first driver's first commit")
     handler, lease_log = Waiting(), logging.getLogger("fnn_ray.lease")
     level = lease_log.level
     lease_log.addHandler(handler)

@@ -17,7 +17,8 @@ from fnn_model.engine import Engine
 from fnn_model.release import Release
 from fnn_ray import storage
 from fnn_ray.sweep import SweepConfig, run_sweep
-from fnn_ray.responses import committed_items, read_responses
+from fnn_ray.responses import read_responses
+from faults import committed
 from fnn_ray.stimuli import read_shard, list_shards
 from jobs.make_synthetic import make_synthetic
 
@@ -100,7 +101,7 @@ def test_sweep_s3_equals_engine_and_rerun_is_noop(ray_cluster, data, s3, capsys)
     after = {p: fs.info(p)["ETag"] for p in fs.find(root + "/responses")}
     assert before == after
     assert read_responses(output).equals(table)
-    assert len(committed_items(output)) == 6
+    assert len(committed(output)) == 6
 
     printed = capsys.readouterr()
     manifest = fs.cat_file(root + "/manifest.json").decode()

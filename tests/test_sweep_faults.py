@@ -24,10 +24,10 @@ from fnn_model.release import Release, ReleaseError
 from fnn_ray import storage
 from fnn_ray.manifest import Manifest
 from fnn_ray.sweep import SweepConfig, run_sweep
-from fnn_ray.responses import committed_items, read_responses
+from fnn_ray.responses import read_responses
 from fnn_ray.stimuli import list_shards, read_shard
 from jobs import sweep as sweep_job
-from faults import local_pool, wait_for
+from faults import committed, local_pool, wait_for
 from jobs.make_synthetic import make_synthetic, synthetic_clips
 from fnn_ray.stimuli import write_clips
 
@@ -91,7 +91,7 @@ def test_unknown_scan_is_a_clear_error(data, capsys):
     code = sweep_job.main(["--release", data[0], "--stimuli", data[1], "--output", output, "--scans", "8-5,1-2"])
     assert code == 2
     assert "unknown scan(s) 1-2" in capsys.readouterr().err
-    assert not committed_items(output)
+    assert not committed(output)
 
 
 def test_unreachable_urls_are_clear_errors(data, s3, tmp_path):
@@ -130,7 +130,7 @@ def test_bad_stimulus_listing_commits_nothing(data, s3, defect):
     output = s3.url(f"bad-out-{uuid.uuid4().hex[:8]}")
     with pytest.raises(ValueError, match=expect):
         run_sweep(config((data[0], bad, None), output))
-    assert not committed_items(output)
+    assert not committed(output)
 
 
 def test_bad_frames_fail_only_their_items(ray_cluster, data, s3, capsys):
@@ -147,7 +147,7 @@ def test_bad_frames_fail_only_their_items(ray_cluster, data, s3, capsys):
     for message in summary.failures:
         assert "part-00000.parquet row 2 (clip_id 'clip-00002'): frames has" in message
         assert "part-00000.000002-000004" in message
-    committed = committed_items(output)
+    committed = committed(output)
     assert committed == {(s, i, "part-00000.000000-000002") for s, i, _ in SCANS}
     with pytest.raises(Exception, match="clip-00002"):
         summary.raise_for_failures()
@@ -158,7 +158,7 @@ def test_bad_frames_fail_only_their_items(ray_cluster, data, s3, capsys):
     out = capsys.readouterr().out
     assert code == 1
     assert "2 failed" in out and "row 2 (clip_id 'clip-00002')" in out and "NOT committed" in out
-    assert committed_items(output) == committed
+    assert committed(output) == committed
 
 
 # ---------------------------------------------------------------------------------------------- dying actors
@@ -177,7 +177,7 @@ def test_last_actor_dies_then_rerun(ray_cluster, data, clean):
                              pool=local_pool(actors=1, crash_on="4-7/part-00001.000000-000002")))
     assert not first.ok and first.pending > 0
     assert any("no live worker left" in f for f in first.failures)
-    done = len(committed_items(output))
+    done = len(committed(output))
     assert done == first.items_done < 6
     again = run_sweep(config(data, output))
     assert again.ok and again.items_skipped == done and again.items_done == 6 - done
@@ -189,7 +189,7 @@ def test_driver_stopped_then_rerun_computes_only_missing(ray_cluster, data, clea
     output = f"{data[2]}/stopped"
     first = run_sweep(config(data, output, pool=local_pool(stop_after=2)))
     assert (first.items_done, first.pending, first.ok) == (2, 4, False)
-    assert len(committed_items(output)) == 2
+    assert len(committed(output)) == 2
     again = run_sweep(config(data, output))
     assert again.ok and (again.items_skipped, again.items_done) == (2, 4)
     assert_same_output(output, clean)
@@ -227,13 +227,13 @@ def test_driver_killed_then_rerun(ray_cluster, s3, data):
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:
-        wait_for(lambda: len(committed_items(output)) >= 3 or proc.poll() is not None, "3 commits")
+        wait_for(lambda: len(committed(output)) >= 3 or proc.poll() is not None, "3 commits")
         assert proc.poll() is None, f"the sweep ended before it was killed:\n{proc.stdout.read()[-3000:]}"
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     wait_for(lambda: not group_alive(proc.pid), "every process of the killed run to exit")
-    killed_at = committed_items(output)
+    killed_at = committed(output)
     assert 3 <= len(killed_at) < 32
 
     summary = run_sweep(config((data[0], stimuli), output, clips_per_shard=None))
