@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from fnn_ray import preflight, storage
-from fnn_ray.job import Job, JobConfig, JobSummary, absolute, run_job
+from fnn_ray.job import Job, JobConfig, JobSummary, run_job
 from fnn_ray.outputs import committed_tables, csv_bytes, write_file, write_table
 from fnn_ray.plan import Scan
 from fnn_ray.recordings import RecordingSource, RepeatsReducer, list_scan, read_stats, scan_folders
@@ -74,39 +74,27 @@ class Evaluation:
     files: list[str] = field(default_factory=list)
 
 
-def _open_release(release_url: str, scans: list[Scan], folders: Mapping[Scan, str],
-                  storage_options: Mapping[str, Any] | None) -> list[tuple[Scan, int]]:
-    """The release's unit counts of ``scans``; a scan folder the release lacks is named in the error."""
-    from fnn_model.release import Release
-
-    try:
-        return preflight.open_release(release_url, scans, storage_options)[1]
-    except ValueError:
-        known = {info.key for info in Release.open(release_url, storage_options=storage_options).scans}
-        outside = [scan for scan in scans if scan not in known]
-        if outside:
-            listing = ", ".join(f"{s}-{i}" for s, i in sorted(known))
-            raise ValueError(f"{storage.redact_url(folders[outside[0]])}: scan {outside[0][0]}-{outside[0][1]} is "
-                             f"not in release {storage.redact_url(release_url)} (its scans: {listing})") from None
-        raise
-
-
 def plan_evaluate(config: EvaluateConfig) -> Job:
     """Check the setup (release, recordings: listing and ``.npy`` headers, output) and build the evaluation's job;
     nothing is written and Ray is not started. ValueError / FileNotFoundError naming the file."""
     so = config.storage_options
-    release_url, release_so = preflight.release_location(config.release, so)
-    recordings_url, output_url = absolute(config.recordings), absolute(config.output)
+    recordings_url = preflight.absolute(config.recordings)
     folders = scan_folders(recordings_url, so)
     if config.scans is not None:
         for session, scan_idx in [s for s in config.scans if s not in folders][:1]:
             raise FileNotFoundError(f"no recordings for scan {session}-{scan_idx}: "
                                     f"{storage.join(storage.redact_url(recordings_url), f'{session}-{scan_idx}')} "
                                     f"does not exist")
-    wanted = list(config.scans) if config.scans is not None else list(folders)
-    scans = _open_release(release_url, wanted, folders, release_so)
+    try:
+        setup = preflight.prepare(config.release, config.output, list(config.scans or folders), so)
+    except preflight.UnknownScans as e:  # a recordings folder of a scan the release lacks: name the folder
+        outside = [scan for scan in (config.scans or folders) if scan not in e.known]
+        listing = ", ".join(f"{s}-{i}" for s, i in sorted(e.known))
+        raise ValueError(f"{storage.redact_url(folders[outside[0]])}: scan {outside[0][0]}-{outside[0][1]} is "
+                         f"not in release {storage.redact_url(preflight.release_location(config.release, so)[0])} "
+                         f"(its scans: {listing})") from None
+    release_url, release_so, scans, output_url = setup.release_url, setup.release_options, setup.scans, setup.output_url
     parts = {scan: list_scan(folders[scan], units, config.burnin, so) for scan, units in scans}
-    preflight.check_output(output_url, so)
     every = [p for ps in parts.values() for p in ps]
     frames = sum(p.frames for p in every)
     return Job(

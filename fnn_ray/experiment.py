@@ -20,7 +20,7 @@ import numpy as np
 
 from fnn_ray import preflight, storage
 from fnn_ray.generators import Family
-from fnn_ray.job import Job, JobConfig, absolute
+from fnn_ray.job import Job, JobConfig
 from fnn_ray.outputs import committed_tables
 from fnn_ray.plan import Scan
 from fnn_ray.reducers import WindowReducer
@@ -61,11 +61,8 @@ class ScanMeans:
 
 def plan_experiment(name: str, config: ExperimentConfig) -> Job:
     """Check the setup (release, scans, output) and build the experiment's job (nothing written, no Ray)."""
-    so = config.storage_options
-    release_url, release_so = preflight.release_location(config.release, so)
-    output_url = absolute(config.output)
-    _, scans = preflight.open_release(release_url, config.scans, release_so)
-    preflight.check_output(output_url, so)
+    setup = preflight.prepare(config.release, config.output, config.scans, config.storage_options)
+    release_url, release_so, scans, output_url = setup.release_url, setup.release_options, setup.scans, setup.output_url
     family = config.family
     parts = blocks(family, config.clips_per_part)
     return Job(

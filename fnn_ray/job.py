@@ -17,7 +17,6 @@ Everything that can be checked before Ray starts is checked by the caller (:func
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -180,12 +179,6 @@ class JobFailed(RuntimeError):
         self.summary = summary
         head = f"{summary.items_failed} item(s) failed, {summary.pending} pending"
         super().__init__(head + "".join(f"\n  - {m}" for m in summary.failures[:20]))
-
-
-def absolute(url: str) -> str:
-    """Local paths made absolute (so a manifest compares equal whatever the cwd); URLs unchanged."""
-    url = os.fspath(url)
-    return url if "://" in url else os.path.abspath(os.path.expanduser(url))
 
 
 def _remove_staging(ledger: Ledger) -> int:

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from fnn_ray import preflight, storage
-from fnn_ray.job import Job, JobConfig, JobSummary, absolute, run_job
+from fnn_ray.job import Job, JobConfig, JobSummary, run_job
 from fnn_ray.manifest import Manifest
 from fnn_ray.plan import Scan, choose_clips_per_shard
 from fnn_ray.pool import cluster_plan, init_ray
@@ -60,11 +60,10 @@ def plan_sweep(config: SweepConfig) -> Job:
     """Check the setup (release, scans, stimuli, output) and build the sweep's job; nothing is written and Ray is
     not started. ValueError / FileNotFoundError naming the problem."""
     so = config.storage_options
-    release_url, release_so = preflight.release_location(config.release, so)
-    stimuli_url, output_url = absolute(config.stimuli), absolute(config.output)
-    _, scans = preflight.open_release(release_url, config.scans, release_so)
+    setup = preflight.prepare(config.release, config.output, config.scans, so)
+    release_url, release_so, scans, output_url = setup.release_url, setup.release_options, setup.scans, setup.output_url
+    stimuli_url = preflight.absolute(config.stimuli)
     one_clip = list_shards(stimuli_url, 1, so)
-    preflight.check_output(output_url, so)
     previous = Manifest.load(output_url, so)
     recorded = previous.config.get("clips_per_shard") if previous else None
     clips_per_shard = config.clips_per_shard or recorded
