@@ -12,22 +12,27 @@ The final outputs are written by :mod:`fnn_ray.outputs`.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from fnn_ray import preflight, storage
 from fnn_ray.generators import Family
-from fnn_ray.job import Job, JobConfig
-from fnn_ray.outputs import committed_tables
+from fnn_ray.job import Job, JobConfig, JobSummary, run_job
+from fnn_ray.outputs import committed_tables, csv_bytes, write_file, write_table
 from fnn_ray.plan import Scan
 from fnn_ray.reducers import WindowReducer
 from fnn_ray.sources import GeneratedSource, blocks
 from fnn_ray.stimuli import Clip, ClipWriter
 
-__all__ = ["ExperimentConfig", "ScanMeans", "clips_metadata", "condition_means", "plan_experiment", "save_stimuli"]
+__all__ = ["ExperimentConfig", "ScanMeans", "clips_metadata", "condition_means", "plan_experiment", "run_experiment",
+           "save_stimuli"]
 
 
 @dataclass(kw_only=True)
@@ -108,3 +113,50 @@ def save_stimuli(family: Family, url: str, storage_options: Mapping[str, Any] | 
         for i in range(family.num_clips):
             writer.write(Clip(family.clip_id(i), family.frames(i)))
     return writer.files
+
+
+def run_experiment(name: str, data_dir: str, config: ExperimentConfig, save_stimuli_url: str | None,
+                   analyse: Callable[[ScanMeans], pd.DataFrame], metadata: dict, csv_columns: list[str],
+                   plot: Callable[[pd.DataFrame, str], list[str]]) -> JobSummary:
+    """Run the experiment job, then (when every item is committed) write per scan
+    ``OUTPUT/<data_dir>/session=<s>/scan_idx=<i>/units.parquet`` (``unit_id``, ``readout_id``, then the columns of
+    ``analyse(means)``), ``OUTPUT/<data_dir>/metadata.json`` (``metadata`` plus the stimulus family, its
+    parameters and every clip's windows), ``units.csv`` (``csv_columns`` of all scans) and the PNGs of
+    ``plot(table, directory)`` under ``plots/``. Prints where everything went."""
+    so = config.storage_options
+    family = config.family
+    job = plan_experiment(name, config)
+    if save_stimuli_url:
+        start = time.perf_counter()
+        files = save_stimuli(family, save_stimuli_url, so)
+        print(f"saved the {family.num_clips} clip(s) as a stimulus dataset ({len(files)} file(s)) at "
+              f"{storage.redact_url(save_stimuli_url)} in {time.perf_counter() - start:.1f} s")
+    summary = run_job(job, config)
+    if not summary.ok:
+        return summary
+    start = time.perf_counter()
+    tables = []
+    for scan, means in sorted(condition_means(job, so).items()):
+        table = analyse(means)
+        table.insert(0, "readout_id", means.readout_ids.astype("int32"))
+        table.insert(0, "unit_id", means.unit_ids.astype("int64"))
+        write_table(job.output_url, data_dir, scan, table, so)
+        table.insert(0, "scan_idx", scan[1])
+        table.insert(0, "session", scan[0])
+        tables.append(table)
+    everything = pd.concat(tables, ignore_index=True)
+    base = storage.join(job.output_url, data_dir)
+    meta = {**metadata, "stimulus": {"family": family.name, **family.params()},
+            "burnin_frames": family.burnin_frames, "clips": clips_metadata(family)}
+    write_file(storage.join(base, "metadata.json"), json.dumps(meta, indent=1).encode(), so)
+    write_file(storage.join(base, "units.csv"), csv_bytes(everything[csv_columns]), so)
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = plot(everything, tmp)
+        for path in paths:
+            write_file(storage.join(base, "plots", Path(path).name), Path(path).read_bytes(), so)
+    shown = storage.redact_url(base)
+    print(f"\n{name}: {len(everything):,} unit(s) of {len(tables)} scan(s) analysed in "
+          f"{time.perf_counter() - start:.1f} s\n  tables: {shown}/session=*/scan_idx=*/units.parquet\n"
+          f"  published layout: {shown}/units.csv\n  metadata: {shown}/metadata.json\n"
+          f"  plots: {shown}/plots/ ({len(paths)} PNG)")
+    return summary

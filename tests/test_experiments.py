@@ -11,14 +11,13 @@ import pytest
 
 from fnn_model.config import NetworkConfig
 from fnn_model.synthetic import make_release
-from fnn_ray.experiment import ExperimentConfig
+from fnn_ray.experiment import ExperimentConfig, run_experiment
 from fnn_ray.outputs import read_results
 from fnn_ray.generators import Dots, Monet
 from fnn_ray.responses import read_responses
 from fnn_ray.sweep import SweepConfig, run_sweep
 from jobs import receptive_fields, tuning
 from faults import local_pool
-from jobs.experiment_cli import run_experiment
 
 SCANS = [(4, 7, 9), (8, 5, 14)]
 SIZE = ["--size", "36x64", "--actors", "2", "--cpus-per-actor", "1", "--no-progress"]
