@@ -25,14 +25,14 @@ import pandas as pd
 from fnn_ray import preflight, storage
 from fnn_ray.generators import Family
 from fnn_ray.job import Job, JobConfig, JobSummary, run_job
-from fnn_ray.outputs import committed_tables, csv_bytes, write_file, write_table
+from fnn_ray.outputs import committed_tables, csv_bytes, read_results, write_file, write_table
 from fnn_ray.plan import Scan
 from fnn_ray.reducers import WindowReducer
 from fnn_ray.sources import GeneratedSource, blocks
 from fnn_ray.stimuli import Clip, ClipWriter
 
-__all__ = ["ExperimentConfig", "ScanMeans", "clips_metadata", "condition_means", "plan_experiment", "run_experiment",
-           "save_stimuli"]
+__all__ = ["ExperimentConfig", "ScanMeans", "clips_metadata", "condition_means", "plan_experiment", "read_results",
+           "run_experiment", "save_stimuli"]  # read_results: from fnn_ray.outputs, kept here for the README
 
 
 @dataclass(kw_only=True)

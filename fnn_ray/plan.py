@@ -23,7 +23,7 @@ frame, batch 1, measured with ``torch.utils.flop_counter``):
   building the modules plus a host-to-device copy, ≈ 5-10 ms; a core-frame (8.43 GFLOP) takes ≈ 0.05-0.1 ms
   at an effective 80-170 TFLOP/s  →  ``HEAD_LOAD_COST = 100.0`` core-frames. Reading the ``.pt`` file again
   for every switch would cost 2-3x more. This is an estimate: the scheduler uses it to decide whether a
-  steal that needs a new head pays off, and ``python -m jobs.simulate --head-load`` shows how the makespan
+  steal that needs a new head pays off, and ``python -m jobs.simulate --head-load-cost`` shows how the makespan
   depends on it.
 
 An item's cost is therefore ``frames * (CORE_COST + units * UNIT_COST)``.

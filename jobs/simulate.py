@@ -1,7 +1,7 @@
 """Discrete-event simulation of a whole run, driving the real :class:`fnn_ray.scheduler.Scheduler` (no Ray).
 
     python -m jobs.simulate [--actors 1,2,4,...,256] [--json PATH] [--seed N] [--scenarios a,b,...]
-                            [--head-load C] [--frames N] [--clips-per-shard K] [--no-clock]
+                            [--head-load-cost C] [--frames N] [--clips-per-shard K] [--no-clock]
 
 The workload is MICrONS-like: 13 scans with 104,171 units in total (the scan names and the total are those of
 the release, and scan 8-5 has its real 9,941 units; the other counts are made up, between 5,000 and 10,500),
@@ -14,7 +14,7 @@ Time is measured in core-frames of a speed-1.0 actor. The model of an actor, as 
 * it keeps 2 items in flight: one computing, one prefetched. An item's data arrives
   ``fetch_fixed + fetch_per_frame * frames`` (20 + 0.05/frame: a node-local cache) after the item is handed
   out, which is hidden behind the computing item when it was prefetched;
-* the first item of a scan it has not loaded yet costs a head load (``--head-load``, default
+* the first item of a scan it has not loaded yet costs a head load (``--head-load-cost``, default
   :data:`fnn_ray.plan.HEAD_LOAD_COST`) before computing; loaded heads stay;
 * computing an item takes ``cost / speed``, where the speed may change over time;
 * the scheduler gets the simulated time as its clock (``--no-clock``: none), and idle actors ask for work
@@ -31,7 +31,7 @@ Scenarios (all deterministic for a given ``--seed``):
   after the failure.
 
 Lower bound: the ``T`` at which the capacity of all actors over ``[startup, T]`` equals the total item cost,
-where ``startup = head_load + shortest fetch`` (every working actor must fetch its first item and load at
+where ``startup = head_load_cost + shortest fetch`` (every working actor must fetch its first item and load at
 least one head before it can compute; a failed actor contributes until it fails, a joiner from its join
 time), and at least ``startup + largest item / fastest speed``. ``lb_work`` is the plain bound without
 startup, ``max(total work / total speed, largest item / fastest speed)``. ``ratio = makespan / lower_bound``
@@ -88,7 +88,7 @@ class SimConfig:
     clips_per_shard: int | None = None  # None: choose_clips_per_shard(...) for the actor count
     items_per_actor: int = 32
     max_clips_per_shard: int = 8
-    head_load: float = HEAD_LOAD_COST
+    head_load_cost: float = HEAD_LOAD_COST
     fetch_fixed: float = 20.0
     fetch_per_frame: float = 0.05
     seed: int = 0
@@ -135,7 +135,7 @@ def lower_bounds(config: SimConfig, items: Sequence[WorkItem], specs: Sequence[S
     work = sum(i.cost for i in items)
     biggest = max(i.cost for i in items)
     fastest = max(s.profile.max_speed for s in specs)
-    startup = config.head_load + min(config.fetch(i) for i in items)
+    startup = config.head_load_cost + min(config.fetch(i) for i in items)
 
     def solve(delay: float) -> float:
         def capacity(t: float) -> float:
@@ -192,9 +192,9 @@ def simulate(scenario: str, actors: int, config: SimConfig = SimConfig()) -> Sim
     nominal = sum(i.cost for i in items) / actors  # run time at speed 1.0 (mixed speeds average 1.0)
     specs = make_specs(scenario, actors, nominal, config.seed)
     initial = [s for s in specs if s.join_at == 0.0]
-    pool = SimPool(initial, config.fetch, config.head_load, spares=[s for s in specs if s.join_at > 0.0])
+    pool = SimPool(initial, config.fetch, config.head_load_cost, spares=[s for s in specs if s.join_at > 0.0])
     names = pool.start(len(initial))
-    scheduler = Scheduler(items, names, head_load_cost=config.head_load, clock=pool.clock if config.use_clock else None)
+    scheduler = Scheduler(items, names, head_load_cost=config.head_load_cost, clock=pool.clock if config.use_clock else None)
     completed: Counter = Counter()
     run = execute(items, pool, scheduler, lambda result: completed.update([result.key]),
                   policy=Policy(max_actor_restarts=len(specs) - len(initial), tick_s=math.inf))
@@ -241,7 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated scenarios")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--head-load", type=float, default=HEAD_LOAD_COST, help="head load cost (core-frames)")
+    parser.add_argument("--head-load-cost", type=float, default=HEAD_LOAD_COST, help="head load cost (core-frames)")
     parser.add_argument("--clips-per-shard", type=int, default=None, help="fixed shard size (default: chosen)")
     parser.add_argument("--items-per-actor", type=int, default=SimConfig.items_per_actor)
     parser.add_argument("--no-clock", action="store_true", help="run the scheduler without a clock")
@@ -257,7 +257,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"unknown scenario {s!r}; choose from {', '.join(SCENARIOS)}")
     config = SimConfig(
         seed=args.seed,
-        head_load=args.head_load,
+        head_load_cost=args.head_load_cost,
         clips_per_shard=args.clips_per_shard,
         items_per_actor=args.items_per_actor,
         use_clock=not args.no_clock,

@@ -189,6 +189,7 @@ def test_bad_setup_in_a_real_process(data, tmp_path):
     assert not os.path.lexists(output) and list(cwd.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_credentials_never_echoed_or_written(data, tmp_path):
     output = tmp_path / "out"
     tag = uuid.uuid4().hex
