@@ -70,20 +70,20 @@ def training_log_rates(twin: Twin, batch: Batch, draws: Draws) -> torch.Tensor:
         r = core(image, modulation(behaviour[:, t]))  # [B, C, h, w]
         sampled = F.grid_sample(r, grid, mode="bilinear", padding_mode="border", align_corners=False)  # [B,C,U,1]
         out.append(torch.einsum("bcu,uc->bu", sampled[..., 0], features) + bias)
-    for module in (core, modulation):
-        reset_state(module)  # drop the histories (they hold the graph)
+    for module in (core, modulation, twin.perspective):
+        reset_state(module)  # drop the histories and derived weights: the graph holds what backward needs
     return torch.stack(out, dim=1)
 
 
 def eval_log_rates(twin: Twin, batch: Batch) -> torch.Tensor:
     """Evaluation mode, no autograd: stream-mean log-rates `[B, T, U]`; `exp` of them is `twin.predict`'s output
     for the same clips (the same computation, frame by frame from a reset state)."""
-    stimuli, eye, behaviour = _inputs(twin, batch)
-    out = torch.empty(stimuli.shape[0], stimuli.shape[1], twin.units, device=eye.device, dtype=eye.dtype)
+    stimuli, eye, behaviour = (x.transpose(0, 1).contiguous() for x in _inputs(twin, batch))  # time-major, as
+    out = torch.empty(stimuli.shape[0], stimuli.shape[1], twin.units, device=eye.device)  # `predict` lays them out
     twin.reset()
     with torch.inference_mode():
-        for t in range(stimuli.shape[1]):
-            image, features = twin.head.encode(stimuli[:, t, None].to(eye.dtype) / 255, eye[:, t], behaviour[:, t])
-            out[:, t] = twin.readout(twin.core(image, features)).mean(dim=1)
+        for t in range(len(stimuli)):
+            image, features = twin.head.encode(stimuli[t, :, None].to(eye.dtype) / 255, eye[t], behaviour[t])
+            out[t] = twin.readout(twin.core(image, features)).mean(dim=1)
     twin.reset()
-    return out
+    return out.transpose(0, 1)
