@@ -28,6 +28,15 @@ class Lstm(nn.Module):
         """Zero the state."""
         self._state = None
 
+    @property
+    def sequence_state(self) -> list[torch.Tensor]:
+        """The state carried to the next frame: `[h, c]`, or `[]` right after a reset."""
+        return [] if self._state is None else list(self._state)
+
+    @sequence_state.setter
+    def sequence_state(self, tensors: list[torch.Tensor]) -> None:
+        self._state = tuple(tensors) if tensors else None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """`[N, S*F_x]` -> `[N, S*F_h]`."""
         if self._state is None:

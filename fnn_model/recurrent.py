@@ -58,6 +58,15 @@ class Recurrent(nn.Module):
         self._state = None
         self._scales.recheck()
 
+    @property
+    def sequence_state(self) -> list[torch.Tensor]:
+        """The state carried to the next frame: `[h, c]`, or `[]` right after a reset."""
+        return [] if self._state is None else list(self._state)
+
+    @sequence_state.setter
+    def sequence_state(self, tensors: list[torch.Tensor]) -> None:
+        self._state = tuple(tensors) if tensors else None
+
     def attention(self, z: torch.Tensor) -> torch.Tensor:
         """Global attention within each (stream, group) over the flattened positions: `[N, S*C, H, W]` -> same
         (channels-last).

@@ -4,12 +4,18 @@ frames).
 
     python -m jobs.bench [--quick] [--json out.json] [--device cpu|cuda] [--dtypes float32,bfloat16]
                          [--scans K] [--units U] [--batches 1,2,4,8] [--repeats 3] [--no-sweep]
+                         [--training [--training-frames F] [--checkpoint-frames C]]
 
 Rows: a) baseline = `Network.predict`, frame by frame, batch 1, one scan at a time, float32; b) engine = clips x
 scans in one batch, in each of `--dtypes` (a curve over total batch sizes; the best is reported); c) sweep =
 `jobs.sweep` through Ray with one actor on the same device, with the best engine's dtype and batch, stimuli and
 output on local disk; and `jobs.tuning`'s job (16-direction Monet clips generated and reduced on one actor).
 Every row counts the fastest of `--repeats` timed runs (the actor is kept).
+With `--training`: one training step of a twin on the release's core (forward + backward, one stream, batch 4
+windows of `--training-frames` frames): the training path (`fnn_model.training.step`) vs a plain loop of the
+same model (its multi-stream forward under autograd), their ratio `training.training_vs_plain`, the memory a step
+adds (per sample-frame), and the training path with activation checkpointing every `--checkpoint-frames` frames
+(`checkpoint_memory_ratio`, `checkpoint_time_ratio`).
 Each row gives scan-frames/s, achieved GFLOP/s (conv + matmul FLOPs counted by torch's FlopCounterMode), the
 fraction of this machine's measured matmul peak in the row's dtype and peak memory (per row: the GPU allocator's
 peak, or the process's peak resident set; the sweep's is its worker's). The JSON holds every figure plus the
@@ -262,6 +268,105 @@ def bench_tuning(release_url: str, root: Path, scans: list[tuple[int, int]], cli
     return row, analysis
 
 
+@dataclass
+class TrainingRow:
+    """One measured training step: `batch` windows of `frames` frames, forward + backward."""
+
+    name: str
+    batch: int
+    frames: int
+    seconds: float
+    sample_frames_per_s: float
+    peak_memory_mb: float
+    step_memory_mb: float
+    memory_per_sample_frame_mb: float
+
+
+def current_memory_mb(device: torch.device) -> float:
+    """Memory in use now: the GPU allocator's on CUDA, else the process's resident set (Linux; 0 elsewhere)."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device) / 2**20
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:")) / 1024
+    except (OSError, StopIteration, ValueError, IndexError):
+        return 0.0
+
+
+def plain_training_step(twin, batch, objective) -> float:  # noqa: ANN001 (fnn_model.training types)
+    """The same model trained by a plain loop: the twin's multi-stream `forward` (all streams, positions `mu`,
+    mean monitor pose) frame by frame under autograd, the objective, backward."""
+    device = next(twin.parameters()).device
+    stimuli, eye, behaviour = (x.to(device) for x in (batch.stimuli, batch.perspectives, batch.modulations))
+    twin.reset()
+    log_rates = []
+    for t in range(batch.frames):
+        image, features = twin.head.encode(stimuli[:, t, None].float() / 255, eye[:, t], behaviour[:, t])
+        log_rates.append(twin.readout(twin.core(image, features)).mean(dim=1))
+    loss = objective(torch.stack(log_rates, dim=1), batch.units.to(device))
+    loss.backward()
+    twin.reset()
+    return float(loss.detach())
+
+
+def bench_training(release: Release, scan: tuple[int, int], units: int, frames: int, batch_size: int,
+                   device: torch.device, repeats: int, checkpoint_frames: int | None) -> dict:
+    """One training step (forward + backward, one stream, `batch_size` windows of `frames` 144x256 frames) of a
+    twin of `units` units on `release`'s core: the training path (`fnn_model.training.step`), a plain loop of
+    the same model (`plain_training_step`) and, with `checkpoint_frames`, the training path with activation
+    checkpointing over time chunks. Each row is the fastest of `repeats` steps; memory is the peak during the
+    steps minus the memory in use before them (per sample-frame: divided by `batch_size * frames`)."""
+    from fnn_model.training import Batch, PoissonObjective, build_twin, step
+
+    twin = build_twin(release, scan, units).to(device)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # non-zero readout features: the gradient reaches through the whole head
+        for w in twin.readout.feature.weights:
+            w.copy_(torch.randn(w.shape, generator=generator) * twin.readout.channels**-0.5)
+    eye, behaviour = (np.random.default_rng(1).standard_normal((2, batch_size, frames, 2)).astype(np.float32))
+    batch = Batch(random_clips(batch_size, frames, seed=6), eye, behaviour,
+                  np.random.default_rng(2).poisson(1.0, (batch_size, frames, units)).astype(np.float32))
+    objective = PoissonObjective(burn_in=0)
+    memory = Memory(device)
+    runs = {"training path: one stream": lambda: step(twin, batch, None, generator, objective),
+            "plain loop: multi-stream forward": lambda: plain_training_step(twin, batch, objective)}
+    if checkpoint_frames:
+        runs[f"training path, checkpoint every {checkpoint_frames} frames"] = (
+            lambda: step(twin, batch, None, generator, objective, checkpoint_frames))
+    rows = []
+    for name, run in runs.items():
+        twin.zero_grad(set_to_none=True)
+        run()  # warm-up: gradients and caches exist from here on, so the memory below is the step's own
+        twin.zero_grad(set_to_none=False)
+        before = current_memory_mb(device)
+        seconds, _ = best_time(run, repeats, device, memory)
+        used = max(0.0, memory.peak_mb() - before)
+        sample_frames = batch_size * frames
+        rows.append(TrainingRow(name, batch_size, frames, seconds, sample_frames / seconds, memory.peak_mb(), used,
+                                used / sample_frames))
+    path, plain = rows[0], rows[1]
+    result = {"rows": [asdict(r) for r in rows], "units": units,
+              "training_vs_plain": path.sample_frames_per_s / plain.sample_frames_per_s}
+    if checkpoint_frames:
+        checkpointed = rows[2]
+        result["checkpoint_frames"] = checkpoint_frames
+        result["checkpoint_memory_ratio"] = checkpointed.step_memory_mb / max(path.step_memory_mb, 1e-9)
+        result["checkpoint_time_ratio"] = checkpointed.seconds / path.seconds
+    return result
+
+
+def print_training(result: dict) -> None:
+    print(f"{'training step':48s} {'sample-frames/s':>15s} {'step MB':>8s} {'MB/sample-frame':>15s}")
+    for row in result["rows"]:
+        print(f"{row['name']:48s} {row['sample_frames_per_s']:15.3f} {row['step_memory_mb']:8.0f} "
+              f"{row['memory_per_sample_frame_mb']:15.2f}")
+    line = f"training path / plain loop {result['training_vs_plain']:.2f}x"
+    if "checkpoint_frames" in result:
+        line += (f"; checkpointing every {result['checkpoint_frames']} frames: memory x"
+                 f"{result['checkpoint_memory_ratio']:.2f}, time x{result['checkpoint_time_ratio']:.2f}")
+    print(line)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m jobs.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -278,6 +383,13 @@ def main(argv: list[str] | None = None) -> dict:
                         help="timed runs of each row; the fastest counts (default 3)")
     parser.add_argument("--no-sweep", action="store_true", help="skip the Ray sweep row")
     parser.add_argument("--no-tuning", action="store_true", help="skip the tuning-job row")
+    parser.add_argument("--training", action="store_true",
+                        help="also time one training step (forward + backward, one stream, batch 4)")
+    parser.add_argument("--training-frames", type=int, default=None,
+                        help="frames per training window (default 4, quick 2; 100 is the public window)")
+    parser.add_argument("--checkpoint-frames", type=int, default=None,
+                        help="also time the training step with activation checkpointing every this many frames "
+                             "(default: half the training window; 0: off)")
     parser.add_argument("--error-release", default=None,
                         help="also report the bfloat16 error on this release's weights (default: the golden release "
                              "at $FNN_GOLDEN or ../shared/golden, when there)")
@@ -332,6 +444,14 @@ def main(argv: list[str] | None = None) -> dict:
                                                      args.repeats)
             rows.append(tuning)
             print_row(tuning)
+        training = None
+        if args.training:
+            training_frames = args.training_frames or (2 if args.quick else 4)
+            checkpoint = (args.checkpoint_frames if args.checkpoint_frames is not None
+                          else max(1, training_frames // 2))
+            training = bench_training(release, scan_keys[0], args.units, training_frames, 4, device, args.repeats,
+                                      checkpoint or None)
+            print_training(training)
 
     def best_of(dtype: str) -> Row | None:
         return max((r for r in curve if r.dtype == dtype), key=lambda r: r.scan_frames_per_s, default=None)
@@ -362,6 +482,7 @@ def main(argv: list[str] | None = None) -> dict:
         "tuning": asdict(tuning) if tuning else None,
         "tuning_vs_engine": tuning.scan_frames_per_s / best.scan_frames_per_s if tuning else None,
         "tuning_analysis_s": tuning_analysis_s,
+        "training": training,
         "bfloat16_max_rel_error": bf16_error,
         "bfloat16_error_release": error_release,
         "bfloat16_max_rel_error_on_that_release": release_error,

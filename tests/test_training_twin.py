@@ -246,3 +246,23 @@ def test_teacher_has_planted_positions_and_poisson_responses(release: Release) -
     assert np.allclose(rates, expected.transpose(1, 0, 2), rtol=1e-6)
     _, again = teacher_responses(teacher, clips, seed=3)
     assert np.array_equal(counts, again)
+
+
+def test_checkpointing_over_time_chunks_gives_the_same_loss_and_gradients(release: Release) -> None:
+    twin = randomized(build_twin(release, (4, 7), UNITS))
+    batch = batch_of(n=2, frames=7)
+    results = []
+    for frames in (None, 3, 1):
+        twin.zero_grad(set_to_none=True)
+        draws = draw(twin, batch.size, torch.Generator().manual_seed(2))
+        loss = PoissonObjective(burn_in=2)(training_log_rates(twin, batch, draws, checkpoint_frames=frames),
+                                          batch.units)
+        loss.backward()
+        results.append((loss.item(), {n: p.grad.clone() for n, p in twin.named_trainable_parameters()
+                                      if p.grad is not None}))
+    (loss, grads), *others = results
+    for other_loss, other_grads in others:
+        assert other_loss == pytest.approx(loss, rel=1e-6)
+        assert other_grads.keys() == grads.keys()
+        for name, grad in grads.items():
+            torch.testing.assert_close(other_grads[name], grad, rtol=1e-5, atol=1e-7)

@@ -11,17 +11,19 @@ from fnn_model.training.twin import Twin
 
 
 def step(model: Twin, batch: Batch, stream: int | None, generator: torch.Generator,
-         objective: PoissonObjective | None = None) -> float:
+         objective: PoissonObjective | None = None, checkpoint_frames: int | None = None) -> float:
     """Forward (training mode) and backward of one batch; returns the objective.
 
     `stream`: the stream to train (None: drawn from `generator`). Gradients are ACCUMULATED into `.grad` of the
     trained parameters that took part (the other streams' per-stream tensors keep theirs, None after
     `optimizer.zero_grad()`); the caller zeroes them, averages them across ranks and steps the optimizer. Raises
-    `NonFiniteObjectiveError` (before any backward) when the objective is NaN/inf.
+    `NonFiniteObjectiveError` (before any backward) when the objective is NaN/inf. `checkpoint_frames`:
+    activation checkpointing over time chunks (`forward.training_log_rates`).
     """
     objective = objective or PoissonObjective()
     draws = draw(model, batch.size, generator, stream)
-    loss = objective(training_log_rates(model, batch, draws), batch.units.to(next(model.parameters()).device))
+    log_rates = training_log_rates(model, batch, draws, checkpoint_frames)
+    loss = objective(log_rates, batch.units.to(log_rates.device))
     loss.backward()
     return float(loss.detach())
 
