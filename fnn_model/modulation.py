@@ -8,10 +8,11 @@ from torch import nn
 from fnn_model.config import ModulationConfig
 from fnn_model.mlp import Mlp
 from fnn_model.ops import gcat
+from fnn_model.state import CellState
 from fnn_model.wconv import WConv
 
 
-class Lstm(nn.Module):
+class Lstm(CellState, nn.Module):
     """Flat multi-stream LSTM cell (spec 2.7): `[N, S*F_x]` -> `h` `[N, S*F_h]`; state zeros after reset."""
 
     def __init__(self, in_features: int, features: int, streams: int) -> None:
@@ -27,15 +28,6 @@ class Lstm(nn.Module):
     def reset_state(self) -> None:
         """Zero the state."""
         self._state = None
-
-    @property
-    def sequence_state(self) -> list[torch.Tensor]:
-        """The state carried to the next frame: `[h, c]`, or `[]` right after a reset."""
-        return [] if self._state is None else list(self._state)
-
-    @sequence_state.setter
-    def sequence_state(self, tensors: list[torch.Tensor]) -> None:
-        self._state = tuple(tensors) if tensors else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """`[N, S*F_x]` -> `[N, S*F_h]`."""
