@@ -13,9 +13,11 @@ output on local disk; and `jobs.tuning`'s job (16-direction Monet clips generate
 Every row counts the fastest of `--repeats` timed runs (the actor is kept).
 With `--training`: one training step of a twin on the release's core (forward + backward, one stream, batch 4
 windows of `--training-frames` frames): the training path (`fnn_model.training.step`) vs a plain loop of the
-same model (its multi-stream forward under autograd), their ratio `training.training_vs_plain`, the memory a step
-adds (per sample-frame), and the training path with activation checkpointing every `--checkpoint-frames` frames
-(`checkpoint_memory_ratio`, `checkpoint_time_ratio`).
+same model (its multi-stream forward under autograd), their ratio `training.training_vs_plain`, the tensors a step
+saves for backward (per sample-frame), and the training path with activation checkpointing every
+`--checkpoint-frames` frames (`checkpoint_saved_ratio`, `checkpoint_time_ratio`), and in the mixed-precision dtype of `--dtypes` (bfloat16
+autocast: `autocast_vs_float32`, `autocast_gradient_error`: the relative error of all gradients together, and
+`autocast_gradient_error_max`: that of the worst tensor).
 Each row gives scan-frames/s, achieved GFLOP/s (conv + matmul FLOPs counted by torch's FlopCounterMode), the
 fraction of this machine's measured matmul peak in the row's dtype and peak memory (per row: the GPU allocator's
 peak, or the process's peak resident set; the sweep's is its worker's). The JSON holds every figure plus the
@@ -270,7 +272,9 @@ def bench_tuning(release_url: str, root: Path, scans: list[tuple[int, int]], cli
 
 @dataclass
 class TrainingRow:
-    """One measured training step: `batch` windows of `frames` frames, forward + backward."""
+    """One measured training step: `batch` windows of `frames` frames, forward + backward. `saved_mb`: the
+    tensors autograd saved for backward (distinct storages; in a checkpointed run those outside its chunks),
+    `saved_per_sample_frame_mb` that over `batch * frames`; `peak_memory_mb` as the other rows."""
 
     name: str
     batch: int
@@ -278,19 +282,34 @@ class TrainingRow:
     seconds: float
     sample_frames_per_s: float
     peak_memory_mb: float
-    step_memory_mb: float
-    memory_per_sample_frame_mb: float
+    saved_mb: float
+    saved_per_sample_frame_mb: float
 
 
-def current_memory_mb(device: torch.device) -> float:
-    """Memory in use now: the GPU allocator's on CUDA, else the process's resident set (Linux; 0 elsewhere)."""
-    if device.type == "cuda":
-        return torch.cuda.memory_allocated(device) / 2**20
-    try:
-        with open("/proc/self/status") as status:
-            return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:")) / 1024
-    except (OSError, StopIteration, ValueError, IndexError):
-        return 0.0
+class SavedTensors:
+    """Counts the bytes of the distinct storages autograd saves for backward while active (a saved-tensor hook;
+    the tensors themselves are saved as usual)."""
+
+    def __init__(self) -> None:
+        self.storages: dict[int, int] = {}
+
+    def __enter__(self) -> SavedTensors:
+        self.storages.clear()
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda tensor: tensor)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._hooks.__exit__(*exc)
+
+    def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        self.storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    @property
+    def mb(self) -> float:
+        return sum(self.storages.values()) / 2**20
 
 
 def plain_training_step(twin, batch, objective) -> float:  # noqa: ANN001 (fnn_model.training types)
@@ -309,13 +328,32 @@ def plain_training_step(twin, batch, objective) -> float:  # noqa: ANN001 (fnn_m
     return float(loss.detach())
 
 
+def autocast_gradient_error(twin, batch, objective, dtype: torch.dtype) -> tuple[float, float]:  # noqa: ANN001
+    """One step's gradients with the forward in `dtype` autocast vs float32 (same stream and random numbers):
+    `|g_mixed - g| / |g|` over all trained tensors together, and the largest of it per tensor."""
+    from fnn_model.training import step
+
+    grads = []
+    for autocast in (None, dtype):
+        twin.zero_grad(set_to_none=True)
+        step(twin, batch, None, torch.Generator().manual_seed(7), objective, autocast=autocast)
+        grads.append({n: p.grad.detach().clone() for n, p in twin.named_trainable_parameters() if p.grad is not None})
+    exact, mixed = grads
+    twin.zero_grad(set_to_none=True)
+    total = (sum(float((mixed[n] - g).square().sum()) for n, g in exact.items())
+             / sum(float(g.square().sum()) for g in exact.values())) ** 0.5
+    return total, max(float((mixed[n] - g).norm() / g.norm()) for n, g in exact.items() if g.norm() > 0)
+
+
 def bench_training(release: Release, scan: tuple[int, int], units: int, frames: int, batch_size: int,
-                   device: torch.device, repeats: int, checkpoint_frames: int | None) -> dict:
+                   device: torch.device, repeats: int, checkpoint_frames: int | None,
+                   autocast: torch.dtype | None = None) -> dict:
     """One training step (forward + backward, one stream, `batch_size` windows of `frames` 144x256 frames) of a
     twin of `units` units on `release`'s core: the training path (`fnn_model.training.step`), a plain loop of
     the same model (`plain_training_step`) and, with `checkpoint_frames`, the training path with activation
-    checkpointing over time chunks. Each row is the fastest of `repeats` steps; memory is the peak during the
-    steps minus the memory in use before them (per sample-frame: divided by `batch_size * frames`)."""
+    checkpointing over time chunks, and with `autocast` the training path in that mixed-precision dtype (and its
+    gradient error, `autocast_gradient_error`). Each row is the fastest of `repeats` steps after a warm-up step
+    whose saved tensors are counted (`SavedTensors`)."""
     from fnn_model.training import Batch, PoissonObjective, build_twin, step
 
     twin = build_twin(release, scan, units).to(device)
@@ -333,37 +371,46 @@ def bench_training(release: Release, scan: tuple[int, int], units: int, frames: 
     if checkpoint_frames:
         runs[f"training path, checkpoint every {checkpoint_frames} frames"] = (
             lambda: step(twin, batch, None, generator, objective, checkpoint_frames))
+    if autocast is not None:
+        runs[f"training path: one stream, {str(autocast).removeprefix('torch.')} autocast"] = (
+            lambda: step(twin, batch, None, generator, objective, autocast=autocast))
     rows = []
+    sample_frames = batch_size * frames
     for name, run in runs.items():
         twin.zero_grad(set_to_none=True)
-        run()  # warm-up: gradients and caches exist from here on, so the memory below is the step's own
-        twin.zero_grad(set_to_none=False)
-        before = current_memory_mb(device)
+        with SavedTensors() as saved:
+            run()  # also the warm-up
         seconds, _ = best_time(run, repeats, device, memory)
-        used = max(0.0, memory.peak_mb() - before)
-        sample_frames = batch_size * frames
-        rows.append(TrainingRow(name, batch_size, frames, seconds, sample_frames / seconds, memory.peak_mb(), used,
-                                used / sample_frames))
+        rows.append(TrainingRow(name, batch_size, frames, seconds, sample_frames / seconds, memory.peak_mb(),
+                                saved.mb, saved.mb / sample_frames))
     path, plain = rows[0], rows[1]
     result = {"rows": [asdict(r) for r in rows], "units": units,
               "training_vs_plain": path.sample_frames_per_s / plain.sample_frames_per_s}
     if checkpoint_frames:
         checkpointed = rows[2]
         result["checkpoint_frames"] = checkpoint_frames
-        result["checkpoint_memory_ratio"] = checkpointed.step_memory_mb / max(path.step_memory_mb, 1e-9)
+        result["checkpoint_saved_ratio"] = checkpointed.saved_mb / path.saved_mb
         result["checkpoint_time_ratio"] = checkpointed.seconds / path.seconds
+    if autocast is not None:
+        result["autocast"] = str(autocast).removeprefix("torch.")
+        result["autocast_vs_float32"] = rows[-1].sample_frames_per_s / path.sample_frames_per_s
+        result["autocast_gradient_error"], result["autocast_gradient_error_max"] = autocast_gradient_error(
+            twin, batch, objective, autocast)
     return result
 
 
 def print_training(result: dict) -> None:
-    print(f"{'training step':48s} {'sample-frames/s':>15s} {'step MB':>8s} {'MB/sample-frame':>15s}")
+    print(f"{'training step':48s} {'sample-frames/s':>15s} {'saved MB':>9s} {'MB/sample-frame':>15s}")
     for row in result["rows"]:
-        print(f"{row['name']:48s} {row['sample_frames_per_s']:15.3f} {row['step_memory_mb']:8.0f} "
-              f"{row['memory_per_sample_frame_mb']:15.2f}")
+        print(f"{row['name']:48s} {row['sample_frames_per_s']:15.3f} {row['saved_mb']:9.0f} "
+              f"{row['saved_per_sample_frame_mb']:15.2f}")
     line = f"training path / plain loop {result['training_vs_plain']:.2f}x"
     if "checkpoint_frames" in result:
-        line += (f"; checkpointing every {result['checkpoint_frames']} frames: memory x"
-                 f"{result['checkpoint_memory_ratio']:.2f}, time x{result['checkpoint_time_ratio']:.2f}")
+        line += (f"; checkpointing every {result['checkpoint_frames']} frames: saved x"
+                 f"{result['checkpoint_saved_ratio']:.2f}, time x{result['checkpoint_time_ratio']:.2f}")
+    if "autocast" in result:
+        line += (f"; {result['autocast']} autocast {result['autocast_vs_float32']:.2f}x float32, gradient error "
+                 f"{result['autocast_gradient_error']:.2e} (worst tensor {result['autocast_gradient_error_max']:.2e})")
     print(line)
 
 
@@ -450,7 +497,8 @@ def main(argv: list[str] | None = None) -> dict:
             checkpoint = (args.checkpoint_frames if args.checkpoint_frames is not None
                           else max(1, training_frames // 2))
             training = bench_training(release, scan_keys[0], args.units, training_frames, 4, device, args.repeats,
-                                      checkpoint or None)
+                                      checkpoint or None, next((d for d in dtypes.values() if d != torch.float32),
+                                                               None))
             print_training(training)
 
     def best_of(dtype: str) -> Row | None:

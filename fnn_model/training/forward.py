@@ -77,10 +77,12 @@ def training_log_rates(twin: Twin, batch: Batch, draws: Draws, checkpoint_frames
         out = []
         for t in range(start, stop):
             stimulus = stimuli[:, t, None].to(dtype) / 255  # [B, 1, H, W]
-            sampling = twin.perspective.sampling_grid(eye[:, t], height, width, pose)
-            image = twin.perspective(stimulus, eye[:, t], grid=sampling)
+            with torch.autocast(device.type, enabled=False):  # eye geometry in full precision (tiny cost)
+                sampling = twin.perspective.sampling_grid(eye[:, t], height, width, pose)
+                image = twin.perspective(stimulus, eye[:, t], grid=sampling)
             r = core(image, modulation(behaviour[:, t]))  # [B, C, h, w]
-            sampled = F.grid_sample(r, grid, mode="bilinear", padding_mode="border", align_corners=False)
+            sampled = F.grid_sample(r.to(grid.dtype), grid, mode="bilinear", padding_mode="border",
+                                    align_corners=False)  # the grid's dtype: autocast may have lowered r's
             out.append(torch.einsum("bcu,uc->bu", sampled[..., 0], features) + bias)  # sampled [B, C, U, 1]
         return torch.stack(out, dim=1)
 
