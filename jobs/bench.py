@@ -274,7 +274,9 @@ def bench_tuning(release_url: str, root: Path, scans: list[tuple[int, int]], cli
 class TrainingRow:
     """One measured training step: `batch` windows of `frames` frames, forward + backward. `saved_mb`: the
     tensors autograd saved for backward (distinct storages; in a checkpointed run those outside its chunks),
-    `saved_per_sample_frame_mb` that over `batch * frames`; `peak_memory_mb` as the other rows."""
+    `saved_per_sample_frame_mb` that over `batch * frames`; `peak_memory_mb` as the other rows; on a GPU
+    `step_peak_mb`, the allocator's peak during a step above what was allocated before it (None on a CPU, whose
+    resident set keeps freed memory), and that per sample-frame."""
 
     name: str
     batch: int
@@ -284,6 +286,8 @@ class TrainingRow:
     peak_memory_mb: float
     saved_mb: float
     saved_per_sample_frame_mb: float
+    step_peak_mb: float | None
+    step_peak_per_sample_frame_mb: float | None
 
 
 class SavedTensors:
@@ -380,9 +384,18 @@ def bench_training(release: Release, scan: tuple[int, int], units: int, frames: 
         twin.zero_grad(set_to_none=True)
         with SavedTensors() as saved:
             run()  # also the warm-up
+        step_peak = None
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            before = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            run()
+            torch.cuda.synchronize(device)
+            step_peak = (torch.cuda.max_memory_allocated(device) - before) / 2**20
         seconds, _ = best_time(run, repeats, device, memory)
         rows.append(TrainingRow(name, batch_size, frames, seconds, sample_frames / seconds, memory.peak_mb(),
-                                saved.mb, saved.mb / sample_frames))
+                                saved.mb, saved.mb / sample_frames, step_peak,
+                                None if step_peak is None else step_peak / sample_frames))
     path, plain = rows[0], rows[1]
     result = {"rows": [asdict(r) for r in rows], "units": units,
               "training_vs_plain": path.sample_frames_per_s / plain.sample_frames_per_s}
@@ -400,10 +413,12 @@ def bench_training(release: Release, scan: tuple[int, int], units: int, frames: 
 
 
 def print_training(result: dict) -> None:
-    print(f"{'training step':48s} {'sample-frames/s':>15s} {'saved MB':>9s} {'MB/sample-frame':>15s}")
+    print(f"{'training step':48s} {'sample-frames/s':>15s} {'saved MB':>9s} {'MB/sample-frame':>15s} "
+          f"{'step peak MB':>12s}")
     for row in result["rows"]:
+        peak = "-" if row["step_peak_mb"] is None else f"{row['step_peak_mb']:.0f}"
         print(f"{row['name']:48s} {row['sample_frames_per_s']:15.3f} {row['saved_mb']:9.0f} "
-              f"{row['saved_per_sample_frame_mb']:15.2f}")
+              f"{row['saved_per_sample_frame_mb']:15.2f} {peak:>12s}")
     line = f"training path / plain loop {result['training_vs_plain']:.2f}x"
     if "checkpoint_frames" in result:
         line += (f"; checkpointing every {result['checkpoint_frames']} frames: saved x"
