@@ -14,10 +14,10 @@ Every row counts the fastest of `--repeats` timed runs (the actor is kept).
 With `--training`: one training step of a twin on the release's core (forward + backward, one stream, batch 4
 windows of `--training-frames` frames): the training path (`fnn_model.training.step`) vs a plain loop of the
 same model (its multi-stream forward under autograd), their ratio `training.training_vs_plain`, the tensors a step
-saves for backward (per sample-frame), and the training path with activation checkpointing every
-`--checkpoint-frames` frames (`checkpoint_saved_ratio`, `checkpoint_time_ratio`), and in the mixed-precision dtype of `--dtypes` (bfloat16
-autocast: `autocast_vs_float32`, `autocast_gradient_error`: the relative error of all gradients together, and
-`autocast_gradient_error_max`: that of the worst tensor).
+saves for backward (per sample-frame), the training path with activation checkpointing every
+`--checkpoint-frames` frames (`checkpoint_saved_ratio`, `checkpoint_time_ratio`), and the training path in the
+mixed-precision dtype of `--dtypes` (bfloat16 autocast: `autocast_vs_float32`; `autocast_gradient_error`, the
+relative error of all gradients together, and `autocast_gradient_error_max`, that of the worst tensor).
 Each row gives scan-frames/s, achieved GFLOP/s (conv + matmul FLOPs counted by torch's FlopCounterMode), the
 fraction of this machine's measured matmul peak in the row's dtype and peak memory (per row: the GPU allocator's
 peak, or the process's peak resident set; the sweep's is its worker's). The JSON holds every figure plus the
