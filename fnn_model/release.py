@@ -276,19 +276,19 @@ class Release:
         # the records below the archive's top folder (torch.save names it after the file it writes)
         self._records[name] = sorted((r.filename.split("/", 1)[-1], r.CRC, r.file_size) for r in records)
 
-    def fingerprint(self, scans: Sequence[tuple[int, int]]) -> str:
-        """SHA-256 (hex) of what a job of `scans` reads from the release: the network config, the `scans.csv` and
-        `units.csv` rows of `scans`, and every record of `params_core.pt` and of the scans' head files by name,
-        CRC-32 and size (from their zip directories, as `check` reads them; the weights are not downloaded). The
-        same weights and tables give the same digest wherever the release is stored; `ReleaseError` as `check`."""
-        keys = sorted(self.scan(*key).key for key in scans)
+    def fingerprint(self) -> str:
+        """SHA-256 (hex) of the release's content: the network config, every scan's `scans.csv` and `units.csv` rows,
+        and every record of `params_core.pt` and of the head files by name, CRC-32 and size (from their zip
+        directories, as `check` reads them; the weights are not downloaded). The same weights and tables give the
+        same digest wherever the release is stored. `ReleaseError` as `check`."""
+        keys = sorted(info.key for info in self.scans)
         names = [CORE_FILE, *(head_file(*key) for key in keys)]
         for name in names:
             if name not in self._records:
                 self._check_torch_zip(name)
         units = {f"{s}-{i}": self.units(s, i)[["unit_id", "readout_id"]].to_numpy().tolist() for s, i in keys}
         content = {"config": json.loads(config_to_json(self.config)),
-                   "scans": [dataclasses.astuple(self.scan(*key)) for key in keys], "units": units,
+                   "scans": sorted(dataclasses.astuple(info) for info in self.scans), "units": units,
                    "files": {name: self._records[name] for name in names}}
         return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 

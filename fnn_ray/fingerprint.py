@@ -7,9 +7,9 @@ not started) and saved in the output's manifest before the first item is committ
 ``code``            ``"numbers N, fnn-ray V"``: :data:`NUMBERS_VERSION`, bumped by hand with every change that
                     changes committed numbers (the model, the engine, a reducer's arithmetic, a generator), and the
                     installed package version (a new release may change numbers; an ordinary commit does not)
-``release``         :meth:`fnn_model.release.Release.fingerprint`: the network config, the job's rows of
-                    ``scans.csv`` / ``units.csv`` and every weight record's CRC-32 and size (no weights downloaded;
-                    the same release copied elsewhere has the same digest)
+``release``         :meth:`fnn_model.release.Release.fingerprint`: the network config, ``scans.csv``,
+                    ``units.csv`` and every weight record's CRC-32 and size (no weights downloaded; the same
+                    release copied elsewhere has the same digest)
 ``scans``           the job's scans, ``"S-I"`` sorted
 ``dtype``           ``float32`` or ``bfloat16``
 ``stimuli``         sweep: the stimulus dataset's identity (:func:`identity`: every file's path in the dataset, size
@@ -63,7 +63,7 @@ def fingerprint(release: Release, scans: Sequence[tuple[Scan, int]], dtype: str,
     ``generator.seed``)."""
     keys = [scan for scan, _ in scans]
     fields: dict[str, Any] = {"code": f"numbers {NUMBERS_VERSION}, fnn-ray {version()}",
-                              "release": release.fingerprint(keys),
+                              "release": release.fingerprint(),
                               "scans": [f"{s}-{i}" for s, i in sorted(keys)], "dtype": dtype}
     for name, value in inputs.items():
         if isinstance(value, Mapping):
