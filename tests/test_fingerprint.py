@@ -108,6 +108,28 @@ def test_generator_parameters_are_fields(data, tmp_path):
     assert plan().products == ()
 
 
+def test_evaluation_fingerprint_holds_the_recordings_and_burnin(data, tmp_path):
+    from fnn_ray.evaluate import EvaluateConfig, plan_evaluate
+    from jobs.evaluate import synthetic_recordings
+
+    recordings = tmp_path / "recordings"
+    synthetic_recordings(str(data["release"]), str(recordings), videos=2, repeats=2, frames=12, height=HEIGHT,
+                         width=WIDTH, scans=[(8, 5)])
+
+    def plan(**kw):
+        return plan_evaluate(EvaluateConfig(release=str(data["release"]), recordings=str(recordings),
+                                            output=str(tmp_path / "out"), **{"burnin": 4, **kw}))
+    base = plan()
+    assert base.products == ("performance",)
+    assert {"recordings", "burnin", "release", "scans"} <= set(base.fingerprint)
+    assert differences(base.fingerprint, plan(burnin=2).fingerprint) == ["burnin 4 recorded, 2 now"]
+    (recordings / "8-5" / "notes.txt").write_text("not read by the job")
+    assert plan().fingerprint == base.fingerprint
+    for path in (recordings / "8-5").glob("*/video0/1.npy"):  # one repeat fewer: other recordings
+        path.unlink()
+    assert differences(base.fingerprint, plan().fingerprint) == ["recordings differs"]
+
+
 def test_check_passes_without_commits_and_clear_keeps_other_files(data, tmp_path):
     output = tmp_path / "out"
     job = plan_sweep(sweep_config(data, output))
