@@ -140,11 +140,12 @@ def check(job: Job, storage_options: Mapping[str, Any] | None = None) -> None:
                                f"see the fingerprint in its {MANIFEST_NAME}): {advice}")
 
 
-def clear(job: Job, storage_options: Mapping[str, Any] | None = None, budget_s: float = 30.0) -> None:
+def clear(job: Job, storage_options: Mapping[str, Any] | None = None, budget_s: float = 30.0) -> list[str]:
     """``--overwrite``: remove what runs of this job wrote at its output, commit markers first (so a crash midway
     leaves no commit whose file is gone): ``_ledger/``, the items' data, the job's products, staging objects, the
-    manifest. Other files under the output stay. Only the lease holder calls this."""
+    manifest; return the names removed. Other files under the output stay. Only the lease holder calls this."""
     fs, root = storage.filesystem(job.output_url, storage_options)
+    removed = []
     for name in (LEDGER_DIR, job.reducer.data_dir, *job.products, storage.STAGING_DIR, MANIFEST_NAME):
         path = posixpath.join(root.rstrip("/"), name)
         fs.invalidate_cache(path)
@@ -152,5 +153,7 @@ def clear(job: Job, storage_options: Mapping[str, Any] | None = None, budget_s: 
             if fs.exists(path):
                 storage.retry(fs.rm, path, recursive=True, budget_s=budget_s,
                               what=f"removing {storage.redact_url(storage.join(job.output_url, name))}")
+                removed.append(name)
         except FileNotFoundError:
             pass
+    return removed

@@ -235,7 +235,8 @@ def run_job(job: Job, config: JobConfig) -> JobSummary:
     manifest: Manifest | None = None
     try:
         if config.overwrite:
-            fingerprint.clear(job, so, budget)
+            removed = fingerprint.clear(job, so, budget)
+            say(f"--overwrite: removed {', '.join(removed) or 'nothing'} of earlier runs")
         else:
             fingerprint.check(job, so)  # again under the lease: another run may have written meanwhile
         ledger = Ledger(job.output_url, so)

@@ -148,7 +148,7 @@ def test_check_passes_without_commits_and_clear_keeps_other_files(data, tmp_path
         check(job)  # a commit, but no fingerprint (an output of an earlier version)
     (output / "inputs").mkdir()
     (output / "inputs" / "keep.txt").write_text("mine")
-    clear(job)
+    assert clear(job) == ["_ledger", "responses", "_staging", "manifest.json"]
     assert sorted(str(p.relative_to(output)) for p in output.rglob("*")) == ["inputs", "inputs/keep.txt"]
 
 
