@@ -20,7 +20,8 @@ not started) and saved in the output's manifest before the first item is committ
 ==================  ==============================================================================================
 
 What only spreads the work is left out and free to change between runs: actors, batch sizes, timeouts, retries
-(clips per shard / part change the items themselves: the ledger check refuses those). The frames themselves are
+(clips per shard / part change the items themselves: the ledger check refuses those); items computed in other
+batches agree to float rounding, not bit for bit. The frames themselves are
 not read: a local dataset rewritten in place with other pixels but the same files, sizes and clips keeps its
 identity (write new stimuli to a new URL).
 
