@@ -85,6 +85,7 @@ def test_head_state_dict_has_exactly_a_public_head_files_keys_and_shapes(release
     assert torch.equal(other.readout.position.mu, twin.readout.position.mu)
 
 
+@pytest.mark.slow
 def test_frozen_tensors_are_bit_identical_after_optimizer_steps(release: Release) -> None:
     twin = randomized(build_twin(release, (4, 7), UNITS))
     before = {k: v.clone() for k, v in twin.frozen_state().items()}
