@@ -21,6 +21,7 @@ NaN metrics.
 
 from __future__ import annotations
 
+import posixpath
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,11 +29,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from fnn_ray import preflight, storage
+from fnn_ray import fingerprint, preflight, storage
 from fnn_ray.job import Job, JobConfig, JobSummary, run_job
 from fnn_ray.outputs import committed_tables, csv_bytes, write_file, write_table
 from fnn_ray.plan import Scan
 from fnn_ray.recordings import RecordingSource, RepeatsReducer, list_scan, read_stats, scan_folders
+
 
 __all__ = ["DATA_DIR", "EvaluateConfig", "Evaluation", "format_performance", "merge_performance", "plan_evaluate",
            "run_evaluate", "write_performance"]
@@ -93,9 +95,11 @@ def plan_evaluate(config: EvaluateConfig) -> Job:
         raise ValueError(f"{storage.redact_url(folders[outside[0]])}: scan {outside[0][0]}-{outside[0][1]} is "
                          f"not in release {storage.redact_url(preflight.release_location(config.release, so)[0])} "
                          f"(its scans: {listing})") from None
-    release_url, release_so, scans, output_url = setup.release_url, setup.release_options, setup.scans, setup.output_url
+    release, scans, output_url = setup.release, setup.scans, setup.output_url
+    release_url, release_so = setup.release_url, setup.release_options
     parts = {scan: list_scan(folders[scan], units, config.burnin, so) for scan, units in scans}
     every = [p for ps in parts.values() for p in ps]
+    used = {posixpath.basename(folders[scan].rstrip("/")) for scan, _ in scans}
     frames = sum(p.frames for p in every)
     return Job(
         name="evaluate", release_url=release_url, release_options=release_so, output_url=output_url,
@@ -104,7 +108,12 @@ def plan_evaluate(config: EvaluateConfig) -> Job:
         clips=sum(len(p.repeats) for p in every), frames=frames,
         inputs={"release": storage.redact_url(release_url), "recordings": storage.redact_url(recordings_url),
                 "burnin": config.burnin},
-        settings={"scans_filter": config.scans and [f"{s}-{i}" for s, i in config.scans]},
+        settings={"scans_filter": config.scans and [f"{s}-{i}" for s, i in config.scans]}, products=(DATA_DIR,),
+        fingerprint=fingerprint.fingerprint(
+            release, scans, config.dtype, burnin=config.burnin,
+            recordings=fingerprint.identity(
+                recordings_url, so, lambda rel: rel.split("/", 1)[0] in used and rel.endswith(".npy"),
+                [(f"{s}-{i}", p.video, p.repeats, p.num_frames) for (s, i), ps in parts.items() for p in ps])),
         bytes_per_unit_frame=0.0,  # the statistics: 3 R + 8 float64 per unit and video
         bytes_per_unit=8.0 * max(sum(3 * len(p.repeats) + 8 for p in ps) for ps in parts.values()))
 

@@ -15,14 +15,14 @@ import json
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from fnn_ray import preflight, storage
+from fnn_ray import fingerprint, preflight, storage
 from fnn_ray.generators import Family
 from fnn_ray.job import Job, JobConfig, JobSummary, run_job
 from fnn_ray.outputs import committed_tables, csv_bytes, read_results, write_file, write_table
@@ -64,10 +64,12 @@ class ScanMeans:
     means: np.ndarray
 
 
-def plan_experiment(name: str, config: ExperimentConfig) -> Job:
-    """Check the setup (release, scans, output) and build the experiment's job (nothing written, no Ray)."""
+def plan_experiment(name: str, config: ExperimentConfig, products: Sequence[str] = ()) -> Job:
+    """Check the setup (release, scans, output) and build the experiment's job (nothing written, no Ray);
+    ``products``: the folders under the output its results are written to after the run."""
     setup = preflight.prepare(config.release, config.output, config.scans, config.storage_options)
-    release_url, release_so, scans, output_url = setup.release_url, setup.release_options, setup.scans, setup.output_url
+    release, scans, output_url = setup.release, setup.scans, setup.output_url
+    release_url, release_so = setup.release_url, setup.release_options
     family = config.family
     parts = blocks(family, config.clips_per_part)
     return Job(
@@ -76,7 +78,10 @@ def plan_experiment(name: str, config: ExperimentConfig) -> Job:
         reducer=WindowReducer(family, data_dir=f"_partials/{name}"), scans=scans, parts=parts,
         clips=family.num_clips, frames=sum(p.frames for p in parts),
         inputs={"release": storage.redact_url(release_url), "stimulus": family.name, "params": family.params()},
-        settings={"clips_per_part": config.clips_per_part}, bytes_per_unit_frame=0.0,
+        settings={"clips_per_part": config.clips_per_part}, products=tuple(products),
+        fingerprint=fingerprint.fingerprint(release, scans, config.dtype,
+                                            generator={"family": family.name, **family.params()}),
+        bytes_per_unit_frame=0.0,
         bytes_per_unit=8.0 * len(family.conditions) * len(parts))
 
 
@@ -125,7 +130,9 @@ def run_experiment(name: str, data_dir: str, config: ExperimentConfig, save_stim
     ``plot(table, directory)`` under ``plots/``. Prints where everything went."""
     so = config.storage_options
     family = config.family
-    job = plan_experiment(name, config)
+    job = plan_experiment(name, config, products=(data_dir,))
+    if save_stimuli_url and not config.overwrite:
+        fingerprint.check(job, so)  # a rerun that will be refused writes no stimuli either
     if save_stimuli_url:
         start = time.perf_counter()
         files = save_stimuli(family, save_stimuli_url, so)

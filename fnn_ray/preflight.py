@@ -37,9 +37,10 @@ class UnknownScans(ValueError):
 
 @dataclass(frozen=True)
 class Setup:
-    """A checked setup: where the release is (``release_url``, absolute) and its storage options, the requested
-    scans with their unit counts, and the (absolute, writable) output URL."""
+    """A checked setup: the opened ``release``, where it is (``release_url``, absolute) and its storage options, the
+    requested scans with their unit counts, and the (absolute, writable) output URL."""
 
+    release: Release = field(repr=False)
     release_url: str
     release_options: Mapping[str, Any] | None = field(repr=False)
     scans: list[tuple[Scan, int]]
@@ -58,10 +59,10 @@ def prepare(release: str, output: str, scans: Sequence[Scan] | None,
     that ``output`` can be written. ValueError / FileNotFoundError naming the problem (:class:`UnknownScans` for
     scans the release lacks); nothing is written and Ray is not started."""
     release_url, release_options = release_location(release, storage_options)
-    _, chosen = open_release(release_url, scans, release_options)
+    opened, chosen = open_release(release_url, scans, release_options)
     output_url = absolute(output)
     check_output(output_url, storage_options)
-    return Setup(release_url, release_options, chosen, output_url)
+    return Setup(opened, release_url, release_options, chosen, output_url)
 
 
 

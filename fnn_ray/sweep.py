@@ -13,7 +13,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from fnn_ray import preflight, storage
+from fnn_ray import fingerprint, preflight, storage
 from fnn_ray.job import Job, JobConfig, JobSummary, run_job
 from fnn_ray.manifest import Manifest
 from fnn_ray.plan import Scan, choose_clips_per_shard
@@ -61,10 +61,11 @@ def plan_sweep(config: SweepConfig) -> Job:
     not started. ValueError / FileNotFoundError naming the problem."""
     so = config.storage_options
     setup = preflight.prepare(config.release, config.output, config.scans, so)
-    release_url, release_so, scans, output_url = setup.release_url, setup.release_options, setup.scans, setup.output_url
+    release, scans, output_url = setup.release, setup.scans, setup.output_url
+    release_url, release_so = setup.release_url, setup.release_options
     stimuli_url = preflight.absolute(config.stimuli)
     one_clip = list_shards(stimuli_url, 1, so)
-    previous = Manifest.load(output_url, so)
+    previous = None if config.overwrite else Manifest.load(output_url, so)
     recorded = previous.config.get("clips_per_shard") if previous else None
     clips_per_shard = config.clips_per_shard or recorded
     if recorded and clips_per_shard != recorded and previous.items_done:
@@ -80,6 +81,10 @@ def plan_sweep(config: SweepConfig) -> Job:
         inputs={"release": storage.redact_url(release_url), "stimuli": storage.redact_url(stimuli_url)},
         settings={"clips_per_shard": int(clips_per_shard),
                   "scans_filter": config.scans and [f"{s}-{i}" for s, i in config.scans]},
+        fingerprint=fingerprint.fingerprint(
+            release, scans, config.dtype, context_frames=sum(s.context_frames for s in one_clip),
+            stimuli=fingerprint.identity(stimuli_url, so, {s.file for s in one_clip}.__contains__,
+                                         [(s.file, s.row_start, s.clip_ids, s.frames) for s in one_clip])),
         bytes_per_unit_frame=4.0)
 
 
