@@ -259,7 +259,7 @@ def test_manifest_never_stores_credentials(s3, s3_url):
     assert data["config"] == {"batch": 2, "nested": [{"ok": 1}]}
     assert data["inputs"] == {"stimuli": "s3://***@stimuli/clips"}
     assert set(data) == {"job", "release_url", "inputs", "scans", "units", "clips", "frames", "items_total",
-                         "items_done", "started", "updated", "version", "config"}
+                         "items_done", "started", "updated", "version", "config", "fingerprint"}
     text2 = sample_manifest().to_json()
     assert "LEAK" not in text2 and "AKIA" not in text2
 
