@@ -50,6 +50,8 @@ class Modulation(nn.Module):
         super().__init__()
         self.streams = streams
         self.mlp = Mlp([modulations, config.mlp_features], streams)
+        for weight in self.mlp.linears[0].weights:  # spec 5: a fresh modulation MLP ignores the behaviour
+            nn.init.zeros_(weight)
         self.lstm = Lstm(config.mlp_features, config.lstm_features, streams)
 
     def forward(self, behaviour: torch.Tensor) -> torch.Tensor:

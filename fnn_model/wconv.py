@@ -52,7 +52,8 @@ class WConv(nn.Module):
 
     Input `[N, S*I, H, W]`, output `[N, S*O, H', W']`. With `temporal > 1` the module keeps the last `temporal`
     padded inputs in a ring buffer (zeros after `reset_state`) and convolves their stack oldest-first, so kernel
-    index `temporal - 1` multiplies the current frame.
+    index `temporal - 1` multiplies the current frame. While autograd is on, the past inputs are kept as a list
+    instead (no in-place writes into tensors the graph holds) and each tap is convolved apart and summed.
     """
 
     def __init__(
@@ -91,6 +92,7 @@ class WConv(nn.Module):
         self.biases = StreamParameters(streams, *group_shape, fill=init_bias) if bias else None
         self._frames: torch.Tensor | None = None
         self._step = 0
+        self._history: list[torch.Tensor] = []
         self._kernel_cache: Derived[tuple[list[torch.Tensor], torch.Tensor | None]] = Derived()
 
     @property
@@ -100,7 +102,7 @@ class WConv(nn.Module):
 
     def reset_state(self) -> None:
         """Forget the buffered past inputs and recheck the cached kernels (start of a new sequence)."""
-        self._frames, self._step = None, 0
+        self._frames, self._step, self._history = None, 0, []
         self._kernel_cache.recheck()
 
     def effective(self) -> tuple[list[torch.Tensor], torch.Tensor | None]:
@@ -135,6 +137,8 @@ class WConv(nn.Module):
         fastest channels-last on CPU, and the core keeps every feature map in that layout)."""
         kernels, bias = self.effective()
         if self.temporal > 1:
+            if torch.is_grad_enabled():
+                return self._taps(x, kernels[-1], bias)
             return self._temporal(x, kernels, bias)
         if x.shape[2:] == (1, 1) and self.spatial == 1:
             return self._pointwise(x, self.group_matrices(), bias)
@@ -161,6 +165,20 @@ class WConv(nn.Module):
         slots[:, p:p + height, p:p + width, :, newest] = x.permute(0, 2, 3, 1).unflatten(3, (self.groups, -1))
         self._step += 1
         return F.conv2d(self._frames, kernels[newest], bias, stride=self.stride, groups=self.groups)
+
+    def _taps(self, x: torch.Tensor, kernel: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """Autograd path of a temporal conv: `sum_tau conv2d(x_{t-T+1+tau}, W[:, :, tau])` over the inputs seen so
+        far (zero history contributes nothing). `kernel` is the one for the newest frame in the last slot, so its
+        slot `tau` is tap `tau`; every past input is held (and saved for backward) once, not stacked per frame."""
+        taps = self.temporal
+        self._history = [*self._history[1 - taps:], x]
+        per_tap = kernel.unflatten(1, (taps, -1))  # [S*O, T, I/g, k, k]
+        y = None
+        for back, past in enumerate(reversed(self._history)):
+            term = F.conv2d(past, per_tap[:, taps - 1 - back], stride=self.stride, padding=self.pad,
+                            groups=self.groups)
+            y = term if y is None else y + term
+        return y if bias is None else y + bias[:, None, None]
 
     def group_matrices(self) -> torch.Tensor:
         """A 1x1 (non-temporal) conv's effective kernel as one matrix per group, `[G, O/G, I/G]` (a view of the
