@@ -14,7 +14,7 @@ Prepared layout (under the output URL; ``stats.json`` is written last and marks 
     masks/<kind>.npy   (only with --impute, when something was filled) bool [F] for perspectives / modulations
                        (a frame had a non-finite value), uint8 [F, ceil(U/8)] for units (np.packbits per frame)
     evaluation/<session>-<scan_idx>/...   a copy of evaluation_data (the layout jobs.evaluate reads), if given
-    stats.json         animal, session, scan_idx, units, unit_ids, size, trials, frames, moments (the training
+    stats.json         animal, session, scan_idx, units, unit_ids, size, trials, frames, longest (trial per split), moments (the training
                        set's mean and SD per kind: per column, stimuli over all pixels), imputed (values filled
                        per kind), evaluation (videos, repeats), inputs (what it was made from)
 
@@ -236,6 +236,7 @@ def _stream(config: PrepareConfig, layout: TrainingLayout, staging: str) -> dict
         "units": units, "unit_ids": list(layout.unit_ids), "size": list(layout.size), "rate_hz": config.rate_hz,
         "trials": {"training": len(train), "validation": len(valid)},
         "frames": {"training": sum(t.frames for t in train), "validation": sum(t.frames for t in valid)},
+        "longest": {"training": max(t.frames for t in train), "validation": max(t.frames for t in valid)},
         "moments": {kind: moments[kind].summary() for kind in FRAME_KINDS},
         "imputed": imputed,
         "evaluation": {"videos": len(layout.evaluation),
