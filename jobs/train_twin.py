@@ -37,7 +37,7 @@ __all__ = ["build_parser", "main"]
 
 DRY_RUN_DIR = "fnn-ray-output"
 #: The dry run's settings (a tiny release, 12 units, a few epochs on CPU).
-DRY_RUN = dict(epochs=4, window=16, batch=2, train_batches=8, val_batches=2, burn_in=4, lr=0.3)
+DRY_RUN = dict(epochs=4, window=16, batch=2, train_batches=8, val_batches=2, burn_in=4, lr=0.1, clip=1e9)
 #: A twin of the public example (8,509 units) costs about this on one H100-class GPU (TRAINING.md: 3-9 h).
 TWIN_GPU_HOURS = 6.0
 
@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--epochs", type=int, default=100, help="epochs (default 100)")
     parser.add_argument("--warmup", type=int, default=None, help="warm-up epochs (default epochs // 10)")
     parser.add_argument("--lr", type=float, default=0.1, help="peak learning rate (default 0.1)")
+    parser.add_argument("--clip", type=float, default=0.01,
+                        help="adaptive gradient clipping relative to each parameter's norm (default 0.01, the "
+                             "published value; large values turn it off)")
     parser.add_argument("--window", type=int, default=100, help="frames per training window (default 100)")
     parser.add_argument("--batch", type=int, default=4, help="windows per step and rank (default 4)")
     parser.add_argument("--train-batches", type=int, default=500, help="steps per epoch (default 500)")
@@ -115,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         foundation = parse_scans(args.foundation_scan)
         if not foundation or len(foundation) != 1:
             raise ValueError(f"--foundation-scan {args.foundation_scan!r}: expected one SESSION-SCAN_IDX")
-        settings = dict(epochs=args.epochs, warmup=args.warmup, lr=args.lr, window=args.window, batch=args.batch,
+        settings = dict(epochs=args.epochs, warmup=args.warmup, lr=args.lr, clip=args.clip, window=args.window, batch=args.batch,
                         train_batches=args.train_batches, val_batches=args.val_batches, burn_in=args.burn_in)
         if all(given):
             release, data, animal, output = args.release, args.data, args.animal, args.output

@@ -46,6 +46,7 @@ class TwinRun:
     epochs: int
     warmup: int
     lr: float = 0.1
+    clip: float = 0.01
     window: int = 100
     batch: int = 4
     train_batches: int = 500
@@ -98,7 +99,7 @@ def train_twin_loop(config: Mapping[str, Any]) -> None:
     release = Release.open(run.release_url, storage_options=run.release_options)
     twin = build_twin(release, run.foundation_scan, run.units, seed=run.seed).to(device)
     frozen = twin.frozen_state_hash()
-    optimizer = build_optimizer(twin, OptimizerConfig(lr=run.lr))
+    optimizer = build_optimizer(twin, OptimizerConfig(lr=run.lr, clip=run.clip))
     schedule = WarmupCosine(run.lr, ScheduleConfig(warmup=run.warmup, cosine=run.epochs - run.warmup))
     objective = PoissonObjective(burn_in=run.burn_in)
     data = PreparedData.open(run.data_url, run.storage_options)

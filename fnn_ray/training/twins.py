@@ -62,6 +62,7 @@ class TrainConfig:
     epochs: int = 100
     warmup: int | None = None
     lr: float = 0.1
+    clip: float = 0.01
     window: int = 100
     batch: int = 4
     train_batches: int = 500
@@ -86,8 +87,9 @@ class TrainConfig:
         if not 0 <= warmup < self.epochs:
             raise ValueError(f"--warmup must be in 0..{self.epochs - 1} epochs, got {warmup}")
         self.warmup = warmup
-        if self.lr <= 0:
-            raise ValueError(f"--lr must be > 0, got {self.lr}")
+        for name in ("lr", "clip"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name} must be > 0, got {getattr(self, name)}")
 
 
 @dataclass
@@ -196,7 +198,7 @@ def plan_training(config: TrainConfig) -> TrainPlan:
     for scan in wanted:
         run = TwinRun(release_url=release_url, data_url=data_urls[scan], twin_url=plan.twin_url(scan),
                       animal=config.animal, scan=scan, foundation_scan=tuple(config.foundation_scan),
-                      units=int(stats[scan]["units"]), epochs=config.epochs, warmup=config.warmup, lr=config.lr,
+                      units=int(stats[scan]["units"]), epochs=config.epochs, warmup=config.warmup, lr=config.lr, clip=config.clip,
                       window=config.window, batch=config.batch, train_batches=config.train_batches,
                       val_batches=config.val_batches, burn_in=config.burn_in, seed=config.seed,
                       threads=max(1, int(config.cpus_per_worker)), release_options=release_so, storage_options=so)
@@ -320,7 +322,7 @@ def run_training(config: TrainConfig, plan: TrainPlan | None = None) -> TrainSum
                     for ref in ready:
                         name = refs.pop(ref)
                         try:
-                            summary.metrics[name] = ray.get(ref)
+                            summary.metrics[name] = {**summary.metrics.get(name, {}), **ray.get(ref)}
                         except Exception as e:  # the trainer failed beyond its retries
                             summary.failures[name] = _last_line(e)
                 _drain(progress, summary, say)
