@@ -118,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         foundation = parse_scans(args.foundation_scan)
         if not foundation or len(foundation) != 1:
             raise ValueError(f"--foundation-scan {args.foundation_scan!r}: expected one SESSION-SCAN_IDX")
-        settings = dict(epochs=args.epochs, warmup=args.warmup, lr=args.lr, clip=args.clip, window=args.window, batch=args.batch,
+        settings = dict(epochs=args.epochs, warmup=args.warmup, lr=args.lr, clip=args.clip, window=args.window,
+                        batch=args.batch,
                         train_batches=args.train_batches, val_batches=args.val_batches, burn_in=args.burn_in)
         if all(given):
             release, data, animal, output = args.release, args.data, args.animal, args.output

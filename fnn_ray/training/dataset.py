@@ -12,10 +12,8 @@ only their rows of the mapped arrays: no per-step object-store reads, no copy of
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
-import posixpath
 import tempfile
 import uuid
 from collections.abc import Mapping, Sequence

@@ -14,9 +14,10 @@ Prepared layout (under the output URL; ``stats.json`` is written last and marks 
     masks/<kind>.npy   (only with --impute, when something was filled) bool [F] for perspectives / modulations
                        (a frame had a non-finite value), uint8 [F, ceil(U/8)] for units (np.packbits per frame)
     evaluation/<session>-<scan_idx>/...   a copy of evaluation_data (the layout jobs.evaluate reads), if given
-    stats.json         animal, session, scan_idx, units, unit_ids, size, trials, frames, longest (trial per split), moments (the training
-                       set's mean and SD per kind: per column, stimuli over all pixels), imputed (values filled
-                       per kind), evaluation (videos, repeats), inputs (what it was made from)
+    stats.json         animal, session, scan_idx, units, unit_ids, size, trials, frames, longest (trial per
+                       split), moments (the training set's mean and SD per kind: per column, stimuli over all
+                       pixels), imputed (values filled per kind), evaluation (videos, repeats), inputs (what it
+                       was made from)
 
 The pass reads one trial at a time (never the whole recording) into memory-mapped staging files on the local
 disk and moves them into place at the end, so a bad input (one line naming the file and frame) leaves nothing in

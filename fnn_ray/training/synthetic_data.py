@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 
 from fnn_model.config import NetworkConfig
 from fnn_model.release import Release
@@ -82,7 +81,8 @@ class Example:
 
 def write_example(root: str, units: int = 12, trials: int = 6, frames: int = 40, size: tuple[int, int] = (36, 64),
                   videos: int = 2, repeats: int = 4, seed: int = 0, foundation_scan: tuple[int, int] = (4, 7),
-                  feature_scale: float = 1.5, log_rate: float = 1.0, storage_options: Mapping[str, Any] | None = None) -> Example:
+                  feature_scale: float = 1.5, log_rate: float = 1.0,
+                  storage_options: Mapping[str, Any] | None = None) -> Example:
     """A tiny foundation release (``root/foundation``, one scan) and a teacher's recordings (``root/recordings``)."""
     foundation = storage.join(root, "foundation")
     make_release(foundation, [(*foundation_scan, 8)], NetworkConfig.tiny(), seed=seed,

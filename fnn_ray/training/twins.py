@@ -198,8 +198,9 @@ def plan_training(config: TrainConfig) -> TrainPlan:
     for scan in wanted:
         run = TwinRun(release_url=release_url, data_url=data_urls[scan], twin_url=plan.twin_url(scan),
                       animal=config.animal, scan=scan, foundation_scan=tuple(config.foundation_scan),
-                      units=int(stats[scan]["units"]), epochs=config.epochs, warmup=config.warmup, lr=config.lr, clip=config.clip,
-                      window=config.window, batch=config.batch, train_batches=config.train_batches,
+                      units=int(stats[scan]["units"]), epochs=config.epochs, warmup=config.warmup, lr=config.lr,
+                      clip=config.clip, window=config.window, batch=config.batch,
+                      train_batches=config.train_batches,
                       val_batches=config.val_batches, burn_in=config.burn_in, seed=config.seed,
                       threads=max(1, int(config.cpus_per_worker)), release_options=release_so, storage_options=so)
         runs.append(run)
