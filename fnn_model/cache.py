@@ -32,8 +32,11 @@ class Derived(Generic[T]):
         self._checked = False
 
     def recheck(self) -> None:
-        """Compare the parameters with the cached value's again on the next `get` (start of a sequence)."""
+        """Compare the parameters with the cached value's again on the next `get` (start of a sequence); a value
+        that is part of a graph is dropped."""
         self._checked = False
+        if self._stamp is None:
+            self._value = None
 
     def get(self, module: nn.Module, compute: Callable[[], T], key: Hashable = None) -> T:
         """The value, recomputed by `compute()` unless it is still current."""

@@ -8,10 +8,11 @@ from torch import nn
 from fnn_model.config import ModulationConfig
 from fnn_model.mlp import Mlp
 from fnn_model.ops import gcat
+from fnn_model.state import CellState
 from fnn_model.wconv import WConv
 
 
-class Lstm(nn.Module):
+class Lstm(CellState, nn.Module):
     """Flat multi-stream LSTM cell (spec 2.7): `[N, S*F_x]` -> `h` `[N, S*F_h]`; state zeros after reset."""
 
     def __init__(self, in_features: int, features: int, streams: int) -> None:

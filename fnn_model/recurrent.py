@@ -9,6 +9,7 @@ from fnn_model.cache import Derived
 from fnn_model.config import RecurrentConfig
 from fnn_model.intergroup import InterGroup
 from fnn_model.ops import gcat
+from fnn_model.state import CellState
 from fnn_model.wconv import StreamParameters, WConv
 
 THIRD_ROOT = 3**-0.5
@@ -22,7 +23,7 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
     return x / x.square().sum(dim=-1, keepdim=True).sqrt_()
 
 
-class Recurrent(nn.Module):
+class Recurrent(CellState, nn.Module):
     """Feedforward features `f` `[N, S*F, H, W]` and modulation `m` `[N, S*M]` -> output `[N, S*out, H, W]`.
 
     State `h, c` `[N, S*hidden, H, W]` (zeros `[1, S*hidden, 1, 1]` after `reset_state`).

@@ -105,6 +105,15 @@ class WConv(nn.Module):
         self._frames, self._step, self._history = None, 0, []
         self._kernel_cache.recheck()
 
+    @property
+    def sequence_state(self) -> list[torch.Tensor]:
+        """The state carried to the next frame under autograd: the past inputs of a temporal conv, oldest first."""
+        return list(self._history)
+
+    @sequence_state.setter
+    def sequence_state(self, tensors: list[torch.Tensor]) -> None:
+        self._history = list(tensors)
+
     def effective(self) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         """The 2-D kernels actually run and the bias (or None), cached while the weights stay, in the autocast
         dtype when autocast is on (normalised in float32 first).

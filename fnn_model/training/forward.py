@@ -9,10 +9,13 @@ the monitor pose is drawn once per sequence and batch element as `center + cente
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from fnn_model.network import reset_state
 from fnn_model.training.batch import Batch
@@ -47,8 +50,15 @@ def _inputs(twin: Twin, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch
             batch.modulations.to(p.device, p.dtype))
 
 
-def training_log_rates(twin: Twin, batch: Batch, draws: Draws) -> torch.Tensor:
-    """Training mode: log-rates `[B, T, U]` of stream `draws.stream`, with autograd through the frozen core."""
+def training_log_rates(twin: Twin, batch: Batch, draws: Draws, checkpoint_frames: int | None = None
+                       ) -> torch.Tensor:
+    """Training mode: log-rates `[B, T, U]` of stream `draws.stream`, with autograd through the frozen core.
+
+    `checkpoint_frames`: activation checkpointing over time chunks of that many frames. The first chunk keeps its
+    activations (it computes the derived weights every later frame reuses); every later chunk keeps only its
+    output and the state it hands on (recurrent states, temporal-conv histories) and is recomputed in backward.
+    Same numbers, less memory, about one more forward of the checkpointed frames.
+    """
     stimuli, eye, behaviour = _inputs(twin, batch)
     dtype, device = eye.dtype, eye.device
     core, modulation = twin.stream(draws.stream)
@@ -62,28 +72,66 @@ def training_log_rates(twin: Twin, batch: Batch, draws: Draws) -> torch.Tensor:
     features = twin.readout.feature.weights[draws.stream][:, 0]  # [U, C]
     bias = twin.readout.biases[draws.stream][:, 0]  # [U]
     height, width = stimuli.shape[2:]
-    out = []
-    for t in range(stimuli.shape[1]):
-        stimulus = stimuli[:, t, None].to(dtype) / 255  # [B, 1, H, W]
-        sampling = twin.perspective.sampling_grid(eye[:, t], height, width, pose)
-        image = twin.perspective(stimulus, eye[:, t], grid=sampling)
-        r = core(image, modulation(behaviour[:, t]))  # [B, C, h, w]
-        sampled = F.grid_sample(r, grid, mode="bilinear", padding_mode="border", align_corners=False)  # [B,C,U,1]
-        out.append(torch.einsum("bcu,uc->bu", sampled[..., 0], features) + bias)
-    for module in (core, modulation):
-        reset_state(module)  # drop the histories (they hold the graph)
-    return torch.stack(out, dim=1)
+
+    def frames(start: int, stop: int) -> torch.Tensor:
+        out = []
+        for t in range(start, stop):
+            stimulus = stimuli[:, t, None].to(dtype) / 255  # [B, 1, H, W]
+            with torch.autocast(device.type, enabled=False):  # eye geometry in full precision (tiny cost)
+                sampling = twin.perspective.sampling_grid(eye[:, t], height, width, pose)
+                image = twin.perspective(stimulus, eye[:, t], grid=sampling)
+            r = core(image, modulation(behaviour[:, t]))  # [B, C, h, w]
+            sampled = F.grid_sample(r.to(grid.dtype), grid, mode="bilinear", padding_mode="border",
+                                    align_corners=False)  # the grid's dtype: autocast may have lowered r's
+            out.append(torch.einsum("bcu,uc->bu", sampled[..., 0], features) + bias)  # sampled [B, C, U, 1]
+        return torch.stack(out, dim=1)
+
+    total = stimuli.shape[1]
+    if checkpoint_frames is None or checkpoint_frames >= total:
+        out = frames(0, total)
+        for module in (core, modulation, twin.perspective):
+            reset_state(module)  # drop the histories and derived weights: the graph holds what backward needs
+        return out
+    if checkpoint_frames < 1:
+        raise ValueError(f"training_log_rates: checkpoint_frames must be >= 1, got {checkpoint_frames}")
+    carriers = [m for root in (core, modulation) for m in root.modules() if hasattr(type(m), "sequence_state")]
+    chunks = [frames(0, checkpoint_frames)]
+    for start in range(checkpoint_frames, total, checkpoint_frames):
+        stop = min(start + checkpoint_frames, total)
+        sizes = [len(m.sequence_state) for m in carriers]
+        out_sizes: list[int] = []
+
+        def chunk(*state: torch.Tensor, start: int = start, stop: int = stop, sizes: list[int] = sizes,
+                  out_sizes: list[int] = out_sizes) -> tuple[torch.Tensor, ...]:
+            _scatter(carriers, sizes, state)
+            out = frames(start, stop)
+            out_sizes[:] = [len(m.sequence_state) for m in carriers]
+            return (out, *(t for m in carriers for t in m.sequence_state))
+
+        state = [t for m in carriers for t in m.sequence_state]
+        out, *state = checkpoint(chunk, *state, use_reentrant=False)
+        _scatter(carriers, out_sizes, state)  # the next chunk continues from the checkpoint's outputs
+        chunks.append(out)
+    return torch.cat(chunks, dim=1)  # derived weights stay cached until the next reset: a recompute reuses them
+
+
+def _scatter(carriers: list[nn.Module], sizes: list[int], tensors: Sequence[torch.Tensor]) -> None:
+    """Hand `tensors` back to the modules that carry state, `sizes[i]` tensors to module i, in order."""
+    offset = 0
+    for module, size in zip(carriers, sizes):
+        module.sequence_state = list(tensors[offset:offset + size])
+        offset += size
 
 
 def eval_log_rates(twin: Twin, batch: Batch) -> torch.Tensor:
     """Evaluation mode, no autograd: stream-mean log-rates `[B, T, U]`; `exp` of them is `twin.predict`'s output
     for the same clips (the same computation, frame by frame from a reset state)."""
-    stimuli, eye, behaviour = _inputs(twin, batch)
-    out = torch.empty(stimuli.shape[0], stimuli.shape[1], twin.units, device=eye.device, dtype=eye.dtype)
+    stimuli, eye, behaviour = (x.transpose(0, 1).contiguous() for x in _inputs(twin, batch))  # time-major, as
+    out = torch.empty(stimuli.shape[0], stimuli.shape[1], twin.units, device=eye.device)  # `predict` lays them out
     twin.reset()
     with torch.inference_mode():
-        for t in range(stimuli.shape[1]):
-            image, features = twin.head.encode(stimuli[:, t, None].to(eye.dtype) / 255, eye[:, t], behaviour[:, t])
-            out[:, t] = twin.readout(twin.core(image, features)).mean(dim=1)
+        for t in range(len(stimuli)):
+            image, features = twin.head.encode(stimuli[t, :, None].to(eye.dtype) / 255, eye[t], behaviour[t])
+            out[t] = twin.readout(twin.core(image, features)).mean(dim=1)
     twin.reset()
-    return out
+    return out.transpose(0, 1)

@@ -11,17 +11,24 @@ from fnn_model.training.twin import Twin
 
 
 def step(model: Twin, batch: Batch, stream: int | None, generator: torch.Generator,
-         objective: PoissonObjective | None = None) -> float:
+         objective: PoissonObjective | None = None, checkpoint_frames: int | None = None,
+         autocast: torch.dtype | None = None) -> float:
     """Forward (training mode) and backward of one batch; returns the objective.
 
     `stream`: the stream to train (None: drawn from `generator`). Gradients are ACCUMULATED into `.grad` of the
     trained parameters that took part (the other streams' per-stream tensors keep theirs, None after
     `optimizer.zero_grad()`); the caller zeroes them, averages them across ranks and steps the optimizer. Raises
-    `NonFiniteObjectiveError` (before any backward) when the objective is NaN/inf.
+    `NonFiniteObjectiveError` (before any backward) when the objective is NaN/inf. `checkpoint_frames`:
+    activation checkpointing over time chunks (`forward.training_log_rates`). `autocast`: run the forward in
+    this mixed-precision dtype (`torch.autocast`, e.g. `torch.bfloat16`; parameters, gradients and the objective
+    stay in the parameters' dtype).
     """
     objective = objective or PoissonObjective()
     draws = draw(model, batch.size, generator, stream)
-    loss = objective(training_log_rates(model, batch, draws), batch.units.to(next(model.parameters()).device))
+    device = next(model.parameters()).device
+    with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+        log_rates = training_log_rates(model, batch, draws, checkpoint_frames)
+    loss = objective(log_rates.to(next(model.parameters()).dtype), batch.units.to(device))
     loss.backward()
     return float(loss.detach())
 
