@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 from fnn_ray.preflight import parse_scans
+from fnn_ray.training.loop import TrainingSettings
 from fnn_ray.training.twins import TrainConfig, format_plan, format_spread, plan_training, run_training
 from jobs.cli import parse_storage_options, run_cli
 from jobs.prepare_twin import parse_scan
@@ -67,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--val-batches", type=int, default=20, help="validation batches per epoch (default 20)")
     parser.add_argument("--burn-in", type=int, default=10, help="frames not scored at the start of a window")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--checkpoint-frames", type=int, default=None,
+                        help="activation checkpointing over time chunks of K frames (less memory, ~1 more forward)")
     parser.add_argument("--max-failures", type=int, default=3, help="worker-group restarts per twin (default 3)")
     parser.add_argument("--evaluate", action="store_true", help="run jobs.evaluate on each twin's evaluation data")
     parser.add_argument("--plan-only", action="store_true", help="check the setup, print the plan, train nothing")
@@ -119,8 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         if not foundation or len(foundation) != 1:
             raise ValueError(f"--foundation-scan {args.foundation_scan!r}: expected one SESSION-SCAN_IDX")
         settings = dict(epochs=args.epochs, warmup=args.warmup, lr=args.lr, clip=args.clip, window=args.window,
-                        batch=args.batch,
-                        train_batches=args.train_batches, val_batches=args.val_batches, burn_in=args.burn_in)
+                        batch=args.batch, train_batches=args.train_batches, val_batches=args.val_batches,
+                        burn_in=args.burn_in, seed=args.seed, checkpoint_frames=args.checkpoint_frames)
         if all(given):
             release, data, animal, output = args.release, args.data, args.animal, args.output
         else:
@@ -131,9 +134,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  ({time.perf_counter() - start:.1f} s)")
         config = TrainConfig(release=release, data=data, animal=animal, output=output, scans=scans,
                              foundation_scan=foundation[0], workers=args.workers, gpus=args.gpus,
-                             cpus_per_worker=args.cpus_per_worker, seed=args.seed, max_failures=args.max_failures,
+                             cpus_per_worker=args.cpus_per_worker, max_failures=args.max_failures,
                              evaluate=args.evaluate, address=args.address, storage_options=options,
-                             wait_for_lock=args.wait_for_lock, verbose=not args.no_progress, **settings)
+                             wait_for_lock=args.wait_for_lock, verbose=not args.no_progress,
+                             settings=TrainingSettings(**settings))
         plan = plan_training(config)
         if args.plan_only:
             print(format_plan(plan))

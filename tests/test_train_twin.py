@@ -30,6 +30,7 @@ from fnn_model.training import Batch, PoissonObjective, build_twin, evaluate_obj
 from fnn_ray import storage
 from fnn_ray.training.checkpoints import CheckpointStore
 from fnn_ray.training.dataset import PreparedData
+from fnn_ray.training.loop import TrainingSettings
 from fnn_ray.training.prepare import PrepareConfig, prepare
 from fnn_ray.training.synthetic_data import write_example
 from fnn_ray.training.twins import TrainConfig, run_training, spread
@@ -86,7 +87,7 @@ def config(example, output: str, **kw) -> TrainConfig:
 @pytest.fixture(scope="module")
 def planted(ray_cluster, example, tmp_path_factory):
     output = str(tmp_path_factory.mktemp("planted") / "out")
-    summary = run_training(config(example, output, evaluate=True, **PLANTED_TRAINING))
+    summary = run_training(config(example, output, evaluate=True, settings=TrainingSettings(**PLANTED_TRAINING)))
     assert summary.ok, summary
     return output, summary
 
@@ -240,7 +241,7 @@ def _subprocess(example, output: str, extra_env: dict | None = None) -> subproce
 def reference(ray_cluster, example, tmp_path_factory):
     """An uninterrupted run of the SMALL settings: its final head."""
     output = str(tmp_path_factory.mktemp("reference") / "out")
-    assert run_training(config(example, output, **SMALL)).ok
+    assert run_training(config(example, output, settings=TrainingSettings(**SMALL))).ok
     return _head(output)
 
 
@@ -326,7 +327,7 @@ def test_resume_after_a_worker_is_killed(example, reference, tmp_path):
 @pytest.mark.slow
 def test_two_workers(ray_cluster, example, tmp_path, reference):
     output = str(tmp_path / "out")
-    summary = run_training(config(example, output, workers=2, **SMALL))
+    summary = run_training(config(example, output, workers=2, settings=TrainingSettings(**SMALL)))
     assert summary.ok, summary
     metrics = pd.read_csv(Path(output) / "twins" / "4-7" / "metrics.csv")
     assert metrics.ranks.tolist() == [2] * SMALL["epochs"]

@@ -23,7 +23,6 @@ import json
 import math
 import os
 import posixpath
-import queue as queue_module
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -33,7 +32,7 @@ from fnn_ray import preflight, storage
 from fnn_ray.lease import OutputLease
 from fnn_ray.progress import _duration
 from fnn_ray.training.checkpoints import CheckpointStore
-from fnn_ray.training.loop import TwinRun
+from fnn_ray.training.loop import TrainingSettings, TwinRun
 from fnn_ray.training.prepare import read_stats
 
 __all__ = ["TrainConfig", "TrainPlan", "TrainSummary", "plan_training", "run_training", "spread"]
@@ -45,9 +44,9 @@ RUN_FILE = "run.json"
 @dataclass(kw_only=True)
 class TrainConfig:
     """A training run. ``data``: prepared datasets (one per twin); ``scans``: the twins to train (default: the scan
-    of every dataset); ``workers``: ranks per twin; ``gpus``: one GPU per rank; the sampling and schedule fields as
-    :class:`fnn_ray.training.loop.TwinRun` (``epochs`` default 100 with ``warmup`` epochs default max(1, epochs //
-    10)); ``max_failures``: worker-group restarts per twin; ``evaluate``: run jobs.evaluate on each twin's
+    of every dataset); ``settings``: sampling, schedule and optimizer
+    (:class:`fnn_ray.training.loop.TrainingSettings`); ``workers``: ranks per twin; ``gpus``: one GPU per rank;
+    ``max_failures``: worker-group restarts per twin; ``evaluate``: run jobs.evaluate on each twin's
     evaluation data at the end."""
 
     release: str
@@ -56,19 +55,10 @@ class TrainConfig:
     output: str
     scans: Sequence[Scan] | None = None
     foundation_scan: Scan = (4, 7)
+    settings: TrainingSettings = field(default_factory=TrainingSettings)
     workers: int = 1
     gpus: bool = False
     cpus_per_worker: float = 1.0
-    epochs: int = 100
-    warmup: int | None = None
-    lr: float = 0.1
-    clip: float = 0.01
-    window: int = 100
-    batch: int = 4
-    train_batches: int = 500
-    val_batches: int = 20
-    burn_in: int = 10
-    seed: int = 0
     max_failures: int = 3
     evaluate: bool = False
     address: str | None = None
@@ -77,19 +67,8 @@ class TrainConfig:
     verbose: bool = True
 
     def __post_init__(self) -> None:
-        for name, least in (("workers", 1), ("epochs", 1), ("window", 2), ("batch", 1), ("train_batches", 1),
-                            ("val_batches", 1), ("burn_in", 0)):
-            if getattr(self, name) < least:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= {least}, got {getattr(self, name)}")
-        if self.burn_in >= self.window:
-            raise ValueError(f"--burn-in ({self.burn_in}) must be less than --window ({self.window})")
-        warmup = self.warmup if self.warmup is not None else max(1, self.epochs // 10) if self.epochs > 1 else 0
-        if not 0 <= warmup < self.epochs:
-            raise ValueError(f"--warmup must be in 0..{self.epochs - 1} epochs, got {warmup}")
-        self.warmup = warmup
-        for name in ("lr", "clip"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"--{name} must be > 0, got {getattr(self, name)}")
+        if self.workers < 1:
+            raise ValueError(f"--workers must be >= 1, got {self.workers}")
 
 
 @dataclass
@@ -176,8 +155,8 @@ def plan_training(config: TrainConfig) -> TrainPlan:
             raise ValueError(f"--data {storage.redact_url(url)} holds animal {found['animal']}'s recordings, not "
                              f"--animal {config.animal}'s")
         for split, longest in found["longest"].items():
-            if longest < config.window:
-                raise ValueError(f"--window {config.window}: the longest {split} trial of --data "
+            if longest < config.settings.window:
+                raise ValueError(f"--window {config.settings.window}: the longest {split} trial of --data "
                                  f"{storage.redact_url(url)} has {longest} frames; use a shorter --window")
         if scan in stats:
             raise ValueError(f"--data {storage.redact_url(url)}: scan {scan[0]}-{scan[1]} is already given by "
@@ -198,13 +177,10 @@ def plan_training(config: TrainConfig) -> TrainPlan:
     for scan in wanted:
         run = TwinRun(release_url=release_url, data_url=data_urls[scan], twin_url=plan.twin_url(scan),
                       animal=config.animal, scan=scan, foundation_scan=tuple(config.foundation_scan),
-                      units=int(stats[scan]["units"]), epochs=config.epochs, warmup=config.warmup, lr=config.lr,
-                      clip=config.clip, window=config.window, batch=config.batch,
-                      train_batches=config.train_batches,
-                      val_batches=config.val_batches, burn_in=config.burn_in, seed=config.seed,
+                      units=int(stats[scan]["units"]), settings=config.settings,
                       threads=max(1, int(config.cpus_per_worker)), release_options=release_so, storage_options=so)
         runs.append(run)
-        plan.inputs["twins"][run.name] = {**run.settings(), "data_url": storage.redact_url(run.data_url)}
+        plan.inputs["twins"][run.name] = run.record()
     if previous is not None:
         if previous.get("animal") != config.animal:
             raise ValueError(f"output {storage.redact_url(output)} holds animal {previous.get('animal')}'s twins; a "
@@ -247,21 +223,21 @@ def format_spread(costs: Mapping[str, float], gpus: int, unit: str = "GPU-h") ->
 
 def format_plan(plan: TrainPlan) -> str:
     """The plan printed before training: per twin units, trials, frames, epochs and what is done already."""
-    c = plan.config
-    per_epoch = c.workers * c.train_batches * c.batch * c.window
+    c, t = plan.config, plan.config.settings
+    per_epoch = c.workers * t.train_batches * t.batch * t.window
     lines = [f"train_twin: animal {c.animal}, {len(plan.runs)} twin(s) on {storage.redact_url(plan.release_url)} "
              f"(foundation scan {c.foundation_scan[0]}-{c.foundation_scan[1]}) -> {storage.redact_url(plan.output)}",
              f"  per twin: {c.workers} rank(s) ({'1 GPU' if c.gpus else f'{c.cpus_per_worker:g} CPU'} each), "
-             f"{c.epochs} epochs x {c.train_batches} steps x {c.workers} x {c.batch} windows of {c.window} frames "
-             f"= {per_epoch:,} sample-frames per epoch; {c.val_batches} validation batches"]
+             f"{t.epochs} epochs x {t.train_batches} steps x {c.workers} x {t.batch} windows of {t.window} frames "
+             f"= {per_epoch:,} sample-frames per epoch; {t.val_batches} validation batches"]
     for run in plan.runs:
         s = plan.stats[run.scan]
         done = plan.done_epochs.get(run.scan, 0)
         lines.append(f"  {run.name}: {s['units']:,} units, {s['trials']['training']} training + "
                      f"{s['trials']['validation']} validation trials, {s['frames']['training']:,} + "
                      f"{s['frames']['validation']:,} frames; "
-                     + (f"resumes after epoch {done}" if 0 < done < c.epochs else
-                        "trained" if done >= c.epochs else "starts"))
+                     + (f"resumes after epoch {done}" if 0 < done < t.epochs else
+                        "trained" if done >= t.epochs else "starts"))
     lines.append("  estimated time: printed with every epoch at the measured rate (ETA)")
     return "\n".join(lines)
 
@@ -309,7 +285,7 @@ def run_training(config: TrainConfig, plan: TrainPlan | None = None) -> TrainSum
         fs, root = storage.filesystem(plan.output, so)
         storage.commit_bytes(fs, posixpath.join(root, RUN_FILE), json.dumps(plan.inputs, indent=1).encode())
         say(format_plan(plan))
-        todo = [run for run in plan.runs if plan.done_epochs.get(run.scan, 0) < run.epochs]
+        todo = [run for run in plan.runs if plan.done_epochs.get(run.scan, 0) < run.settings.epochs]
         if todo:
             started_ray = init_ray(config.address)
             progress = Queue()
@@ -355,12 +331,12 @@ def _with_progress(run: TwinRun, progress: Any) -> TwinRun:
 
 
 def _drain(progress: Any, summary: TrainSummary, say) -> None:
+    """Print the epoch lines the trainers' rank 0 sent."""
+    from ray.util.queue import Empty
     while True:
         try:
             row = progress.get_nowait()
-        except queue_module.Empty:
-            return
-        except Exception:  # ray.util.queue.Empty
+        except Empty:
             return
         summary.metrics[row["twin"]] = row
         say(_epoch_line(row))
