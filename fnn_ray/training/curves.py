@@ -3,8 +3,8 @@
 The rows come from the training history kept in every checkpoint, so a resumed run rewrites exactly the epochs
 that happened (no duplicate rows, none lost). Columns: epoch (1-based), lr, train and val (the Poisson objective
 per unit-frame after burn-in), samples_per_s (training sample-frames per second over all ranks), seconds (the
-epoch's wall time), ranks. The figure: training and validation objective per epoch (log scale when positive),
-the learning rate on a second axis, the best epoch marked (matplotlib's object API with the Agg renderer).
+epoch's wall time), ranks. The figure: training and validation objective per epoch, the learning rate on a
+second axis, the best epoch marked (matplotlib's object API with the Agg renderer).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import Any
 
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from fnn_ray import storage
 
@@ -42,6 +43,7 @@ def curves_png(history: Sequence[Mapping[str, Any]], title: str) -> bytes:
         ax.annotate(f"best {best.val:.4g} (epoch {int(best.epoch)})", (best.epoch, best.val),
                     textcoords="offset points", xytext=(4, 8), fontsize=8)
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("Poisson objective per unit-frame")
     ax.set_title(title, fontsize=10)
     lr = ax.twinx()
