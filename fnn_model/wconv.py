@@ -114,40 +114,45 @@ class WConv(nn.Module):
     def sequence_state(self, tensors: list[torch.Tensor]) -> None:
         self._history = list(tensors)
 
-    def effective(self) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    def effective(self, per_tap: bool = False) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         """The 2-D kernels actually run and the bias (or None), cached while the weights stay, in the autocast
         dtype when autocast is on (normalised in float32 first).
 
         Without a temporal kernel: one kernel `[S*O, I/g, k, k]`. With `T > 1` taps: `T` kernels
-        `[S*O, T*I/g, k, k]`, kernel `r` for the ring buffer whose newest frame sits in slot `r`.
+        `[S*O, T*I/g, k, k]`, kernel `r` for the ring buffer whose newest frame sits in slot `r`; with `per_tap`
+        (the autograd path) `T` kernels `[S*O, I/g, k, k]`, kernel `tau` for tap `tau` (`T - 1`: current frame).
         """
         dtype = autocast_dtype(self.weights[0].device)
-        return self._kernel_cache.get(self, lambda: self._compute_kernels(dtype), key=dtype)
+        return self._kernel_cache.get(self, lambda: self._compute_kernels(dtype, per_tap), key=(dtype, per_tap))
 
-    def _compute_kernels(self, dtype: torch.dtype | None) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    def _compute_kernels(self, dtype: torch.dtype | None, per_tap: bool
+                         ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         weight = self.weights.stacked()  # [S, O, I/g, T, k, k]
         if self.wnorm:
             gain = self.gains.stacked().flatten(1) if self.gains is not None else None
             weight = normalize(weight, gain, fan_dims=(2, 3, 4, 5))
         weight = weight.flatten(0, 1)  # [S*O, I/g, T, k, k]
         taps = self.temporal
-        kernels = []
-        for newest in range(taps):
-            # slot s of the ring buffer holds the frame (newest - s) mod T steps old, i.e. tap T - 1 - that
-            order = [taps - 1 - (newest - slot) % taps for slot in range(taps)]
-            kernel = weight[:, :, order].transpose(1, 2).flatten(1, 2)  # [S*O, T*I/g, k, k], channels (slot, c)
-            kernel = kernel.contiguous(memory_format=torch.channels_last)
-            kernels.append(kernel if dtype is None else kernel.to(dtype))
+        if per_tap:
+            kernels = [weight[:, :, tap] for tap in range(taps)]
+        else:
+            kernels = []
+            for newest in range(taps):
+                # slot s of the ring buffer holds the frame (newest - s) mod T steps old, i.e. tap T - 1 - that
+                order = [taps - 1 - (newest - slot) % taps for slot in range(taps)]
+                kernels.append(weight[:, :, order].transpose(1, 2).flatten(1, 2))  # [S*O, T*I/g, k, k] (slot, c)
+        kernels = [k.contiguous(memory_format=torch.channels_last) for k in kernels]
+        kernels = kernels if dtype is None else [k.to(dtype) for k in kernels]
         bias = self.biases.stacked().flatten() if self.biases is not None else None
         return kernels, bias if bias is None or dtype is None else bias.to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """`[N, S*I, H, W]` -> `[N, S*O, H', W']`, channels-last (oneDNN's grouped convs, 1x1 included, are
         fastest channels-last on CPU, and the core keeps every feature map in that layout)."""
+        if self.temporal > 1 and torch.is_grad_enabled():
+            return self._taps(x, *self.effective(per_tap=True))
         kernels, bias = self.effective()
         if self.temporal > 1:
-            if torch.is_grad_enabled():
-                return self._taps(x, kernels[-1], bias)
             return self._temporal(x, kernels, bias)
         if x.shape[2:] == (1, 1) and self.spatial == 1:
             return self._pointwise(x, self.group_matrices(), bias)
@@ -175,17 +180,15 @@ class WConv(nn.Module):
         self._step += 1
         return F.conv2d(self._frames, kernels[newest], bias, stride=self.stride, groups=self.groups)
 
-    def _taps(self, x: torch.Tensor, kernel: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def _taps(self, x: torch.Tensor, kernels: list[torch.Tensor], bias: torch.Tensor | None) -> torch.Tensor:
         """Autograd path of a temporal conv: `sum_tau conv2d(x_{t-T+1+tau}, W[:, :, tau])` over the inputs seen so
-        far (zero history contributes nothing). `kernel` is the one for the newest frame in the last slot, so its
-        slot `tau` is tap `tau`; every past input is held (and saved for backward) once, not stacked per frame."""
+        far (zero history contributes nothing); `kernels[tau]` is tap `tau`. Every past input is held (and saved
+        for backward) once, not stacked per frame."""
         taps = self.temporal
         self._history = [*self._history[1 - taps:], x]
-        per_tap = kernel.unflatten(1, (taps, -1))  # [S*O, T, I/g, k, k]
         y = None
         for back, past in enumerate(reversed(self._history)):
-            term = F.conv2d(past, per_tap[:, taps - 1 - back], stride=self.stride, padding=self.pad,
-                            groups=self.groups)
+            term = F.conv2d(past, kernels[taps - 1 - back], stride=self.stride, padding=self.pad, groups=self.groups)
             y = term if y is None else y + term
         return y if bias is None else y + bias[:, None, None]
 

@@ -14,10 +14,10 @@ Every row counts the fastest of `--repeats` timed runs (the actor is kept).
 With `--training`: one training step of a twin on the release's core (forward + backward, one stream, batch 4
 windows of `--training-frames` frames): the training path (`fnn_model.training.step`) vs a plain loop of the
 same model (its multi-stream forward under autograd), their ratio `training.training_vs_plain`, the tensors a step
-saves for backward (per sample-frame), and the training path with activation checkpointing every
-`--checkpoint-frames` frames (`checkpoint_saved_ratio`, `checkpoint_time_ratio`), and in the mixed-precision dtype of `--dtypes` (bfloat16
-autocast: `autocast_vs_float32`, `autocast_gradient_error`: the relative error of all gradients together, and
-`autocast_gradient_error_max`: that of the worst tensor).
+saves for backward (per sample-frame), the training path with activation checkpointing every
+`--checkpoint-frames` frames (`checkpoint_saved_ratio`, `checkpoint_time_ratio`), and the training path in the
+mixed-precision dtype of `--dtypes` (bfloat16 autocast: `autocast_vs_float32`; `autocast_gradient_error`, the
+relative error of all gradients together, and `autocast_gradient_error_max`, that of the worst tensor).
 Each row gives scan-frames/s, achieved GFLOP/s (conv + matmul FLOPs counted by torch's FlopCounterMode), the
 fraction of this machine's measured matmul peak in the row's dtype and peak memory (per row: the GPU allocator's
 peak, or the process's peak resident set; the sweep's is its worker's). The JSON holds every figure plus the
@@ -274,7 +274,9 @@ def bench_tuning(release_url: str, root: Path, scans: list[tuple[int, int]], cli
 class TrainingRow:
     """One measured training step: `batch` windows of `frames` frames, forward + backward. `saved_mb`: the
     tensors autograd saved for backward (distinct storages; in a checkpointed run those outside its chunks),
-    `saved_per_sample_frame_mb` that over `batch * frames`; `peak_memory_mb` as the other rows."""
+    `saved_per_sample_frame_mb` that over `batch * frames`; `peak_memory_mb` as the other rows; on a GPU
+    `step_peak_mb`, the allocator's peak during a step above what was allocated before it (None on a CPU, whose
+    resident set keeps freed memory), and that per sample-frame."""
 
     name: str
     batch: int
@@ -284,6 +286,8 @@ class TrainingRow:
     peak_memory_mb: float
     saved_mb: float
     saved_per_sample_frame_mb: float
+    step_peak_mb: float | None
+    step_peak_per_sample_frame_mb: float | None
 
 
 class SavedTensors:
@@ -380,9 +384,18 @@ def bench_training(release: Release, scan: tuple[int, int], units: int, frames: 
         twin.zero_grad(set_to_none=True)
         with SavedTensors() as saved:
             run()  # also the warm-up
+        step_peak = None
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            before = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            run()
+            torch.cuda.synchronize(device)
+            step_peak = (torch.cuda.max_memory_allocated(device) - before) / 2**20
         seconds, _ = best_time(run, repeats, device, memory)
         rows.append(TrainingRow(name, batch_size, frames, seconds, sample_frames / seconds, memory.peak_mb(),
-                                saved.mb, saved.mb / sample_frames))
+                                saved.mb, saved.mb / sample_frames, step_peak,
+                                None if step_peak is None else step_peak / sample_frames))
     path, plain = rows[0], rows[1]
     result = {"rows": [asdict(r) for r in rows], "units": units,
               "training_vs_plain": path.sample_frames_per_s / plain.sample_frames_per_s}
@@ -400,10 +413,12 @@ def bench_training(release: Release, scan: tuple[int, int], units: int, frames: 
 
 
 def print_training(result: dict) -> None:
-    print(f"{'training step':48s} {'sample-frames/s':>15s} {'saved MB':>9s} {'MB/sample-frame':>15s}")
+    print(f"{'training step':48s} {'sample-frames/s':>15s} {'saved MB':>9s} {'MB/sample-frame':>15s} "
+          f"{'step peak MB':>12s}")
     for row in result["rows"]:
+        peak = "-" if row["step_peak_mb"] is None else f"{row['step_peak_mb']:.0f}"
         print(f"{row['name']:48s} {row['sample_frames_per_s']:15.3f} {row['saved_mb']:9.0f} "
-              f"{row['saved_per_sample_frame_mb']:15.2f}")
+              f"{row['saved_per_sample_frame_mb']:15.2f} {peak:>12s}")
     line = f"training path / plain loop {result['training_vs_plain']:.2f}x"
     if "checkpoint_frames" in result:
         line += (f"; checkpointing every {result['checkpoint_frames']} frames: saved x"

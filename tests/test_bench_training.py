@@ -26,6 +26,7 @@ def test_training_rows_are_consistent(tmp_path) -> None:
         assert row["sample_frames_per_s"] == pytest.approx(6 / row["seconds"])
         assert row["saved_per_sample_frame_mb"] == pytest.approx(row["saved_mb"] / 6)
         assert 0 < row["saved_mb"] < row["peak_memory_mb"]
+        assert row["step_peak_mb"] is None and row["step_peak_per_sample_frame_mb"] is None  # a GPU figure
     path, plain, checkpointed, mixed = rows
     assert "bfloat16" in mixed["name"] and result["autocast"] == "bfloat16"
     assert result["autocast_vs_float32"] == pytest.approx(mixed["sample_frames_per_s"] / path["sample_frames_per_s"])

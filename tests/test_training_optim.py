@@ -78,8 +78,8 @@ def test_weight_decay_reaches_only_weights(twin) -> None:
         decayed.add(name)
     assert decayed == {n for n in moved if ".weights." in n}
     assert "readout.feature.weights.0" in decayed and "perspective.mlp.linears.1.weights.0" in decayed
-    for name in ("readout.position.mu", "readout.position.sigma", "readout.biases.0", "perspective.mlp.linears.1.gains.0",
-                 "perspective.monitor.center", "perspective.retina_pixel.logit"):
+    for name in ("readout.position.mu", "readout.position.sigma", "readout.biases.0",
+                 "perspective.mlp.linears.1.gains.0", "perspective.monitor.center", "perspective.retina_pixel.logit"):
         assert name not in decayed
     with torch.no_grad():
         for name, p in twin.named_trainable_parameters():
@@ -140,7 +140,8 @@ def test_step_scales_per_unit_gradients_then_clips(twin) -> None:
 
 
 def test_momentum_is_torch_sgd_nesterov_and_skips_missing_gradients() -> None:
-    ours, reference = torch.nn.Parameter(torch.tensor([1.0, -2.0, 0.5])), torch.nn.Parameter(torch.tensor([1.0, -2.0, 0.5]))
+    ours = torch.nn.Parameter(torch.tensor([1.0, -2.0, 0.5]))
+    reference = torch.nn.Parameter(torch.tensor([1.0, -2.0, 0.5]))
     idle = torch.nn.Parameter(torch.ones(2))
     sgd = torch.optim.SGD([reference], lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4)
     mine = TwinSgd([{"params": [ours, idle], "scale": 1.0, "decay": True, "rows": False}],

@@ -85,6 +85,7 @@ def test_head_state_dict_has_exactly_a_public_head_files_keys_and_shapes(release
     assert torch.equal(other.readout.position.mu, twin.readout.position.mu)
 
 
+@pytest.mark.slow
 def test_frozen_tensors_are_bit_identical_after_optimizer_steps(release: Release) -> None:
     twin = randomized(build_twin(release, (4, 7), UNITS))
     before = {k: v.clone() for k, v in twin.frozen_state().items()}
@@ -266,3 +267,18 @@ def test_checkpointing_over_time_chunks_gives_the_same_loss_and_gradients(releas
         assert other_grads.keys() == grads.keys()
         for name, grad in grads.items():
             torch.testing.assert_close(other_grads[name], grad, rtol=1e-5, atol=1e-7)
+
+
+def test_stream_views_share_the_streams_tensors_and_follow_dtype_changes(release: Release) -> None:
+    twin = build_twin(release, (4, 7), UNITS)
+    core, modulation = twin.stream(1)
+    originals = {id(p) for p in twin.parameters()}
+    assert {id(p) for p in core.parameters()} <= originals and {id(p) for p in modulation.parameters()} <= originals
+    assert core.feedforward.out.weights[0] is twin.core.feedforward.out.weights[1]
+    assert modulation.lstm.proj_i.biases[0] is twin.modulation.lstm.proj_i.biases[1]
+    twin.double()
+    core, _ = twin.stream(1)
+    assert core.recurrent.proj_x[0].zero.dtype == torch.float64  # rebuilt: buffers follow the twin
+    assert core.feedforward.out.weights[0] is twin.core.feedforward.out.weights[1]
+    with pytest.raises(ValueError, match="stream"):
+        twin.stream(2)

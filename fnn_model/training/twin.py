@@ -59,7 +59,7 @@ class Twin(Network):
         for key, value in sorted(self.frozen_state().items()):
             tensor = value.detach().cpu().contiguous()
             digest.update(f"{key}|{tensor.dtype}|{list(tensor.shape)}|".encode())
-            digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
         return digest.hexdigest()
 
     def head_state_dict(self) -> OrderedDict[str, torch.Tensor]:
