@@ -51,7 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="fill non-finite eye, behaviour and response values (recorded in masks/) instead of "
                              "refusing them")
     parser.add_argument("--size", default="144x256", help="frame size HxW of the stimuli (default 144x256)")
-    parser.add_argument("--storage-options", default=None, help="JSON fsspec options for every store (never echoed)")
+    parser.add_argument("--storage-options", default=None, metavar="@FILE.json|JSON",
+                        help="fsspec options for every store: @FILE.json (a file holding a JSON object) or the JSON "
+                             "itself; never echoed")
     return parser
 
 

@@ -76,7 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--simulate-twins", type=int, default=None,
                         help="with --plan-only: how N twins of the public example size spread over --simulate-gpus")
     parser.add_argument("--simulate-gpus", type=int, default=4, help="GPUs of the simulated plan (default 4)")
-    parser.add_argument("--storage-options", default=None, help="JSON fsspec options for every store (never echoed)")
+    parser.add_argument("--storage-options", default=None, metavar="@FILE.json|JSON",
+                        help="fsspec options for every store: @FILE.json (a file holding a JSON object) or the JSON "
+                             "itself; never echoed")
     parser.add_argument("--address", default=None, help="Ray cluster to join (default: $RAY_ADDRESS, else local)")
     parser.add_argument("--wait-for-lock", action="store_true", help="wait while another run writes the output")
     parser.add_argument("--no-progress", action="store_true", help="no per-epoch lines")
