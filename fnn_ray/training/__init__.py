@@ -5,5 +5,6 @@ Modules, in the order a run uses them: ``layout`` (the public ``training_data`` 
 dataset memory-mapped on a node, seeded training windows), ``checkpoints`` (per-epoch checkpoints on the output
 store, verified by hash), ``loop`` (the per-rank training loop Ray Train runs), ``trainer`` (one twin's
 ``TorchTrainer``), ``twins`` (many twins side by side, their plan), ``curves`` (metrics CSV and learning-curve
-plot) and ``release_writer`` (the trained twins as a release every job opens).
+plot), ``release_writer`` (the trained twins as a release every job opens) and ``synthetic_data`` (a planted
+teacher's recordings in the public layout: dry runs and tests). Design: ``docs/training.md``.
 """
