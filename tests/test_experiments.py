@@ -13,7 +13,7 @@ from fnn_model.config import NetworkConfig
 from fnn_model.synthetic import make_release
 from fnn_ray.executor import Faults
 from fnn_ray.experiment import ExperimentConfig, read_results
-from fnn_ray.generators import Dots, Monet
+from fnn_ray.generators import Dots, RigidMonet
 from fnn_ray.responses import read_responses
 from fnn_ray.sweep import SweepConfig, run_sweep
 from jobs import receptive_fields, tuning
@@ -103,7 +103,7 @@ def test_receptive_fields_match_sweep_of_saved_stimuli(ray_cluster, release, tmp
 def test_faults_leave_tables_unchanged(ray_cluster, release, tmp_path):
     """A worker killed mid-experiment, and a driver stopped after one item then rerun: same tables as a clean run."""
     url, _ = release
-    family = Monet(directions=4, trials=3, block_frames=4, height=36, width=64, seed=1)
+    family = RigidMonet(directions=4, trials=3, block_frames=4, height=36, width=64, seed=1)
     common = dict(release=url, family=family, actors=2, cpus_per_actor=1, progress=False, verbose=False)
 
     def run(name: str, faults: Faults = Faults()):
