@@ -7,6 +7,15 @@ After the items are committed, :func:`condition_means` merges the partial sums o
 response per unit and condition, and the experiment's analysis (tuning, receptive fields) turns them into tables.
 
 :func:`write_table` and :func:`write_file` commit the final outputs atomically; a rerun rewrites them identically.
+
+Every result folder is a Parquet dataset, one row per unit::
+
+    OUTPUT/<result>/scan-<session>-<scan_idx>.parquet    session, scan_idx, unit_id, readout_id, ...
+    OUTPUT/<result>/_files/                               metadata.json, units.csv, plots/*.png
+
+so ``pandas.read_parquet("OUTPUT/<result>")`` and ``pyarrow.dataset.dataset("OUTPUT/<result>",
+format="parquet")`` read every scan (both skip names starting with ``_``), with ``session`` and ``scan_idx``
+as ordinary columns.
 """
 
 from __future__ import annotations
@@ -30,10 +39,13 @@ from fnn_ray.reducers import WindowReducer
 from fnn_ray.sources import GeneratedSource, blocks
 from fnn_ray.stimuli import Clip, ClipWriter
 
-__all__ = ["ExperimentConfig", "ScanMeans", "clips_metadata", "condition_means", "csv_bytes", "plan_experiment", "read_results",
-           "save_stimuli", "write_file", "write_table"]
+__all__ = ["FILES_DIR", "ExperimentConfig", "ScanMeans", "clips_metadata", "condition_means", "csv_bytes",
+           "files_url", "plan_experiment", "read_results", "save_stimuli", "write_file", "write_table"]
 
 Scan = tuple[int, int]
+
+#: The folder of a result's figures, CSV and metadata, beside its Parquet files (dataset readers skip ``_``).
+FILES_DIR = "_files"
 
 
 @dataclass(kw_only=True)
@@ -122,9 +134,18 @@ def write_file(url: str, data: bytes, storage_options: Mapping[str, Any] | None 
 
 def write_table(output_url: str, data_dir: str, scan: Scan, frame: pd.DataFrame,
                 storage_options: Mapping[str, Any] | None = None) -> str:
-    """Commit one scan's table as ``OUTPUT/<data_dir>/session=<s>/scan_idx=<i>/units.parquet``."""
-    url = storage.join(output_url, data_dir, f"session={scan[0]}", f"scan_idx={scan[1]}", "units.parquet")
+    """Commit one scan's table as ``OUTPUT/<data_dir>/scan-<s>-<i>.parquet``, with int64 ``session`` and
+    ``scan_idx`` columns first (one row per unit); returns its URL."""
+    frame = frame.drop(columns=["session", "scan_idx"], errors="ignore")
+    frame.insert(0, "scan_idx", np.int64(scan[1]))
+    frame.insert(0, "session", np.int64(scan[0]))
+    url = storage.join(output_url, data_dir, f"scan-{scan[0]}-{scan[1]}.parquet")
     return write_file(url, parquet_bytes(pa.Table.from_pandas(frame, preserve_index=False)), storage_options)
+
+
+def files_url(output_url: str, data_dir: str, *names: str) -> str:
+    """``OUTPUT/<data_dir>/_files/<names...>``: where a result's figures, CSV and metadata go."""
+    return storage.join(output_url, data_dir, FILES_DIR, *names)
 
 
 def save_stimuli(family: Family, url: str, storage_options: Mapping[str, Any] | None = None) -> list[str]:
@@ -150,6 +171,4 @@ def read_results(output_url: str, data_dir: str, storage_options: Mapping[str, A
     import pyarrow.dataset as ds
 
     fs, root = storage.filesystem(storage.join(output_url, data_dir), storage_options)
-    dataset = ds.dataset([p for p in fs.find(root) if p.endswith("/units.parquet")], filesystem=fs,
-                         format="parquet", partitioning=ds.partitioning(flavor="hive"), partition_base_dir=root)
-    return dataset.to_table(filter=filter).to_pandas()
+    return ds.dataset(root, filesystem=fs, format="parquet").to_table(filter=filter).to_pandas()

@@ -10,14 +10,14 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
 from fnn_ray import storage
 from fnn_ray.experiment import ExperimentConfig, ScanMeans, clips_metadata, condition_means, csv_bytes, \
-    plan_experiment, save_stimuli, write_file, write_table
+    files_url, plan_experiment, save_stimuli, write_file, write_table
 from fnn_ray.generators import Family
 from fnn_ray.job import JobSummary, run_job
 from jobs.cli import add_job_options, job_options, parse_size, run_cli
@@ -61,14 +61,21 @@ def dry_run_release(root: str = DRY_RUN_DIR) -> tuple[str, str]:
     return str(release), str(base)
 
 
+def stimulus_caption(family: Family) -> str:
+    """One line naming the stimulus family and its parameters (for figures)."""
+    params = ", ".join(f"{k}={v}" for k, v in family.params().items() if k != "seed")
+    return f"stimulus {family.name} (seed {family.seed}): {params}"
+
+
 def run_experiment(name: str, data_dir: str, config: ExperimentConfig, save_stimuli_url: str | None,
-                   analyse: Callable[[ScanMeans], pd.DataFrame], metadata: dict, csv_columns: list[str],
-                   plot: Callable[[pd.DataFrame, str], list[str]]) -> JobSummary:
+                   experiment: Experiment) -> JobSummary:
     """Run the experiment job, then (when every item is committed) write per scan
-    ``OUTPUT/<data_dir>/session=<s>/scan_idx=<i>/units.parquet`` (``unit_id``, ``readout_id``, then the columns of
-    ``analyse(means)``), ``OUTPUT/<data_dir>/metadata.json`` (``metadata`` plus the stimulus family, its
-    parameters and every clip's windows), ``units.csv`` (``csv_columns`` of all scans) and the PNGs of
-    ``plot(table, directory)`` under ``plots/``. Prints where everything went."""
+    ``OUTPUT/<data_dir>/scan-<s>-<i>.parquet`` (``session``, ``scan_idx``, ``unit_id``, ``readout_id``, then the
+    columns of ``experiment.analyse(means)``) and under ``OUTPUT/<data_dir>/_files/``: ``metadata.json``
+    (``experiment.metadata`` and ``experiment.settings``, the stimulus family, its parameters and every clip's
+    windows), ``units.csv`` (``experiment.csv_columns`` of all scans, then the stimulus family, its parameters and
+    each setting as JSON columns) and the PNGs of ``experiment.plot`` under ``plots/``. Prints where everything
+    went."""
     so = config.storage_options
     family = config.family
     job = plan_experiment(name, config)
@@ -83,7 +90,7 @@ def run_experiment(name: str, data_dir: str, config: ExperimentConfig, save_stim
     start = time.perf_counter()
     tables = []
     for scan, means in sorted(condition_means(job, so).items()):
-        table = analyse(means)
+        table = experiment.analyse(means)
         table.insert(0, "readout_id", means.readout_ids.astype("int32"))
         table.insert(0, "unit_id", means.unit_ids.astype("int64"))
         write_table(job.output_url, data_dir, scan, table, so)
@@ -91,33 +98,40 @@ def run_experiment(name: str, data_dir: str, config: ExperimentConfig, save_stim
         table.insert(0, "session", scan[0])
         tables.append(table)
     everything = pd.concat(tables, ignore_index=True)
-    base = storage.join(job.output_url, data_dir)
-    meta = {**metadata, "stimulus": {"family": family.name, **family.params()},
+    stimulus = {"family": family.name, **family.params()}
+    meta = {**experiment.metadata, **experiment.settings, "stimulus": stimulus,
             "burnin_frames": family.burnin_frames, "clips": clips_metadata(family)}
-    write_file(storage.join(base, "metadata.json"), json.dumps(meta, indent=1).encode(), so)
-    write_file(storage.join(base, "units.csv"), csv_bytes(everything[csv_columns]), so)
+    write_file(files_url(job.output_url, data_dir, "metadata.json"), json.dumps(meta, indent=1).encode(), so)
+    csv = everything[experiment.csv_columns].assign(
+        stimulus=family.name, stimulus_params=json.dumps(family.params(), separators=(",", ":")),
+        **{key: json.dumps(value, separators=(",", ":")) for key, value in experiment.settings.items()})
+    write_file(files_url(job.output_url, data_dir, "units.csv"), csv_bytes(csv), so)
     with tempfile.TemporaryDirectory() as tmp:
-        paths = plot(everything, tmp)
+        paths = experiment.plot(everything, tmp, stimulus_caption(family))
         for path in paths:
-            write_file(storage.join(base, "plots", Path(path).name), Path(path).read_bytes(), so)
-    shown = storage.redact_url(base)
+            write_file(files_url(job.output_url, data_dir, "plots", Path(path).name), Path(path).read_bytes(), so)
+    shown = storage.redact_url(storage.join(job.output_url, data_dir))
     print(f"\n{name}: {len(everything):,} unit(s) of {len(tables)} scan(s) analysed in "
-          f"{time.perf_counter() - start:.1f} s\n  tables: {shown}/session=*/scan_idx=*/units.parquet\n"
-          f"  published layout: {shown}/units.csv\n  metadata: {shown}/metadata.json\n"
-          f"  plots: {shown}/plots/ ({len(paths)} PNG)")
+          f"{time.perf_counter() - start:.1f} s\n  dataset (one row per unit): {shown}  "
+          f"(pandas.read_parquet or pyarrow.dataset.dataset(..., format=\"parquet\"))\n"
+          f"  published layout: {shown}/_files/units.csv\n  metadata: {shown}/_files/metadata.json\n"
+          f"  plots: {shown}/_files/plots/ ({len(paths)} PNG)")
     return summary
 
 
 @dataclass(frozen=True)
 class Experiment:
     """What one experiment job adds to the shared machinery: its stimulus ``family``, ``analyse`` (condition
-    means -> table columns), extra ``metadata``, the published ``csv_columns`` and ``plot`` (table, dir -> PNGs)."""
+    means -> table columns), extra ``metadata``, the published ``csv_columns``, ``plot`` (table, dir, stimulus
+    caption -> PNGs) and ``settings`` (analysis settings and index definitions, JSON-able: written into
+    ``metadata.json`` and as columns of ``units.csv``)."""
 
     family: Family
     analyse: Callable[[ScanMeans], pd.DataFrame]
     metadata: dict
     csv_columns: list[str]
-    plot: Callable[[pd.DataFrame, str], list]
+    plot: Callable[[pd.DataFrame, str, str], list]
+    settings: dict = field(default_factory=dict)
 
 
 def experiment_main(parser: argparse.ArgumentParser, argv: list[str] | None, name: str, data_dir: str,
@@ -138,7 +152,6 @@ def experiment_main(parser: argparse.ArgumentParser, argv: list[str] | None, nam
         experiment = build(args, dry, parse_size(args.size or ("36x64" if dry else "144x256")))
         config = ExperimentConfig(release=release, output=output, family=experiment.family,
                                   clips_per_part=args.clips_per_part, **options)
-        return run_experiment(name, data_dir, config, args.save_stimuli, experiment.analyse, experiment.metadata,
-                              experiment.csv_columns, experiment.plot)
+        return run_experiment(name, data_dir, config, args.save_stimuli, experiment)
 
     return run_cli(body)

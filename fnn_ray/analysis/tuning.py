@@ -58,12 +58,20 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-__all__ = ["FIT_METHODS", "FIT_STATUSES", "FitConfig", "global_indices", "von_mises", "fit_von_mises", "tuning_table"]
+__all__ = ["FIT_METHODS", "FIT_STATUSES", "INDEX_DEFINITIONS", "FitConfig", "global_indices", "von_mises", "fit_von_mises", "tuning_table"]
 
 #: The two-column supports of the 3-variable NNLS over the basis columns (e1, e2, 1).
 _PAIRS = ((0, 1), (0, 2), (1, 2))
 #: Lower bounds of the iterated parameters (mu in radians, kappa).
 _LOWER = np.array([-np.inf, 0.0])
+#: The columns of :func:`tuning_table`, defined in words (for metadata).
+INDEX_DEFINITIONS = {
+    "gOSI, gDSI": "|sum_k r_k exp(2i theta_k)| / sum_k r_k and |sum_k r_k exp(i theta_k)| / sum_k r_k over the "
+                  "mean response r_k per direction, no baseline (IN_SILICO.md section 3)",
+    "OSI, DSI": "from the fitted bimodal von Mises f: (R_pref - R_orth) / (R_pref + R_orth) and "
+                "1 - f(mu + 180) / f(mu); NaN unless fit_status is ok (IN_SILICO.md sections 3 and 6)",
+    "pref_dir, pref_ori": "fitted mu mod 360 and mod 180, degrees, 0 = rightward motion, counter-clockwise",
+}
 #: Fit statuses (``fit_status``), see the module docstring.
 FIT_STATUSES = ("ok", "kappa_bound", "failed", "nonfinite")
 
