@@ -222,7 +222,24 @@ class _Directional(Family):
 
 
 @dataclass(frozen=True, kw_only=True)
-class RigidMonet(_Directional):
+class _Blocks(_Directional):
+    """Shared by :class:`RigidMonet` and :class:`Monet2`: one block of ``block_frames`` per direction, of which
+    ``round(ori_fraction * block_frames)`` frames are coherent (the scoring window's length)."""
+
+    ori_fraction: float = 1.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._check_float("ori_fraction", lambda v: 0 < v <= 1, "in (0, 1]")
+        if round(self.ori_fraction * self.block_frames) < 1:
+            self._fail("ori_fraction", f"round(ori_fraction * block_frames={self.block_frames}) >= 1 coherent frame")
+
+    def _layout(self) -> tuple[int, int, int, int]:
+        return 0, self.block_frames, 0, round(self.ori_fraction * self.block_frames)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RigidMonet(_Blocks):
     """Directional pink noise drifting rigidly (this project's first "Monet"-like family; not the published
     Monet2, see :class:`Monet2`). One clip per trial: gray burn-in, then one block per direction.
 
@@ -237,16 +254,12 @@ class RigidMonet(_Directional):
 
     name: ClassVar[str] = "rigid_monet"
 
-    ori_fraction: float = 1.0
     bandwidth_deg: float = 15.0
     speed: float = 0.2
     max_spatial_freq: float = 32.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self._check_float("ori_fraction", lambda v: 0 < v <= 1, "in (0, 1]")
-        if round(self.ori_fraction * self.block_frames) < 1:
-            self._fail("ori_fraction", f"round(ori_fraction * block_frames={self.block_frames}) >= 1 coherent frame")
         self._check_float("bandwidth_deg", lambda v: v > 0, "> 0")
         self._check_float("speed", lambda v: v > 0, "> 0 (screen widths per second)")
         self._check_float("max_spatial_freq", lambda v: v > 0, "> 0 (cycles per screen width)")
@@ -258,9 +271,6 @@ class RigidMonet(_Directional):
             if not np.any(amplitude * self._band(kx, krow, condition["direction_deg"]) > 0):
                 where = f"{condition['direction_deg']:g} deg with max_spatial_freq={self.max_spatial_freq:g}"
                 self._fail("bandwidth_deg", f"a wider band: no spectral energy at {where}")
-
-    def _layout(self) -> tuple[int, int, int, int]:
-        return 0, self.block_frames, 0, round(self.ori_fraction * self.block_frames)
 
     def _spectrum(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """rFFT grid: ``kx`` ``[1, W//2+1]`` (cycles/px, rightwards), ``krow`` ``[H, 1]`` (cycles/px, downwards)
@@ -324,7 +334,7 @@ def orientation_mask(offset_rad: np.ndarray, coherence: float, mix: float) -> np
 
 
 @dataclass(frozen=True, kw_only=True)
-class Monet2(_Directional):
+class Monet2(_Blocks):
     """Monet2, the published pipeline's directional noise (``IN_SILICO.md`` §6), in our conventions.
 
     One clip per trial: gray burn-in, then one period of ``block_frames`` per direction (seeded order). The
@@ -368,9 +378,6 @@ class Monet2(_Directional):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self._check_float("ori_fraction", lambda v: 0 < v <= 1, "in (0, 1]")
-        if round(self.ori_fraction * self.block_frames) < 1:
-            self._fail("ori_fraction", f"round(ori_fraction * block_frames={self.block_frames}) >= 1 coherent frame")
         self._check_float("temporal_bandwidth", lambda v: 0 < v <= self.fps, f"in (0, fps = {self.fps:g}] (Hz)")
         self._check_int("pattern_width", 4)
         if self.pattern_width > self.width:
@@ -389,9 +396,6 @@ class Monet2(_Directional):
     def taps(self) -> int:
         """Length of the temporal kernel in frames."""
         return max(1, round(self.fps / self.temporal_bandwidth))
-
-    def _layout(self) -> tuple[int, int, int, int]:
-        return 0, self.block_frames, 0, round(self.ori_fraction * self.block_frames)
 
     def _window_offset(self) -> int:
         _, shown, _, coherent = self._layout()
