@@ -201,7 +201,9 @@ def write_performance(output_url: str, tables: Mapping[Scan, pd.DataFrame],
     meta = dict(metadata or {})
     files.append(write_file(files_url(output_url, DATA_DIR, "metadata.json"), json.dumps(meta, indent=1).encode(),
                             storage_options))
-    caption = f"burn-in {meta.get('burnin', '?')} frames per repeat; imputed input frames: {meta.get('imputed')}"
+    imputed = {kind: n for kind, n in (meta.get("imputed") or {}).items() if n}
+    caption = (f"burn-in {meta.get('burnin', '?')} frames per repeat; "
+               + (f"imputed input frames: {imputed}" if imputed else "no input frame imputed"))
     with tempfile.TemporaryDirectory() as tmp:
         for path in performance_plots(everything, tmp, caption=caption):
             files.append(write_file(files_url(output_url, DATA_DIR, "plots", Path(path).name),

@@ -44,8 +44,9 @@ def _save(fig: Figure, path: Path) -> Path:
 
 
 def _title(fig: Figure, headline: str, caption: str, fontsize: float = 9) -> None:
-    """``headline`` and the wrapped ``caption`` (the stimulus and its parameters) as the figure's title."""
-    fig.suptitle("\n".join([headline, *textwrap.wrap(caption, 170)]), fontsize=fontsize)
+    """``headline`` and ``caption`` (the stimulus and its parameters), wrapped, as the figure's title."""
+    width = int(fig.get_figwidth() * 130 / fontsize)  # characters that fit the figure's width
+    fig.suptitle("\n".join([*textwrap.wrap(headline, width), *textwrap.wrap(caption, width)]), fontsize=fontsize)
 
 
 def _scans(table: pd.DataFrame):
