@@ -151,7 +151,8 @@ def test_bad_experiment_input_is_a_setup_error(release, tmp_path, capsys):
     assert "--directions 0" in capsys.readouterr().err
     assert tuning.main(["--release", url, "--output", str(tmp_path / "o"), "--trials", "0", *SIZE]) == 2
     assert "--trials 0" in capsys.readouterr().err
-    assert tuning.main(["--release", url, "--output", str(tmp_path / "o"), "--fit-starts", "1,99", *SIZE]) == 2
+    assert tuning.main(["--release", url, "--output", str(tmp_path / "o"), "--fit-starts", "1,99", "--pattern-width",
+                        "16", *SIZE]) == 2
     assert "--fit-starts" in capsys.readouterr().err
     assert receptive_fields.main(["--release", url, "--output", str(tmp_path / "o"), "--grid", "0x3", *SIZE]) == 2
     assert not (tmp_path / "o").exists()
