@@ -348,7 +348,8 @@ class Monet2(_Blocks):
        band-limited (Fourier) upsampling times the Gaussian's transfer ``exp(-2 pi^2 (sigma / upscale)^2 f^2)``
        (``f`` in cycles per pattern pixel; the spectral images of zero insertion that this kernel leaves, under
        1% in amplitude, are dropped), so the spatial spectrum is a Gaussian low-pass; the upsampled pattern is
-       stretched over the screen (evaluated on the ``height x width`` pixel grid);
+       stretched over the screen (evaluated on the ``height x width`` pixel grid, whose Nyquist limit drops
+       what a small screen cannot show);
     3. in the coherent segment of each period, ``round(ori_fraction * block_frames)`` frames centred in it, the
        amplitude is multiplied by :func:`orientation_mask` (``coherence``, ``mix``) around the direction of
        motion (wave vectors along the motion: structure elongated perpendicular to it) and the movie drifts
@@ -380,8 +381,6 @@ class Monet2(_Blocks):
         super().__post_init__()
         self._check_float("temporal_bandwidth", lambda v: 0 < v <= self.fps, f"in (0, fps = {self.fps:g}] (Hz)")
         self._check_int("pattern_width", 4)
-        if self.pattern_width > self.width:
-            self._fail("pattern_width", f"<= width = {self.width} (a coarse grid)")
         self._check_int("upscale", 1)
         self._check_float("sigma", lambda v: v > 0, "> 0 (upsampled pixels)")
         self._check_float("coherence", lambda v: v >= 1, ">= 1")
@@ -419,12 +418,15 @@ class Monet2(_Blocks):
 
     def _on_screen(self, spectra: np.ndarray) -> np.ndarray:
         """Coarse rFFT spectra ``[F, ph, pw//2+1]`` -> fields on the screen's pixel grid ``[F, H, W]`` (zero
-        padding: the band-limited pattern evaluated at the screen's pixels)."""
+        padding: the band-limited pattern evaluated at the screen's pixels; on a screen of fewer pixels than the
+        pattern, the frequencies it cannot hold are dropped)."""
         ph, pw = self.pattern_height, self.pattern_width
         padded = np.zeros((spectra.shape[0], self.height, self.width // 2 + 1), dtype=np.complex64)
-        top = (ph + 1) // 2
-        padded[:, :top, : pw // 2 + 1] = spectra[:, :top]
-        padded[:, self.height - (ph - top):, : pw // 2 + 1] = spectra[:, top:]
+        cols = min(pw // 2 + 1, (self.width - 1) // 2 + 1)
+        up, down = min((ph + 1) // 2, (self.height + 1) // 2), min(ph - (ph + 1) // 2, (self.height - 1) // 2)
+        padded[:, :up, :cols] = spectra[:, :up, :cols]
+        if down:
+            padded[:, self.height - down :, :cols] = spectra[:, ph - down :, :cols]
         return np.fft.irfft2(padded, s=(self.height, self.width)).astype(np.float32)
 
     def frames(self, index: int) -> np.ndarray:

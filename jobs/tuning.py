@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--block-frames", type=int, default=None,
                         help="frames per direction (default: monet2 56, the others 30; dry run 20)")
     parser.add_argument("--pattern-width", type=int, default=None,
-                        help="monet2: coarse noise pixels per screen width (default 80; dry run 20)")
+                        help="monet2: coarse noise pixels per screen width (default 80, the published value)")
     parser.add_argument("--fit-starts", type=parse_floats, default=(1.0,),
                         help="kappa starts of the von Mises fit, comma-separated (default 1: the published single "
                              "start; e.g. 1,20 adds a narrow start, recorded in metadata.json)")
@@ -85,10 +85,10 @@ def build(args: argparse.Namespace, dry: bool, size: tuple[int, int]) -> Experim
                   latency_frames=args.latency)
     if args.block_frames is not None or dry:
         params["block_frames"] = args.block_frames if args.block_frames is not None else 20
-    if args.stimulus == "monet2" and (args.pattern_width is not None or dry):
-        params["pattern_width"] = args.pattern_width if args.pattern_width is not None else 20
-    elif args.pattern_width is not None:
-        raise ValueError("--pattern-width applies to --stimulus monet2 only")
+    if args.pattern_width is not None:
+        if args.stimulus != "monet2":
+            raise ValueError("--pattern-width applies to --stimulus monet2 only")
+        params["pattern_width"] = args.pattern_width
     try:
         family = family_from_name(args.stimulus, **params)
         fit = FitConfig(kappa_starts=tuple(args.fit_starts), method=args.fit_method)

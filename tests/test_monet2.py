@@ -146,8 +146,19 @@ def test_determinism_by_seed_and_windows_without_pixels():
 
 @pytest.mark.parametrize("key, value, match", [
     ("coherence", 0.5, "coherence"), ("mix", 1.5, "mix"), ("temporal_bandwidth", 0.0, "temporal_bandwidth"),
-    ("pattern_width", 1000, "pattern_width"), ("ori_fraction", 0.001, "ori_fraction"), ("sigma", -1.0, "sigma"),
+    ("pattern_width", 2, "pattern_width"), ("ori_fraction", 0.001, "ori_fraction"), ("sigma", -1.0, "sigma"),
 ])
 def test_bad_parameters_are_named(key, value, match):
     with pytest.raises(ValueError, match=match):
         Monet2(**{key: value})
+
+
+def test_small_screen_keeps_the_published_pattern():
+    """A screen of fewer pixels than the pattern (36 x 64 against 80 pattern pixels per width) shows the same
+    movie, low-passed at its Nyquist limit: close to the full-size movie subsampled."""
+    small = Monet2(height=36, width=64, directions=2, block_frames=10, seed=2).frames(0).astype(float)
+    large = Monet2(height=144, width=256, directions=2, block_frames=10, seed=2).frames(0).astype(float)
+    assert small.shape == (small.shape[0], 36, 64)
+    shown = slice(10, None)
+    coarse = large[shown].reshape(-1, 36, 4, 64, 4).mean(axis=(2, 4))
+    assert np.corrcoef(small[shown].ravel(), coarse.ravel())[0, 1] > 0.9
