@@ -288,8 +288,8 @@ def test_impute_completes_and_counts_frames(ray_cluster, local_recordings, data,
     output = tmp_path / "output"
     code = evaluate_job.main(["--release", data[0], "--recordings", str(recordings), "--output", str(output),
                               "--burnin", str(BURNIN), "--no-progress", "--impute", "--actors", "1"])
-    out = capsys.readouterr().out
-    assert code == 0, out
+    out, err = capsys.readouterr()
+    assert code == 0, err
     assert "WARNING: scan 8-5: 1 unit(s) scored on fewer than 90% of its 16 frames (e.g. unit_id" in out
     result = str(output / "performance")
     for table in (pd.read_parquet(result), ds.dataset(result, format="parquet").to_table().to_pandas()):
