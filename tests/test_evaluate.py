@@ -287,7 +287,8 @@ def test_impute_completes_and_counts_frames(ray_cluster, local_recordings, data,
         (recordings / f"8-5/units/b/{repeat}.npy").write_bytes(npy_bytes(units))
     output = tmp_path / "output"
     code = evaluate_job.main(["--release", data[0], "--recordings", str(recordings), "--output", str(output),
-                              "--burnin", str(BURNIN), "--no-progress", "--impute", "--actors", "1", "--cpus-per-actor", "1"])
+                              "--burnin", str(BURNIN), "--no-progress", "--impute", "--actors", "1",
+                              "--cpus-per-actor", "1"])
     out, err = capsys.readouterr()
     assert code == 0, err
     assert "WARNING: scan 8-5: 1 unit(s) scored on fewer than 90% of its 16 frames (e.g. unit_id" in out
