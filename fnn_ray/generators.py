@@ -9,9 +9,9 @@ Every family lays out a clip the same way: ``burnin_frames`` of gray, then a seq
 grating block, a dot flash), each ``lead`` gray frames + ``shown`` stimulus frames + ``after`` gray frames, then
 gray up to the end of the last scoring window. An event whose first stimulus frame is ``onset`` is scored over
 ``[onset + offset + latency_frames, onset + offset + latency_frames + scored)`` (``offset`` 0, except Monet2:
-its coherent segment is centred in the event), which never reaches into the burn-in nor past the clip. Event orders come from ``numpy.random.default_rng([seed, 0, trial])`` and pixel noise from
-``default_rng([seed, 1, clip index])``: :meth:`Family.windows` never draws pixels, and a clip depends only on
-(parameters, seed, index).
+its coherent segment is centred in the event), which never reaches into the burn-in nor past the clip. Event orders
+come from ``numpy.random.default_rng([seed, 0, trial])`` and pixel noise from ``default_rng([seed, 1, clip index])``:
+:meth:`Family.windows` never draws pixels, and a clip depends only on (parameters, seed, index).
 
 >>> family = family_from_name("monet2", trials=2, seed=3)
 >>> family.num_clips, family.clip_id(1), family.windows(1)[0].to_json()
@@ -184,8 +184,8 @@ def _jsonable(value: Any) -> Any:
 # ------------------------------------------------------------------------------------------ directional
 @dataclass(frozen=True, kw_only=True)
 class _Directional(Family):
-    """Shared by :class:`Monet2`, :class:`RigidMonet` and :class:`Gratings`: ``directions`` equally spaced directions starting at 0
-    degrees; one clip per trial (``trials``) holding every block once, in a seeded random order; blocks of
+    """Shared by :class:`Monet2`, :class:`RigidMonet` and :class:`Gratings`: ``directions`` equally spaced directions
+    starting at 0 degrees; one clip per trial (``trials``) holding every block once, in a seeded random order; blocks of
     ``block_frames``; ``contrast`` in (0, 1] around gray. Conditions are the directions, ascending."""
 
     _clip_tag: ClassVar[str] = "t"
@@ -602,7 +602,8 @@ FAMILIES: dict[str, type[Family]] = {cls.name: cls for cls in (Monet2, RigidMone
 
 
 def family_from_name(name: str, **params: Any) -> Family:
-    """The family ``name`` ("monet2" | "rigid_monet" | "gratings" | "dots") with ``params`` (the others at their defaults)."""
+    """The family ``name`` ("monet2" | "rigid_monet" | "gratings" | "dots") with ``params`` (the others at their
+    defaults)."""
     if name not in FAMILIES:
         raise ValueError(f"unknown stimulus family {name!r}, expected one of: {', '.join(FAMILIES)}")
     cls = FAMILIES[name]

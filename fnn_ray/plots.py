@@ -170,7 +170,8 @@ def rf_plots(
         width: screen width in pixels.
         out_dir: folder for the PNGs.
         n_examples: number of example units.
-        threshold: the cut of the map drawn, as given to ``rf_table`` (:func:`~fnn_ray.analysis.receptive_fields.rf_map`).
+        threshold: the cut of the map drawn, as given to ``rf_table``
+            (:func:`~fnn_ray.analysis.receptive_fields.rf_map`).
         caption: the stimulus and its parameters, printed under each title.
     """
     _require(table, ["session", "scan_idx", "unit_id", "sta_on", "sta_off", "sta_on_off", "ssi", "rf_x", "rf_y",

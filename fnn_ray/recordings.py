@@ -53,7 +53,8 @@ from fnn_ray.reducers import Reducer, Units
 from fnn_ray.sources import Source
 from fnn_ray.stimuli import Clip
 
-__all__ = ["IMPUTE_RULE", "KINDS", "RecordingSource", "check_values", "impute_inputs", "RepeatsReducer", "VideoRepeats", "list_scan", "npy_bytes", "read_stats",
+__all__ = ["IMPUTE_RULE", "KINDS", "RecordingSource", "RepeatsReducer", "VideoRepeats", "check_values", "impute_inputs",
+           "list_scan", "npy_bytes", "read_stats",
            "scan_folders", "stats_table", "write_repeat"]
 
 Scan = tuple[int, int]

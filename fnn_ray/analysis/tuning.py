@@ -30,21 +30,23 @@ Choices where ``IN_SILICO.md`` leaves room (documented here and in the function 
 
 * Start: ``mu`` = direction of the largest response and ``kappa = 1``, the published pipeline's single start
   (``IN_SILICO.md`` §6); in the projection fit ``A, phi, b`` are not iterated but solved exactly at every
-  ``(mu, kappa)``, so their start values play no part. :attr:`FitConfig.kappa_starts` may add starts (e.g. ``(1, 20)``: a second start
-  at a narrow peak finds lower-cost "spike" fits on weakly tuned curves and raises their OSI/DSI, which the
-  published tables did not do); a unit then keeps the lowest cost, and the table's metadata records the starts.
+  ``(mu, kappa)``, so their start values play no part. :attr:`FitConfig.kappa_starts` may add starts (e.g.
+  ``(1, 20)``: a second start at a narrow peak finds lower-cost "spike" fits on weakly tuned curves and raises their
+  OSI/DSI, which the published tables did not do); a unit then keeps the lowest cost, and the table's metadata
+  records the starts.
 * ``A = 0`` (a flat fit) leaves ``phi`` undefined; it is reported as 0.5.
 * ``kappa`` is bounded above by :attr:`FitConfig.kappa_max` (default 40: a peak whose full width at half
   maximum, ``2 arccos(1 - ln 2 / kappa)``, is 21.3 degrees, narrower than the 22.5-degree spacing of 16
   directions, so the sampled curve cannot tell it from a spike). Without the bound a curve best fitted by a
   spike at one direction drives ``kappa`` (and ``A``) towards infinity and its OSI/DSI towards 1.
 * ``fit_success`` is True when the iteration converged (least squares: scipy's ``success``; projection:
-  relative cost decrease or relative step below :attr:`FitConfig.tol`, a near-exact fit, zero projected gradient, or a damping so large that no step lowers
-  the cost: a numerical stationary point) within :attr:`FitConfig.max_iter` iterations with finite parameters.
-  ``fit_status`` says what the fit is worth: ``"ok"``; ``"kappa_bound"`` (converged with ``kappa`` at its upper
-  bound (within 0.1%): a spike narrower than the direction sampling); ``"failed"`` (not converged; the parameters are the
-  best point found); ``"nonfinite"`` (the curve has a non-finite value: NaN parameters). OSI and DSI are NaN
-  unless the status is ``"ok"`` (gOSI/gDSI do not depend on the fit and stay).
+  relative cost decrease or relative step below :attr:`FitConfig.tol`, a near-exact fit, zero projected gradient, or
+  a damping so large that no step lowers the cost: a numerical stationary point) within :attr:`FitConfig.max_iter`
+  iterations with finite parameters. ``fit_status`` says what the fit is worth: ``"ok"``; ``"kappa_bound"``
+  (converged with ``kappa`` at its upper bound (within 0.1%): a spike narrower than the direction sampling);
+  ``"failed"`` (not converged; the parameters are the best point found); ``"nonfinite"`` (the curve has a non-finite
+  value: NaN parameters). OSI and DSI are NaN unless the status is ``"ok"`` (gOSI/gDSI do not depend on the fit and
+  stay).
 * After the fit ``mu`` is wrapped to ``[0, 360)`` degrees (after the ``phi < 0.5`` flip), so ``fit_mu`` equals
   ``pref_dir``.
 * A ratio whose denominator is not positive (gOSI/gDSI with ``sum_k r_k <= 0``, OSI with
@@ -58,7 +60,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-__all__ = ["FIT_METHODS", "FIT_STATUSES", "INDEX_DEFINITIONS", "FitConfig", "global_indices", "von_mises", "fit_von_mises", "tuning_table"]
+__all__ = ["FIT_METHODS", "FIT_STATUSES", "INDEX_DEFINITIONS", "FitConfig", "global_indices", "von_mises",
+           "fit_von_mises", "tuning_table"]
 
 #: The two-column supports of the 3-variable NNLS over the basis columns (e1, e2, 1).
 _PAIRS = ((0, 1), (0, 2), (1, 2))
@@ -94,8 +97,9 @@ class FitConfig:
     """Projection: iterations (accepted or rejected steps) before a unit's fit is given up (``success``
     False); least squares: scipy's default (100 x parameters function evaluations)."""
     tol: float = 1e-8
-    """Least squares: scipy's ``ftol``, ``xtol`` and ``gtol``. Projection: converged when an accepted step lowers the cost by less than ``tol`` relatively, moves ``(mu, kappa)``
-    by less than ``tol`` relatively, or leaves a residual norm below ``tol`` times the curve's norm."""
+    """Least squares: scipy's ``ftol``, ``xtol`` and ``gtol``. Projection: converged when an accepted step lowers the
+    cost by less than ``tol`` relatively, moves ``(mu, kappa)`` by less than ``tol`` relatively, or leaves a residual
+    norm below ``tol`` times the curve's norm."""
     damping_start: float = 1e-3
     """Initial Marquardt damping (relative to the diagonal of ``J^T J``)."""
     damping_max: float = 1e12
@@ -420,9 +424,9 @@ def tuning_table(curves: np.ndarray, directions_deg: np.ndarray, config: FitConf
     """Tuning properties of every unit, one row per curve in the input order.
 
     Columns: ``OSI, DSI, gOSI, gDSI, pref_ori, pref_dir`` (degrees), ``fit_mu`` (degrees, = ``pref_dir``),
-    ``fit_phi, fit_kappa, fit_scale, fit_bias, fit_mse, fit_success`` (bool), ``fit_status`` (str). From the fitted curve ``f``:
-    ``pref_dir = mu mod 360``, ``pref_ori = mu mod 180``, ``R_pref = (f(pref_ori) + f(pref_ori + 180)) / 2``,
-    ``R_orth = (f(pref_ori + 90) + f(pref_ori + 270)) / 2``, ``OSI = (R_pref - R_orth) / (R_pref + R_orth)``,
+    ``fit_phi, fit_kappa, fit_scale, fit_bias, fit_mse, fit_success`` (bool), ``fit_status`` (str). From the fitted
+    curve ``f``: ``pref_dir = mu mod 360``, ``pref_ori = mu mod 180``, ``R_pref = (f(pref_ori) + f(pref_ori + 180))
+    / 2``, ``R_orth = (f(pref_ori + 90) + f(pref_ori + 270)) / 2``, ``OSI = (R_pref - R_orth) / (R_pref + R_orth)``,
     ``DSI = 1 - f(mu + 180) / f(mu)``; OSI and DSI are NaN unless ``fit_status`` is ``"ok"`` (a fit on the
     ``kappa`` bound, unconverged, or of a non-finite curve). A curve with a non-finite value also gets NaN
     gOSI/gDSI; never raises for curve values.
