@@ -17,28 +17,28 @@ Everything that can be checked before Ray starts is checked by the caller (:func
 
 from __future__ import annotations
 
-import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from fnn_ray import storage
-from fnn_ray.executor import Execution, Faults, execute
+from fnn_ray import fingerprint, storage
+from fnn_ray.executor import Execution, Policy, execute
 from fnn_ray.ledger import Ledger
 from fnn_ray.lease import OutputLease
 from fnn_ray.manifest import Manifest, manifest_url
-from fnn_ray.plan import HEAD_LOAD_COST, Part, build_items
-from fnn_ray.pool import WorkerPool, cluster_plan, init_ray
+from fnn_ray.plan import HEAD_LOAD_COST, Part, Scan, build_items
+from fnn_ray.pool import Pool, RayPool
 from fnn_ray.progress import Progress, format_plan, format_summary
 from fnn_ray.reducers import Reducer
+from fnn_ray.scheduler import Scheduler
 from fnn_ray.sources import Source
 from fnn_ray.worker import Task, WorkerOptions, torch_dtype
 
-__all__ = ["Job", "JobConfig", "JobFailed", "JobSummary", "run_job"]
+__all__ = ["Job", "JobConfig", "JobFailed", "JobSummary", "PoolFactory", "run_job"]
 
-Scan = tuple[int, int]
-Key = tuple[int, int, str]
+#: Builds the pool a job's items run on from the workers' options and the job's task.
+PoolFactory = Callable[[WorkerOptions, Task], Pool]
 
 
 @dataclass
@@ -49,9 +49,12 @@ class JobConfig:
     ``bfloat16`` (autocast). ``storage_options`` reach every store and are never printed. ``address``: the Ray
     cluster to join (default ``RAY_ADDRESS``, which ``ray job submit`` sets; else a private local Ray on loopback).
     ``store_timeout_s``: how long store faults are ridden out before an item fails. ``wait_for_lock``: wait for
-    another run's lease on the output instead of failing. ``head_load_cost``: what loading a scan head costs in
-    core-frames (the scheduler steals across scans only when that pays off). ``reuse_workers`` keeps the workers
-    (and their loaded core) for the next job of the same release in this process.
+    another run's lease on the output instead of failing. ``overwrite``: start a clean output, removing what earlier
+    runs committed there (else a rerun with another fingerprint is refused). ``head_load_cost``: what loading a
+    scan head costs in core-frames (the scheduler steals across scans only when that pays off). ``reuse_workers``
+    keeps the workers (and their loaded core) for the next job of the same release in this process. ``pool``:
+    where the workers run (default: :class:`fnn_ray.pool.RayPool` with the options above; e.g.
+    ``lambda options, task: LocalPool(options, task, actors=2)`` runs them in this process).
     """
 
     actors: int | None = None
@@ -67,11 +70,12 @@ class JobConfig:
     start_timeout_s: float = 600.0
     store_timeout_s: float = 300.0
     wait_for_lock: bool = False
+    overwrite: bool = False
     lease_ttl_s: float = 60.0
     progress: bool = True
     verbose: bool = True
     reuse_workers: bool = False
-    faults: Faults = field(default_factory=Faults)
+    pool: PoolFactory | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         torch_dtype(self.dtype)  # validates
@@ -88,7 +92,9 @@ class JobConfig:
 class Job:
     """One job. ``scans``: ``((session, scan_idx), units)`` pairs; ``parts``: the source's parts, the same for
     every scan or per scan; ``clips`` / ``frames``: the stimulus size (for the plan); ``inputs``: what the manifest
-    records as the job's inputs (URLs, generator parameters: a rerun on other inputs is refused);
+    records as the job's inputs (URLs, generator parameters; for people); ``fingerprint``: what determines the
+    numbers (:mod:`fnn_ray.fingerprint`: a rerun with another one is refused); ``products``: folders under the
+    output written from the committed items after the run (``overwrite`` removes them too);
     ``release_options``: storage options for the release alone (None: the job's ``storage_options``);
     ``bytes_per_unit_frame`` / ``bytes_per_unit``: the committed size per (unit, frame) and per unit, for the
     size estimate printed with the plan."""
@@ -104,6 +110,8 @@ class Job:
     frames: int
     inputs: Mapping[str, Any]
     settings: Mapping[str, Any] = field(default_factory=dict)
+    fingerprint: Mapping[str, Any] = field(default_factory=dict)
+    products: Sequence[str] = ()
     release_options: Mapping[str, Any] | None = field(default=None, repr=False)
     bytes_per_unit_frame: float = 4.0
     bytes_per_unit: float = 0.0
@@ -179,12 +187,6 @@ class JobFailed(RuntimeError):
         super().__init__(head + "".join(f"\n  - {m}" for m in summary.failures[:20]))
 
 
-def absolute(url: str) -> str:
-    """Local paths made absolute (so a manifest compares equal whatever the cwd); URLs unchanged."""
-    url = os.fspath(url)
-    return url if "://" in url else os.path.abspath(os.path.expanduser(url))
-
-
 def _remove_staging(ledger: Ledger) -> int:
     """Delete staging objects under the output (left by killed runs; only the lease holder calls this)."""
     try:
@@ -210,26 +212,28 @@ def _save_manifest(manifest: Manifest, job: Job, so: Mapping[str, Any] | None, w
 
 def run_job(job: Job, config: JobConfig) -> JobSummary:
     """Run (or resume) ``job``; return its summary (``summary.raise_for_failures()`` turns failures into an
-    exception). Raises :class:`fnn_ray.lease.LeaseHeld` when another run writes the output, ValueError when the
-    output holds a run of other inputs, and KeyboardInterrupt (after recording what was committed) when
+    exception). Raises :class:`fnn_ray.lease.LeaseHeld` when another run writes the output,
+    :class:`fnn_ray.fingerprint.OtherComputation` (a ValueError) when it holds items computed with another
+    fingerprint and ``config.overwrite`` is off, and KeyboardInterrupt (after recording what was committed) when
     interrupted."""
     start = time.perf_counter()
     so = config.storage_options
     say = print if config.verbose else (lambda *a, **k: None)
-    previous = Manifest.load(job.output_url, so)
-    if previous is not None and previous.inputs and previous.inputs != dict(job.inputs):
-        changed = sorted(k for k in set(previous.inputs) | set(job.inputs)
-                         if previous.inputs.get(k) != job.inputs.get(k))
-        raise ValueError(f"output {storage.redact_url(job.output_url)} holds a {previous.job or 'run'} of other inputs "
-                         f"({', '.join(changed)} differ): use another output URL")
+    if not config.overwrite:
+        fingerprint.check(job, so)  # before the lease: a refused rerun writes nothing
+    previous = None if config.overwrite else Manifest.load(job.output_url, so)
 
     budget = min(config.store_timeout_s, 30.0)  # for the driver's own store calls at the end
     lease = OutputLease(job.output_url, so, ttl_s=config.lease_ttl_s, retry_budget_s=budget).acquire(
         wait=config.wait_for_lock)
-    started_ray = False
     summary: JobSummary | None = None
     manifest: Manifest | None = None
     try:
+        if config.overwrite:
+            removed = fingerprint.clear(job, so, budget)
+            say(f"--overwrite: removed {', '.join(removed) or 'nothing'} of earlier runs")
+        else:
+            fingerprint.check(job, so)  # again under the lease: another run may have written meanwhile
         ledger = Ledger(job.output_url, so)
         _remove_staging(ledger)
         commits = ledger.commits()
@@ -256,39 +260,14 @@ def run_job(job: Job, config: JobConfig) -> JobSummary:
             job=job.name, release_url=job.release_url, inputs=dict(job.inputs), scans=summary.scans,
             units=[u for _, u in job.scans], clips=job.clips, frames=job.frames, items_total=len(everything),
             items_done=sorted(k for k in good if k in planned),
-            config={**dict(job.settings), "clips_per_batch": config.clips_per_batch, "dtype": config.dtype})
+            config={**dict(job.settings), "clips_per_batch": config.clips_per_batch, "dtype": config.dtype},
+            fingerprint=dict(job.fingerprint))
         if previous is not None:
             manifest.started = previous.started
         manifest.save(job.output_url, so)
         say(format_plan(job, summary, sum(item.frames for item in everything)))
         if items:
-            started_ray = init_ray(config.address)
-            n_actors, resources, kind = cluster_plan(config.actors, config.cpus_per_actor)
-            pool = WorkerPool(WorkerOptions(release_url=job.release_url, storage_options=so,
-                                            release_options=job.release_options, dtype=config.dtype,
-                                            clips_per_batch=config.clips_per_batch, max_heads=config.max_heads),
-                              resources, reuse=config.reuse_workers)
-            task = Task(job.source, job.reducer, job.output_url, config.store_timeout_s)
-            progress = Progress(len(items), sum(i.frames for i in items), enabled=config.progress, desc=job.name)
-            last_save = [time.monotonic()]
-
-            def on_commit(result) -> None:
-                manifest.mark_done([result.key])
-                if time.monotonic() - last_save[0] > 10:
-                    _save_manifest(manifest, job, so, summary.warnings, budget)
-                    last_save[0] = time.monotonic()
-
-            try:
-                summary.execution = execute(
-                    items, task, pool, max(1, min(n_actors, len(items))), kind,
-                    head_load_cost=HEAD_LOAD_COST if config.head_load_cost is None else config.head_load_cost,
-                    max_retries=config.max_retries, max_actor_restarts=config.max_actor_restarts,
-                    start_timeout_s=config.start_timeout_s, progress=progress, on_commit=on_commit,
-                    faults=config.faults)
-            except KeyboardInterrupt as e:  # SIGINT, or SIGTERM turned into one by the CLI
-                summary.interrupted = getattr(e, "signal_name", "SIGINT")
-            finally:
-                progress.close()
+            _execute(job, config, items, manifest, summary, budget)
     finally:
         if summary is not None and summary.execution is not None and summary.execution.store_failures:
             budget = lease.retry_budget_s = 5.0  # the store is down: record what we can, don't wait for it
@@ -305,9 +284,47 @@ def run_job(job: Job, config: JobConfig) -> JobSummary:
             _save_manifest(manifest, job, so, summary.warnings, budget)
             summary.wall_s = time.perf_counter() - start
         lease.release()
-        if started_ray:
-            import ray
-
-            ray.shutdown()
     return summary
+
+
+def _make_pool(config: JobConfig, options: WorkerOptions, task: Task) -> Pool:
+    if config.pool is not None:
+        return config.pool(options, task)
+    return RayPool(options, task, actors=config.actors, cpus_per_actor=config.cpus_per_actor, address=config.address,
+                   reuse=config.reuse_workers, start_timeout_s=config.start_timeout_s)
+
+
+def _execute(job: Job, config: JobConfig, items: list, manifest: Manifest, summary: JobSummary, budget: float
+             ) -> None:
+    """Start the pool, run ``items`` on the executor (recording commits in ``manifest``), close the pool."""
+    so = config.storage_options
+    options = WorkerOptions(release_url=job.release_url, storage_options=so, release_options=job.release_options,
+                            dtype=config.dtype, clips_per_batch=config.clips_per_batch, max_heads=config.max_heads)
+    progress = Progress(len(items), sum(i.frames for i in items), enabled=config.progress, desc=job.name)
+    last_save = [time.monotonic()]
+
+    def on_commit(result) -> None:
+        manifest.mark_done([result.key])
+        if time.monotonic() - last_save[0] > 10:
+            _save_manifest(manifest, job, so, summary.warnings, budget)
+            last_save[0] = time.monotonic()
+
+    pool, ok = _make_pool(config, options, Task(job.source, job.reducer, job.output_url, config.store_timeout_s)), False
+    try:
+        names = pool.start(len(items))
+        workers = dict(pool.workers)
+        progress.write(f"{len(names)} worker(s) on {pool.description}")
+        cost = HEAD_LOAD_COST if config.head_load_cost is None else config.head_load_cost
+        policy = Policy(max_retries=config.max_retries, max_actor_restarts=config.max_actor_restarts,
+                        store_timeout_s=config.store_timeout_s)
+        summary.execution = execute(items, pool, Scheduler(items, names, cost, clock=pool.clock), on_commit,
+                                    policy=policy, progress=progress)
+        summary.execution.actors, summary.execution.device = len(names), pool.description
+        summary.execution.workers = workers
+        ok = True
+    except KeyboardInterrupt as e:  # SIGINT, or SIGTERM turned into one by the CLI
+        summary.interrupted = getattr(e, "signal_name", "SIGINT")
+    finally:
+        pool.close(ok)
+        progress.close()
 

@@ -48,7 +48,7 @@ from fsspec import AbstractFileSystem
 
 from fnn_ray import storage
 from fnn_ray.importers import read_npy_header
-from fnn_ray.plan import WorkItem
+from fnn_ray.plan import Scan, WorkItem
 from fnn_ray.reducers import Reducer, Units
 from fnn_ray.sources import Source
 from fnn_ray.stimuli import Clip
@@ -57,7 +57,6 @@ __all__ = ["IMPUTE_RULE", "KINDS", "RecordingSource", "RepeatsReducer", "VideoRe
            "list_scan", "npy_bytes", "read_stats",
            "scan_folders", "stats_table", "write_repeat"]
 
-Scan = tuple[int, int]
 
 #: The array kinds of a repeat, in the order they are checked.
 KINDS = ("stimuli", "perspectives", "modulations", "units")

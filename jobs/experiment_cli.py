@@ -1,29 +1,23 @@
-"""What the in-silico experiment jobs (``jobs.tuning``, ``jobs.receptive_fields``) share: options, the dry run,
-the run itself and how results are written (tables, metadata, CSV, plots).
+"""What the in-silico experiment jobs (``jobs.tuning``, ``jobs.receptive_fields``) share: their options and the dry
+run; the run itself and its final step are :func:`fnn_ray.experiment.run_experiment`.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
-from fnn_ray import storage
-from fnn_ray.experiment import ExperimentConfig, ScanMeans, clips_metadata, condition_means, csv_bytes, \
-    files_url, plan_experiment, save_stimuli, write_file, write_table
+from fnn_ray.experiment import ExperimentConfig, ScanMeans, run_experiment
 from fnn_ray.generators import Family
-from fnn_ray.job import JobSummary, run_job
+from fnn_ray.job import JobSummary
 from jobs.cli import add_job_options, job_options, parse_size, run_cli
 
-__all__ = ["Experiment", "add_experiment_options", "dry_run_release", "experiment_main", "experiment_parser",
-           "run_experiment"]
+__all__ = ["Experiment", "add_experiment_options", "dry_run_release", "experiment_main", "experiment_parser"]
 
 #: The dry run's synthetic release: (session, scan_idx, units), small frames.
 DRY_RUN_SCANS = ((4, 7, 60), (8, 5, 100), (9, 6, 80))
@@ -61,64 +55,6 @@ def dry_run_release(root: str = DRY_RUN_DIR) -> tuple[str, str]:
     return str(release), str(base)
 
 
-def stimulus_caption(family: Family) -> str:
-    """One line naming the stimulus family and its parameters (for figures)."""
-    params = ", ".join(f"{k}={v}" for k, v in family.params().items() if k != "seed")
-    return f"stimulus {family.name} (seed {family.seed}): {params}"
-
-
-def run_experiment(name: str, data_dir: str, config: ExperimentConfig, save_stimuli_url: str | None,
-                   experiment: Experiment) -> JobSummary:
-    """Run the experiment job, then (when every item is committed) write per scan
-    ``OUTPUT/<data_dir>/scan-<s>-<i>.parquet`` (``session``, ``scan_idx``, ``unit_id``, ``readout_id``, then the
-    columns of ``experiment.analyse(means)``) and under ``OUTPUT/<data_dir>/_files/``: ``metadata.json``
-    (``experiment.metadata`` and ``experiment.settings``, the stimulus family, its parameters and every clip's
-    windows), ``units.csv`` (``experiment.csv_columns`` of all scans, then the stimulus family, its parameters and
-    each setting as JSON columns) and the PNGs of ``experiment.plot`` under ``plots/``. Prints where everything
-    went."""
-    so = config.storage_options
-    family = config.family
-    job = plan_experiment(name, config)
-    if save_stimuli_url:
-        start = time.perf_counter()
-        files = save_stimuli(family, save_stimuli_url, so)
-        print(f"saved the {family.num_clips} clip(s) as a stimulus dataset ({len(files)} file(s)) at "
-              f"{storage.redact_url(save_stimuli_url)} in {time.perf_counter() - start:.1f} s")
-    summary = run_job(job, config)
-    if not summary.ok:
-        return summary
-    start = time.perf_counter()
-    tables = []
-    for scan, means in sorted(condition_means(job, so).items()):
-        table = experiment.analyse(means)
-        table.insert(0, "readout_id", means.readout_ids.astype("int32"))
-        table.insert(0, "unit_id", means.unit_ids.astype("int64"))
-        write_table(job.output_url, data_dir, scan, table, so)
-        table.insert(0, "scan_idx", scan[1])
-        table.insert(0, "session", scan[0])
-        tables.append(table)
-    everything = pd.concat(tables, ignore_index=True)
-    stimulus = {"family": family.name, **family.params()}
-    meta = {**experiment.metadata, **experiment.settings, "stimulus": stimulus,
-            "burnin_frames": family.burnin_frames, "clips": clips_metadata(family)}
-    write_file(files_url(job.output_url, data_dir, "metadata.json"), json.dumps(meta, indent=1).encode(), so)
-    csv = everything[experiment.csv_columns].assign(
-        stimulus=family.name, stimulus_params=json.dumps(family.params(), separators=(",", ":")),
-        **{key: json.dumps(value, separators=(",", ":")) for key, value in experiment.settings.items()})
-    write_file(files_url(job.output_url, data_dir, "units.csv"), csv_bytes(csv), so)
-    with tempfile.TemporaryDirectory() as tmp:
-        paths = experiment.plot(everything, tmp, stimulus_caption(family))
-        for path in paths:
-            write_file(files_url(job.output_url, data_dir, "plots", Path(path).name), Path(path).read_bytes(), so)
-    shown = storage.redact_url(storage.join(job.output_url, data_dir))
-    print(f"\n{name}: {len(everything):,} unit(s) of {len(tables)} scan(s) analysed in "
-          f"{time.perf_counter() - start:.1f} s\n  dataset (one row per unit): {shown}  "
-          f"(pandas.read_parquet or pyarrow.dataset.dataset(..., format=\"parquet\"))\n"
-          f"  published layout: {shown}/_files/units.csv\n  metadata: {shown}/_files/metadata.json\n"
-          f"  plots: {shown}/_files/plots/ ({len(paths)} PNG)")
-    return summary
-
-
 @dataclass(frozen=True)
 class Experiment:
     """What one experiment job adds to the shared machinery: its stimulus ``family``, ``analyse`` (condition
@@ -152,6 +88,7 @@ def experiment_main(parser: argparse.ArgumentParser, argv: list[str] | None, nam
         experiment = build(args, dry, parse_size(args.size or ("36x64" if dry else "144x256")))
         config = ExperimentConfig(release=release, output=output, family=experiment.family,
                                   clips_per_part=args.clips_per_part, **options)
-        return run_experiment(name, data_dir, config, args.save_stimuli, experiment)
+        return run_experiment(name, data_dir, config, args.save_stimuli, experiment.analyse, experiment.metadata,
+                              experiment.csv_columns, experiment.plot, experiment.settings)
 
     return run_cli(body)
