@@ -29,7 +29,7 @@ from fnn_ray.ledger import Ledger
 from fnn_ray.lease import OutputLease
 from fnn_ray.manifest import Manifest, manifest_url
 from fnn_ray.plan import HEAD_LOAD_COST, Part, build_items
-from fnn_ray.pool import WorkerPool, cluster_plan, init_ray
+from fnn_ray.pool import WorkerPool, cluster_plan, init_ray, shutdown_ray
 from fnn_ray.progress import Progress, format_plan, format_summary
 from fnn_ray.reducers import Reducer
 from fnn_ray.sources import Source
@@ -306,8 +306,6 @@ def run_job(job: Job, config: JobConfig) -> JobSummary:
             summary.wall_s = time.perf_counter() - start
         lease.release()
         if started_ray:
-            import ray
-
-            ray.shutdown()
+            shutdown_ray()
     return summary
 

@@ -8,17 +8,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import signal
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from fnn_ray.worker import Worker, WorkerOptions
 
-__all__ = ["WorkerPool", "cluster_plan", "init_ray"]
+__all__ = ["WorkerPool", "cluster_plan", "init_ray", "shutdown_ray"]
 
 
 def init_ray(address: str | None = None, **kwargs: Any) -> bool:
@@ -31,9 +32,9 @@ def init_ray(address: str | None = None, **kwargs: Any) -> bool:
         return False
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, **kwargs)
+        with _signals_kept():
+            ray.init(address=address, **kwargs)
         return False
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     # a private instance keeps Ray's token authentication on; its notice on every start is noise here
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     # Ray replaces a loopback node address with the machine's external one unless clusters are off (its own
@@ -43,17 +44,54 @@ def init_ray(address: str | None = None, **kwargs: Any) -> bool:
     constants = ray._private.ray_constants
     cluster, constants.ENABLE_RAY_CLUSTER = constants.ENABLE_RAY_CLUSTER, False
     try:
-        ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", **kwargs)
+        with _signals_kept():
+            ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", **kwargs)
     finally:
         constants.ENABLE_RAY_CLUSTER = cluster
         if saved is None:
             os.environ.pop(switch)
         else:
             os.environ[switch] = saved
-    if threading.current_thread() is threading.main_thread():  # Ray installs its own; the job's come first
+    return True
+
+
+@contextlib.contextmanager
+def _signals_kept() -> Iterator[None]:
+    """Around ``ray.init``: Ray installs a SIGTERM handler of its own (exit at once, no cleanup, no summary);
+    keep the caller's SIGINT / SIGTERM handlers instead, and deliver a signal that arrives while Ray starts to
+    them once ``ray.init`` has returned (or failed)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    import ray._private.utils as ray_utils
+
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    arrived: list[int] = []
+    install, ray_utils.set_sigterm_handler = ray_utils.set_sigterm_handler, lambda handler: None
+    for sig in handlers:
+        signal.signal(sig, lambda signum, frame: arrived.append(signum))
+    try:
+        yield
+    finally:
+        ray_utils.set_sigterm_handler = install
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
-    return True
+    if arrived:
+        signal.raise_signal(arrived[0])
+
+
+def shutdown_ray() -> None:
+    """``ray.shutdown()``, then the SIGINT / SIGTERM handlers installed again: shutting down Ray's core worker
+    resets them to the default at the C level (Python still lists its own), so a signal would kill the process
+    with no cleanup and no summary."""
+    import ray
+
+    ray.shutdown()
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            handler = signal.getsignal(sig)
+            if handler is not None:
+                signal.signal(sig, handler)
 
 
 def cluster_plan(actors: int | None, cpus_per_actor: float | None) -> tuple[int, dict[str, float], str]:

@@ -309,9 +309,8 @@ class ClipWriter:
         self._created = not self._fs.exists(self._root)
         self._existing = _find_parquet(self._fs, self._root) if self._fs.isdir(self._root) else []
         if self._existing and not overwrite:
-            raise FileExistsError(
-                f"{storage.redact_url(url)} already holds {len(self._existing)} parquet file(s); pass overwrite=True"
-            )
+            raise FileExistsError(f"{storage.redact_url(url)} already holds {len(self._existing)} parquet file(s); "
+                                  f"pass --overwrite to replace them")
         self.files: list[str] = []
         self._paths: list[str] = []
         self._ids: set[str] = set()

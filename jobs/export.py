@@ -24,13 +24,13 @@ import sys
 
 from fnn_ray.export import export_readout, export_responses
 from fnn_ray.preflight import parse_scans
-from jobs.cli import parse_storage_options, run_cli
+from jobs.cli import Parser, parse_storage_options, run_cli
 
 __all__ = ["build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m jobs.export", description=__doc__,
+    parser = Parser(prog="python -m jobs.export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", help="the sweep's output URL (responses export)")
     parser.add_argument("--readout", action="store_true", help="export the readout of --release instead")

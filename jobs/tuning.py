@@ -25,6 +25,7 @@ from fnn_ray.analysis.tuning import tuning_table
 from fnn_ray.experiment import ScanMeans
 from fnn_ray.generators import family_from_name
 from fnn_ray.plots import tuning_plots
+from jobs.cli import count
 from jobs.experiment_cli import Experiment, experiment_main, experiment_parser
 
 DATA_DIR = "ori_dir_tuning"
@@ -34,9 +35,9 @@ CSV_COLUMNS = ["session", "scan_idx", "unit_id", "OSI", "DSI", "gOSI", "gDSI", "
 def build_parser() -> argparse.ArgumentParser:
     parser = experiment_parser("python -m jobs.tuning", __doc__)
     parser.add_argument("--stimulus", default="monet", help="monet (directional pink noise) or gratings")
-    parser.add_argument("--directions", type=int, default=16, help="directions, 360/D apart from 0 (default 16)")
-    parser.add_argument("--trials", type=int, default=None, help="repeats of every direction (default 4; dry run 2)")
-    parser.add_argument("--block-frames", type=int, default=None, help="frames per direction block (default 30)")
+    parser.add_argument("--directions", type=count(), default=16, help="directions, 360/D apart from 0 (default 16)")
+    parser.add_argument("--trials", type=count(), default=None, help="repeats of every direction (default 4; dry run 2)")
+    parser.add_argument("--block-frames", type=count(), default=None, help="frames per direction block (default 30)")
     return parser
 
 

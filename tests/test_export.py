@@ -188,7 +188,7 @@ def test_movie_npy_to_published_layout(ray_cluster, tmp_path):
     np.save(movie_path, movie)
     stimuli, output, to = str(tmp_path / "stimuli"), str(tmp_path / "out"), str(tmp_path / "published")
     assert make_stimuli.main(["--from", str(movie_path), "--output", stimuli, "--clip-frames", "20",
-                              "--context-frames", "5"]) == 0
+                              "--context-frames", "5", "--size", f"{SIZE[0]}x{SIZE[1]}"]) == 0
     summary = run_sweep(SweepConfig(release=release, stimuli=stimuli, output=output, actors=1, cpus_per_actor=1,
                                     progress=False, verbose=False))
     assert summary.ok, summary.failures
