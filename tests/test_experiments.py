@@ -130,7 +130,9 @@ def test_bad_experiment_input_is_a_setup_error(release, tmp_path, capsys):
     url, _ = release
     assert tuning.main(["--release", url, "--output", str(tmp_path / "o"), "--stimulus", "plaid", *SIZE]) == 2
     assert "unknown stimulus family 'plaid'" in capsys.readouterr().err
-    assert tuning.main(["--release", url, "--output", str(tmp_path / "o"), "--directions", "0", *SIZE]) == 2
+    with pytest.raises(SystemExit, match="^2$"):  # the argument parser: one line, exit status 2
+        tuning.main(["--release", url, "--output", str(tmp_path / "o"), "--directions", "0", *SIZE])
+    assert capsys.readouterr().err == "error: argument --directions: must be >= 1, got 0\n"
     assert receptive_fields.main(["--release", url, "--output", str(tmp_path / "o"), "--grid", "0x3", *SIZE]) == 2
     assert not (tmp_path / "o").exists()
     with pytest.raises(ValueError, match="rows"):
