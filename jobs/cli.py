@@ -138,14 +138,18 @@ def _raise(signum: int, frame: Any) -> None:
     raise Interrupted(name)
 
 
+class _Notices(logging.Handler):
+    """fnn_ray's notices (waiting for another run's lease on the output, store retries, a lease taken over) as
+    lines on the current stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(record.getMessage(), file=sys.stderr, flush=True)
+
+
 def _show_notices() -> None:
-    """fnn_ray's notices (waiting for another run's lease on the output, store retries, a lease taken over) go
-    to stderr, one line each."""
     logger = logging.getLogger("fnn_ray")
-    if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        logger.addHandler(handler)
+    if not any(isinstance(h, _Notices) for h in logger.handlers):
+        logger.addHandler(_Notices())
         logger.setLevel(logging.INFO)
 
 
