@@ -57,7 +57,7 @@ import numpy as np
 from fsspec import AbstractFileSystem
 
 from fnn_ray import storage
-from fnn_ray.stimuli import Clip
+from fnn_ray.stimuli import Clip, check_finite
 
 __all__ = ["Boundaries", "Movie", "VIDEO_SIZE", "cut", "import_clips", "open_movies", "read_boundaries",
            "read_npy_header"]
@@ -176,10 +176,7 @@ def _vector(data: bytes, name: str, frames: int, where: str) -> np.ndarray:
         desc = f"{a.dtype} {list(a.shape)}" if isinstance(a, np.ndarray) else type(a).__name__
         raise ValueError(f"{where}: {name} must be a numeric [T, 2] = [{frames}, 2] array, got {desc}")
     a = a.astype(np.float32)
-    bad = np.flatnonzero(~np.isfinite(a).all(axis=1))
-    if bad.size:
-        raise ValueError(f"{where}: {name} of frame {bad[0]} is {a[bad[0]].tolist()}: not finite "
-                         f"({bad.size} frame(s) like it); {name} must be finite numbers")
+    check_finite(a, f"{where}: {name}")
     return a
 
 
