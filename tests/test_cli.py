@@ -1,7 +1,8 @@
 """The sweep's command line as a user runs it: ``python -m jobs.sweep ...`` in a real subprocess.
 
-* Bad setup -> exit status 2 (printed with its wall time), one ``error:`` line naming the problem as the last line of stderr, no
-  traceback, nothing created at ``--output`` (each case runs in an empty working directory that must stay empty).
+* Bad setup -> exit status 2 (its wall time printed), one ``error:`` line naming the problem as the last line of
+  stderr, no traceback, nothing created at ``--output`` (each case runs in an empty working directory that must
+  stay empty).
 * Credentials given in ``--storage-options`` appear in no output and no file written.
 * SIGINT -> 130 (SIGTERM at every phase: test_signals.py), "rerun the same command" printed, no process of the
   run left; the rerun completes and its responses equal those of an uninterrupted run (marked slow).
