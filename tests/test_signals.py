@@ -68,7 +68,9 @@ def _interrupt(module: str, args: list[str], cwd: Path, when: Callable[[subproce
         try:
             when(child, log)
             child.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
             code = child.wait(timeout=120)
+            print(f"\n{module}: exit {code} {time.monotonic() - signalled:.1f} s after SIGTERM")
         finally:
             if child.poll() is None:
                 os.killpg(child.pid, signal.SIGKILL)
