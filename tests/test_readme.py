@@ -3,7 +3,7 @@
 The module runs the dry runs the blocks read (``python -m jobs.sweep`` and ``python -m jobs.tuning``, no
 arguments) in a fresh directory, then each block in a fresh Python process there. A block whose first line is
 ``# needs: internet`` or ``# needs: gpu`` (the public release, a CUDA device) is skipped. The tour's block must
-find tuned units on the dry run (it prints how many).
+find selective units on the dry run (it prints how many).
 """
 
 from __future__ import annotations
@@ -68,6 +68,6 @@ def test_python_block_runs_as_printed(dry_run, where, code):
     done = _run(["-c", code], dry_run)
     print(f"\n{where}:\n{done.stdout[-2000:]}")
     assert done.returncode == 0, f"{where} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-    tuned = re.search(r"(\d+) units, (\d+) tuned", done.stdout)
+    found = re.search(r"(\d+) units, (\d+) selective", done.stdout)
     if "gOSI" in code:  # the tour: the filter finds something on the dry run
-        assert tuned and int(tuned.group(2)) > 0, done.stdout
+        assert found and int(found.group(2)) > 0, done.stdout
