@@ -5,7 +5,7 @@ The module first makes sure Ray's default ports (6379, 8265, 52365, 10001) are t
 there (``ray start --head --block`` with its own temp dir) unless something holds them already. Then it starts
 the cluster under test as the README does: ``ray start --head --block`` in the background with its own
 ``--temp-dir`` and every port it would otherwise take by default chosen free, token authentication on with a
-token file of its own; it waits for "Ray runtime started" in the head's log, submits ``python -m jobs.sweep ...``
+token file of its own; it waits until ``ray job list`` answers, submits ``python -m jobs.sweep ...``
 from the repository root with ``--working-dir .``, reads the response dataset back, stops a second job with
 ``ray job stop`` while it computes (its log must end with our summary naming SIGTERM, its status STOPPED), and
 finally stops the cluster as the README does: SIGTERM to the ``ray start`` process, which stops that node's
@@ -188,17 +188,13 @@ class Head:
     neighbour: Node | None
 
 
-def _wait_for_dashboard(address: str, token: str, temp_dir: Path, timeout_s: float) -> None:
-    """Wait until the job server answers; else fail with the end of the dashboard's log (which says ``http server
-    disabled`` when ``ray[default]`` is missing)."""
-    request = urllib.request.Request(f"{address}/api/version", headers={"Authorization": f"Bearer {token}"})
+def _wait_for_job_server(address: str, env: dict[str, str], temp_dir: Path, timeout_s: float) -> None:
+    """As the README: until ``ray job list --address ADDRESS`` answers; else fail with the end of the dashboard's
+    log (which says ``http server disabled`` when ``ray[default]`` is missing)."""
 
     def answers() -> bool:
-        try:
-            with urllib.request.urlopen(request, timeout=5) as response:
-                return response.status == 200
-        except OSError:
-            return False
+        return subprocess.run([_ray_cli(), "job", "list", "--address", address], env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, timeout=120).returncode == 0
 
     def tail() -> str:
         logs = sorted(temp_dir.glob("session_*/logs/dashboard.log"))
@@ -248,8 +244,8 @@ def head(neighbour):
     node = Node.start(root, env, ports)
     try:
         address = f"http://127.0.0.1:{dashboard}"
-        _wait_for_dashboard(address, token, node.temp_dir, timeout_s=60)
         client_env = {k: v for k, v in env.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
+        _wait_for_job_server(address, client_env, node.temp_dir, timeout_s=180)
         yield Head(address, client_env, token, node, neighbour)
     finally:
         node.kill()
