@@ -35,7 +35,7 @@ def python_blocks(name: str) -> list[tuple[str, str]]:
 BLOCKS = [block for name in DOCS for block in python_blocks(name)]
 
 
-def _run(args: list[str], cwd: Path, timeout: float = 600.0) -> subprocess.CompletedProcess:
+def _run(args: list[str], cwd: Path, timeout: float = 1800.0) -> subprocess.CompletedProcess:
     tag = uuid.uuid4().hex
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
                **{TAG: tag})
