@@ -155,6 +155,7 @@ class Release:
         self.scans = self._read_scans()
         self._units = self._read_units()
         self._core: Core | None = None
+        self._records: dict[str, list[tuple[str, int, int]]] = {}  # .pt file -> its records (name, CRC-32, size)
 
     @classmethod
     def open(
@@ -255,7 +256,7 @@ class Release:
         where = f"{name} in {self.url}"
         with self._member(name) as f:
             try:
-                names = zipfile.ZipFile(f).namelist()
+                records = zipfile.ZipFile(f).infolist()
             except zipfile.BadZipFile as error:
                 f.seek(0)
                 start = f.read(4)
@@ -266,11 +267,30 @@ class Release:
                 else:
                     reason = f"is not a torch zip archive (it starts with {start!r})"
                 raise ReleaseError(f"{where} {reason}; {TORCH_ZIP}") from None
+        names = [r.filename for r in records]
         prefix = names[0].split("/")[0] + "/" if names else ""
         if prefix + "data.pkl" not in names:
             raise ReleaseError(f"{where} lacks the record {prefix}data.pkl (the tensors' index); {TORCH_ZIP}")
         if not any(n.startswith(prefix + "data/") for n in names):
             raise ReleaseError(f"{where} lacks tensor data records ({prefix}data/*); {TORCH_ZIP}")
+        # the records below the archive's top folder (torch.save names it after the file it writes)
+        self._records[name] = sorted((r.filename.split("/", 1)[-1], r.CRC, r.file_size) for r in records)
+
+    def fingerprint(self) -> str:
+        """SHA-256 (hex) of the release's content: the network config, every scan's `scans.csv` and `units.csv` rows,
+        and every record of `params_core.pt` and of the head files by name, CRC-32 and size (from their zip
+        directories, as `check` reads them; the weights are not downloaded). The same weights and tables give the
+        same digest wherever the release is stored. `ReleaseError` as `check`."""
+        keys = sorted(info.key for info in self.scans)
+        names = [CORE_FILE, *(head_file(*key) for key in keys)]
+        for name in names:
+            if name not in self._records:
+                self._check_torch_zip(name)
+        units = {f"{s}-{i}": self.units(s, i)[["unit_id", "readout_id"]].to_numpy().tolist() for s, i in keys}
+        content = {"config": json.loads(config_to_json(self.config)),
+                   "scans": sorted(dataclasses.astuple(info) for info in self.scans), "units": units,
+                   "files": {name: self._records[name] for name in names}}
+        return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
     def _member(self, name: str) -> io.IOBase:
         """A release file as a seekable binary file, read by ranged reads (a compressed zip member: whole)."""

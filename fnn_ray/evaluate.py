@@ -21,20 +21,24 @@ NaN metrics.
 
 from __future__ import annotations
 
+import posixpath
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from fnn_ray import preflight, storage
+from fnn_ray import fingerprint, preflight, storage
 from fnn_ray.experiment import csv_bytes, write_file, write_table
 from fnn_ray.job import Job, JobConfig, JobSummary, absolute, run_job
 from fnn_ray.ledger import Ledger
 from fnn_ray.plan import build_items
 from fnn_ray.recordings import RecordingSource, RepeatsReducer, list_scan, read_stats, scan_folders
+
+if TYPE_CHECKING:
+    from fnn_model.release import Release
 
 __all__ = ["DATA_DIR", "EvaluateConfig", "Evaluation", "format_performance", "merge_performance", "plan_evaluate",
            "run_evaluate", "write_performance"]
@@ -78,12 +82,12 @@ class Evaluation:
 
 
 def _open_release(release_url: str, scans: list[Scan], folders: Mapping[Scan, str],
-                  storage_options: Mapping[str, Any] | None) -> list[tuple[Scan, int]]:
-    """The release's unit counts of ``scans``; a scan folder the release lacks is named in the error."""
+                  storage_options: Mapping[str, Any] | None) -> tuple[Release, list[tuple[Scan, int]]]:
+    """The release and its unit counts of ``scans``; a scan folder the release lacks is named in the error."""
     from fnn_model.release import Release
 
     try:
-        return preflight.open_release(release_url, scans, storage_options)[1]
+        return preflight.open_release(release_url, scans, storage_options)
     except ValueError:
         known = {info.key for info in Release.open(release_url, storage_options=storage_options).scans}
         outside = [scan for scan in scans if scan not in known]
@@ -107,10 +111,11 @@ def plan_evaluate(config: EvaluateConfig) -> Job:
                                     f"{storage.join(storage.redact_url(recordings_url), f'{session}-{scan_idx}')} "
                                     f"does not exist")
     wanted = list(config.scans) if config.scans is not None else list(folders)
-    scans = _open_release(release_url, wanted, folders, release_so)
+    release, scans = _open_release(release_url, wanted, folders, release_so)
     parts = {scan: list_scan(folders[scan], units, config.burnin, so) for scan, units in scans}
     preflight.check_output(output_url, so)
     every = [p for ps in parts.values() for p in ps]
+    used = {posixpath.basename(folders[scan].rstrip("/")) for scan, _ in scans}
     frames = sum(p.frames for p in every)
     return Job(
         name="evaluate", release_url=release_url, release_options=release_so, output_url=output_url,
@@ -119,7 +124,12 @@ def plan_evaluate(config: EvaluateConfig) -> Job:
         clips=sum(len(p.repeats) for p in every), frames=frames,
         inputs={"release": storage.redact_url(release_url), "recordings": storage.redact_url(recordings_url),
                 "burnin": config.burnin},
-        settings={"scans_filter": config.scans and [f"{s}-{i}" for s, i in config.scans]},
+        settings={"scans_filter": config.scans and [f"{s}-{i}" for s, i in config.scans]}, products=(DATA_DIR,),
+        fingerprint=fingerprint.fingerprint(
+            release, scans, config.dtype, burnin=config.burnin,
+            recordings=fingerprint.identity(
+                recordings_url, so, lambda rel: rel.split("/", 1)[0] in used and rel.endswith(".npy"),
+                [(f"{s}-{i}", p.video, p.repeats, p.num_frames) for (s, i), ps in parts.items() for p in ps])),
         bytes_per_unit_frame=0.0,  # the statistics: 3 R + 8 float64 per unit and video
         bytes_per_unit=8.0 * max(sum(3 * len(p.repeats) + 8 for p in ps) for ps in parts.values()))
 

@@ -22,7 +22,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from fnn_ray import preflight, storage
+from fnn_ray import fingerprint, preflight, storage
 from fnn_ray.generators import Family
 from fnn_ray.job import Job, JobConfig, absolute
 from fnn_ray.ledger import Ledger, parquet_bytes
@@ -65,12 +65,13 @@ class ScanMeans:
     means: np.ndarray
 
 
-def plan_experiment(name: str, config: ExperimentConfig) -> Job:
-    """Check the setup (release, scans, output) and build the experiment's job (nothing written, no Ray)."""
+def plan_experiment(name: str, config: ExperimentConfig, products: Sequence[str] = ()) -> Job:
+    """Check the setup (release, scans, output) and build the experiment's job (nothing written, no Ray);
+    ``products``: the folders under the output its results are written to after the run."""
     so = config.storage_options
     release_url, release_so = preflight.release_location(config.release, so)
     output_url = absolute(config.output)
-    _, scans = preflight.open_release(release_url, config.scans, release_so)
+    release, scans = preflight.open_release(release_url, config.scans, release_so)
     preflight.check_output(output_url, so)
     family = config.family
     parts = blocks(family, config.clips_per_part)
@@ -80,7 +81,10 @@ def plan_experiment(name: str, config: ExperimentConfig) -> Job:
         reducer=WindowReducer(family, data_dir=f"_partials/{name}"), scans=scans, parts=parts,
         clips=family.num_clips, frames=sum(p.frames for p in parts),
         inputs={"release": storage.redact_url(release_url), "stimulus": family.name, "params": family.params()},
-        settings={"clips_per_part": config.clips_per_part}, bytes_per_unit_frame=0.0,
+        settings={"clips_per_part": config.clips_per_part}, products=tuple(products),
+        fingerprint=fingerprint.fingerprint(release, scans, config.dtype,
+                                            generator={"family": family.name, **family.params()}),
+        bytes_per_unit_frame=0.0,
         bytes_per_unit=8.0 * len(family.conditions) * len(parts))
 
 

@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from fnn_ray import storage
+from fnn_ray import fingerprint, storage
 from fnn_ray.executor import Execution, Faults, execute
 from fnn_ray.ledger import Ledger
 from fnn_ray.lease import OutputLease
@@ -49,9 +49,10 @@ class JobConfig:
     ``bfloat16`` (autocast). ``storage_options`` reach every store and are never printed. ``address``: the Ray
     cluster to join (default ``RAY_ADDRESS``, which ``ray job submit`` sets; else a private local Ray on loopback).
     ``store_timeout_s``: how long store faults are ridden out before an item fails. ``wait_for_lock``: wait for
-    another run's lease on the output instead of failing. ``head_load_cost``: what loading a scan head costs in
-    core-frames (the scheduler steals across scans only when that pays off). ``reuse_workers`` keeps the workers
-    (and their loaded core) for the next job of the same release in this process.
+    another run's lease on the output instead of failing. ``overwrite``: start a clean output, removing what earlier
+    runs committed there (else a rerun with another fingerprint is refused). ``head_load_cost``: what loading a
+    scan head costs in core-frames (the scheduler steals across scans only when that pays off). ``reuse_workers``
+    keeps the workers (and their loaded core) for the next job of the same release in this process.
     """
 
     actors: int | None = None
@@ -67,6 +68,7 @@ class JobConfig:
     start_timeout_s: float = 600.0
     store_timeout_s: float = 300.0
     wait_for_lock: bool = False
+    overwrite: bool = False
     lease_ttl_s: float = 60.0
     progress: bool = True
     verbose: bool = True
@@ -88,7 +90,9 @@ class JobConfig:
 class Job:
     """One job. ``scans``: ``((session, scan_idx), units)`` pairs; ``parts``: the source's parts, the same for
     every scan or per scan; ``clips`` / ``frames``: the stimulus size (for the plan); ``inputs``: what the manifest
-    records as the job's inputs (URLs, generator parameters: a rerun on other inputs is refused);
+    records as the job's inputs (URLs, generator parameters; for people); ``fingerprint``: what determines the
+    numbers (:mod:`fnn_ray.fingerprint`: a rerun with another one is refused); ``products``: folders under the
+    output written from the committed items after the run (``overwrite`` removes them too);
     ``release_options``: storage options for the release alone (None: the job's ``storage_options``);
     ``bytes_per_unit_frame`` / ``bytes_per_unit``: the committed size per (unit, frame) and per unit, for the
     size estimate printed with the plan."""
@@ -104,6 +108,8 @@ class Job:
     frames: int
     inputs: Mapping[str, Any]
     settings: Mapping[str, Any] = field(default_factory=dict)
+    fingerprint: Mapping[str, Any] = field(default_factory=dict)
+    products: Sequence[str] = ()
     release_options: Mapping[str, Any] | None = field(default=None, repr=False)
     bytes_per_unit_frame: float = 4.0
     bytes_per_unit: float = 0.0
@@ -210,18 +216,16 @@ def _save_manifest(manifest: Manifest, job: Job, so: Mapping[str, Any] | None, w
 
 def run_job(job: Job, config: JobConfig) -> JobSummary:
     """Run (or resume) ``job``; return its summary (``summary.raise_for_failures()`` turns failures into an
-    exception). Raises :class:`fnn_ray.lease.LeaseHeld` when another run writes the output, ValueError when the
-    output holds a run of other inputs, and KeyboardInterrupt (after recording what was committed) when
+    exception). Raises :class:`fnn_ray.lease.LeaseHeld` when another run writes the output,
+    :class:`fnn_ray.fingerprint.OtherComputation` (a ValueError) when it holds items computed with another
+    fingerprint and ``config.overwrite`` is off, and KeyboardInterrupt (after recording what was committed) when
     interrupted."""
     start = time.perf_counter()
     so = config.storage_options
     say = print if config.verbose else (lambda *a, **k: None)
-    previous = Manifest.load(job.output_url, so)
-    if previous is not None and previous.inputs and previous.inputs != dict(job.inputs):
-        changed = sorted(k for k in set(previous.inputs) | set(job.inputs)
-                         if previous.inputs.get(k) != job.inputs.get(k))
-        raise ValueError(f"output {storage.redact_url(job.output_url)} holds a {previous.job or 'run'} of other inputs "
-                         f"({', '.join(changed)} differ): use another output URL")
+    if not config.overwrite:
+        fingerprint.check(job, so)  # before the lease: a refused rerun writes nothing
+    previous = None if config.overwrite else Manifest.load(job.output_url, so)
 
     budget = min(config.store_timeout_s, 30.0)  # for the driver's own store calls at the end
     lease = OutputLease(job.output_url, so, ttl_s=config.lease_ttl_s, retry_budget_s=budget).acquire(
@@ -230,6 +234,11 @@ def run_job(job: Job, config: JobConfig) -> JobSummary:
     summary: JobSummary | None = None
     manifest: Manifest | None = None
     try:
+        if config.overwrite:
+            removed = fingerprint.clear(job, so, budget)
+            say(f"--overwrite: removed {', '.join(removed) or 'nothing'} of earlier runs")
+        else:
+            fingerprint.check(job, so)  # again under the lease: another run may have written meanwhile
         ledger = Ledger(job.output_url, so)
         _remove_staging(ledger)
         commits = ledger.commits()
@@ -256,7 +265,8 @@ def run_job(job: Job, config: JobConfig) -> JobSummary:
             job=job.name, release_url=job.release_url, inputs=dict(job.inputs), scans=summary.scans,
             units=[u for _, u in job.scans], clips=job.clips, frames=job.frames, items_total=len(everything),
             items_done=sorted(k for k in good if k in planned),
-            config={**dict(job.settings), "clips_per_batch": config.clips_per_batch, "dtype": config.dtype})
+            config={**dict(job.settings), "clips_per_batch": config.clips_per_batch, "dtype": config.dtype},
+            fingerprint=dict(job.fingerprint))
         if previous is not None:
             manifest.started = previous.started
         manifest.save(job.output_url, so)

@@ -1,8 +1,9 @@
 """The run manifest: ``<output>/manifest.json``, a JSON summary of a run, committed atomically.
 
-It records what the run computes and how far it got (for resuming and for people), never storage options or
-credentials: URLs are stored with any ``user:password@`` removed and config entries whose names look secret
-(key, secret, token, password, credential, storage_options, ...) are dropped.
+It records what the run computes and how far it got (for resuming and for people), and the fingerprint of what
+determines the output's numbers (:mod:`fnn_ray.fingerprint`: digests and settings, checked on every rerun); never
+storage options or credentials: URLs are stored with any ``user:password@`` removed and config entries whose
+names look secret (key, secret, token, password, credential, storage_options, ...) are dropped.
 """
 
 from __future__ import annotations
@@ -69,7 +70,8 @@ class Manifest:
     pairs with ``units[k]`` units each; ``clips`` / ``frames`` are the stimulus totals; ``items_done`` holds the
     committed ``(session, scan_idx, item_id)`` triples (reconciled with the ledger at the start and end of every
     run); ``started`` / ``updated`` are ISO-8601 UTC timestamps; ``config`` is a short, secret-free summary of
-    the run's settings.
+    the run's settings; ``fingerprint`` is what determines the numbers (:mod:`fnn_ray.fingerprint`; digests and
+    setting values, no URLs or credentials).
     """
 
     job: str
@@ -85,6 +87,7 @@ class Manifest:
     updated: str = field(default_factory=_now)
     version: str = field(default_factory=version)
     config: dict[str, Any] = field(default_factory=dict)
+    fingerprint: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.release_url = storage.redact_url(self.release_url)

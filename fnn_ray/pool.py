@@ -17,6 +17,7 @@ import threading
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+from fnn_ray.ray_token import use_private_token
 from fnn_ray.worker import Worker, WorkerOptions
 
 __all__ = ["WorkerPool", "cluster_plan", "init_ray", "shutdown_ray"]
@@ -35,6 +36,7 @@ def init_ray(address: str | None = None, **kwargs: Any) -> bool:
         with _signals_kept():
             ray.init(address=address, **kwargs)
         return False
+    use_private_token()  # Ray's default token file, ~/.ray/auth_token, would be readable by every user
     # a private instance keeps Ray's token authentication on; its notice on every start is noise here
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     # Ray replaces a loopback node address with the machine's external one unless clusters are off (its own

@@ -189,8 +189,9 @@ class Shard:
     """Rows ``[row_start, row_stop)`` of one Parquet file of the stimulus dataset at ``url``.
 
     ``path`` is the file's path on the filesystem of ``url`` (no protocol); ``clip_ids`` are the clips of
-    those rows in order; ``frames`` is their total number of frames. ``file`` is the file's path relative
-    to the dataset root (defaults to the basename of ``path``); it names the shard in :attr:`shard_id`.
+    those rows in order; ``frames`` is their total number of frames, ``context_frames`` how many of those are
+    context. ``file`` is the file's path relative to the dataset root (defaults to the basename of ``path``);
+    it names the shard in :attr:`shard_id`.
     Frozen, hashable and picklable; it holds no storage options.
     """
 
@@ -201,6 +202,7 @@ class Shard:
     clip_ids: tuple[str, ...]
     frames: int
     file: str = field(default="", compare=True)
+    context_frames: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "clip_ids", tuple(self.clip_ids))
@@ -683,7 +685,7 @@ def list_shards(
         columns = _SMALL + [name for name in optional if name == "context_frames"]
         f.prefetch(_chunk_ranges(pf.metadata, range(pf.metadata.num_row_groups), columns))
         table = _read(lambda: pf.read(columns=columns, use_threads=False), where)
-        ids, num_frames, _ = _check_small(table, where, 0)
+        ids, num_frames, context = _check_small(table, where, 0)
         for row, cid in enumerate(ids):
             if cid in owner:
                 f0, r0 = owner[cid]
@@ -700,6 +702,7 @@ def list_shards(
                     clip_ids=tuple(ids[start:stop]),
                     frames=int(num_frames[start:stop].sum()),
                     file=rel,
+                    context_frames=int(context[start:stop].sum()),
                 )
             )
     seen_ids: dict[str, Shard] = {}

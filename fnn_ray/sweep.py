@@ -13,7 +13,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from fnn_ray import preflight, storage
+from fnn_ray import fingerprint, preflight, storage
 from fnn_ray.job import Job, JobConfig, JobSummary, absolute, run_job
 from fnn_ray.manifest import Manifest
 from fnn_ray.plan import choose_clips_per_shard
@@ -58,7 +58,8 @@ def regroup(shards: Sequence[Shard], clips_per_shard: int) -> list[Shard]:
             first, last = group[0], group[-1]
             out.append(Shard(url=first.url, path=first.path, row_start=first.row_start, row_stop=last.row_stop,
                              clip_ids=tuple(c for s in group for c in s.clip_ids),
-                             frames=sum(s.frames for s in group), file=first.file))
+                             frames=sum(s.frames for s in group), file=first.file,
+                             context_frames=sum(s.context_frames for s in group)))
             group.clear()
 
     for shard in shards:
@@ -86,10 +87,10 @@ def plan_sweep(config: SweepConfig) -> Job:
     so = config.storage_options
     release_url, release_so = preflight.release_location(config.release, so)
     stimuli_url, output_url = absolute(config.stimuli), absolute(config.output)
-    _, scans = preflight.open_release(release_url, config.scans, release_so)
+    release, scans = preflight.open_release(release_url, config.scans, release_so)
     one_clip = list_shards(stimuli_url, 1, so)
     preflight.check_output(output_url, so)
-    previous = Manifest.load(output_url, so)
+    previous = None if config.overwrite else Manifest.load(output_url, so)
     recorded = previous.config.get("clips_per_shard") if previous else None
     clips_per_shard = config.clips_per_shard or recorded
     if recorded and clips_per_shard != recorded and previous.items_done:
@@ -105,6 +106,10 @@ def plan_sweep(config: SweepConfig) -> Job:
         inputs={"release": storage.redact_url(release_url), "stimuli": storage.redact_url(stimuli_url)},
         settings={"clips_per_shard": int(clips_per_shard),
                   "scans_filter": config.scans and [f"{s}-{i}" for s, i in config.scans]},
+        fingerprint=fingerprint.fingerprint(
+            release, scans, config.dtype, context_frames=sum(s.context_frames for s in one_clip),
+            stimuli=fingerprint.identity(stimuli_url, so, {s.file for s in one_clip}.__contains__,
+                                         [(s.file, s.row_start, s.clip_ids, s.frames) for s in one_clip])),
         bytes_per_unit_frame=4.0)
 
 

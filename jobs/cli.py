@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -82,8 +83,11 @@ def add_job_options(parser: argparse.ArgumentParser) -> None:
                         help="number of workers (default: one per GPU; CPU-only: CPUs/4)")
     parser.add_argument("--clips-per-batch", type=count(), default=8, help="clips per model batch (default 8)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    parser.add_argument("--storage-options", default=None,
-                        help="JSON fsspec options for every store, e.g. '{\"endpoint_url\": ...}' (never echoed)")
+    parser.add_argument("--storage-options", default=None, metavar="@FILE.json|JSON",
+                        help="fsspec options for every store: @FILE.json, a file holding a JSON object (keeps "
+                             "credentials off the command line, which every user can read), or the JSON itself, "
+                             "e.g. '{\"endpoint_url\": ...}'; never echoed. S3 keys may instead come from the "
+                             "AWS_* variables or a profile ('{\"profile\": NAME}' or AWS_PROFILE)")
     parser.add_argument("--address", default=None,
                         help="Ray cluster to join (default: $RAY_ADDRESS, set by `ray job submit`; else a private "
                              "local Ray on 127.0.0.1)")
@@ -91,6 +95,9 @@ def add_job_options(parser: argparse.ArgumentParser) -> None:
                         help="seconds to ride out store outages and throttling before an item fails (default 300)")
     parser.add_argument("--wait-for-lock", action="store_true",
                         help="wait while another run writes the same output (default: exit 2 at once)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start a clean output: remove what earlier runs committed at --output (a rerun with "
+                             "settings that change the numbers is refused without it)")
     parser.add_argument("--max-retries", type=count(0), default=2, help="retries of an item after a non-store error")
     parser.add_argument("--max-heads", type=count(), default=4, help="scan heads cached per worker (default 4)")
     parser.add_argument("--cpus-per-actor", type=positive, default=None, help="Ray CPUs per worker")
@@ -109,13 +116,32 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def parse_storage_options(text: str | None) -> dict[str, Any] | None:
-    """``--storage-options``: a JSON object (or nothing); ValueError naming the problem otherwise."""
+    """``--storage-options``: a JSON object, or ``@FILE`` naming a local file that holds one (so credentials need
+    not appear on the command line, which every user of the machine can read in ``/proc/<pid>/cmdline``), or
+    nothing. ValueError naming the flag or file otherwise; the contents are never echoed. A file other users may
+    read gets a warning on stderr."""
+    if not text:
+        return None
+    where = "--storage-options"
+    if text.startswith("@"):
+        path = os.path.abspath(os.path.expanduser(text[1:]))
+        where = f"--storage-options file {path}"
+        try:
+            with open(path, "rb") as f:
+                mode = os.fstat(f.fileno()).st_mode
+                text = f.read().decode("utf-8")
+        except OSError as e:
+            raise ValueError(f"{where}: cannot be read ({e.strerror})") from None
+        except UnicodeDecodeError:
+            raise ValueError(f"{where} is not UTF-8 text (expected a JSON object)") from None
+        if mode & 0o077:
+            print(f"warning: {where} is readable by group or others (chmod 600 it)", file=sys.stderr)
     try:
-        options = json.loads(text) if text else None
+        options = json.loads(text)
     except json.JSONDecodeError as e:
-        raise ValueError(f"--storage-options is not valid JSON ({e.msg} at character {e.pos})") from None
-    if options is not None and not isinstance(options, dict):
-        raise ValueError(f"--storage-options must be a JSON object, got a JSON {type(options).__name__}")
+        raise ValueError(f"{where} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    if not isinstance(options, dict):
+        raise ValueError(f"{where} must hold a JSON object, got a JSON {type(options).__name__}")
     return options
 
 
@@ -124,6 +150,7 @@ def job_options(args: argparse.Namespace) -> dict[str, Any]:
     options = parse_storage_options(args.storage_options)
     return dict(scans=parse_scans(args.scans), actors=args.actors, clips_per_batch=args.clips_per_batch, dtype=args.dtype, storage_options=options,
                 address=args.address, store_timeout_s=args.store_timeout, wait_for_lock=args.wait_for_lock,
+                overwrite=args.overwrite,
                 max_retries=args.max_retries, max_heads=args.max_heads, cpus_per_actor=args.cpus_per_actor,
                 progress=not args.no_progress)
 

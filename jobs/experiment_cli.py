@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from fnn_ray import storage
+from fnn_ray import fingerprint, storage
 from fnn_ray.experiment import ExperimentConfig, ScanMeans, clips_metadata, condition_means, csv_bytes, \
     plan_experiment, save_stimuli, write_file, write_table
 from fnn_ray.generators import Family
@@ -71,7 +71,9 @@ def run_experiment(name: str, data_dir: str, config: ExperimentConfig, save_stim
     ``plot(table, directory)`` under ``plots/``. Prints where everything went."""
     so = config.storage_options
     family = config.family
-    job = plan_experiment(name, config)
+    job = plan_experiment(name, config, products=(data_dir,))
+    if save_stimuli_url and not config.overwrite:
+        fingerprint.check(job, so)  # a rerun that will be refused writes no stimuli either
     if save_stimuli_url:
         start = time.perf_counter()
         files = save_stimuli(family, save_stimuli_url, so)
