@@ -179,7 +179,7 @@ def test_read_shard_with_large_row_groups_slices(tmp_url):
 def test_write_clips_refuses_to_overwrite_unless_asked(tmp_url):
     url = tmp_url("memory")
     stimuli.write_clips(url, make_clips(5), clips_per_file=2)
-    with pytest.raises(FileExistsError, match="overwrite=True"):
+    with pytest.raises(FileExistsError, match="pass --overwrite to replace them"):
         stimuli.write_clips(url, make_clips(2))
     stimuli.write_clips(url, make_clips(2, seed=5), overwrite=True)
     shards = stimuli.list_shards(url, 10)
