@@ -220,6 +220,8 @@ def neighbour() -> Iterator[Node | None]:
                 node = None
         assert all(_taken(port) for port in DEFAULT_PORTS), \
             f"Ray's default ports are not all taken: {[p for p in DEFAULT_PORTS if not _taken(p)]} free"
+        print(f"\nRay's default ports {DEFAULT_PORTS}: " + ("held by a Ray this test started" if node else
+                                                            "held by other Rays on this machine"))
         yield node
     finally:
         if node is not None:
