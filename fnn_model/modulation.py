@@ -8,10 +8,11 @@ from torch import nn
 from fnn_model.config import ModulationConfig
 from fnn_model.mlp import Mlp
 from fnn_model.ops import gcat
+from fnn_model.state import CellState
 from fnn_model.wconv import WConv
 
 
-class Lstm(nn.Module):
+class Lstm(CellState, nn.Module):
     """Flat multi-stream LSTM cell (spec 2.7): `[N, S*F_x]` -> `h` `[N, S*F_h]`; state zeros after reset."""
 
     def __init__(self, in_features: int, features: int, streams: int) -> None:
@@ -50,6 +51,8 @@ class Modulation(nn.Module):
         super().__init__()
         self.streams = streams
         self.mlp = Mlp([modulations, config.mlp_features], streams)
+        for weight in self.mlp.linears[0].weights:  # spec 5: a fresh modulation MLP ignores the behaviour
+            nn.init.zeros_(weight)
         self.lstm = Lstm(config.mlp_features, config.lstm_features, streams)
 
     def forward(self, behaviour: torch.Tensor) -> torch.Tensor:

@@ -47,12 +47,17 @@ class Monitor(nn.Module):
         self.center_std = nn.Parameter(torch.full((3,), 0.05))
         self.angle_std = nn.Parameter(torch.full((3,), 0.05))
 
-    def project(self, rays: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rays from the eye `[..., 3]` -> in-plane coordinates `(u, v)`, each `[...]`."""
-        axes = rotation(self.angle)
+    def project(self, rays: torch.Tensor, center: torch.Tensor | None = None, angle: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rays from the eye `[..., 3]` -> in-plane coordinates `(u, v)`, each `[...]`.
+
+        `center`, `angle` `[3]`: a pose other than the mean one (training jitters it); default `center`, `angle`.
+        """
+        center = self.center if center is None else center
+        axes = rotation(self.angle if angle is None else angle)
         x_axis, y_axis, normal = axes[:, 0], axes[:, 1], axes[:, 2]
-        t = (normal @ self.center) / (rays @ normal).clamp(min=EPS)
-        offset = t[..., None] * rays - self.center
+        t = (normal @ center) / (rays @ normal).clamp(min=EPS)
+        offset = t[..., None] * rays - center
         return offset @ x_axis, offset @ y_axis
 
 
@@ -102,11 +107,19 @@ class Perspective(nn.Module):
         self.retina_pixel = RetinaPixel()
         features = [perspectives] + [c.mlp_features] * c.mlp_layers + [3]
         self.mlp = Mlp(features, streams=1, activate_last=False)
+        nn.init.zeros_(self.mlp.linears[0].weights[0])  # spec 5: a fresh eye rotation is the identity
 
-    def sampling_grid(self, eye: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        """Eye positions `[N, P]` and stimulus size -> `grid_sample` grid `[N, H_r, W_r, 2]` (x, y)."""
+    def sampling_grid(self, eye: torch.Tensor, height: int, width: int,
+                      pose: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Eye positions `[N, P]` and stimulus size -> `grid_sample` grid `[N, H_r, W_r, 2]` (x, y).
+
+        `pose`: per-sample monitor `(center, angle)`, `[N, 3]` each (training's jittered pose); default the mean.
+        """
         rays = torch.einsum("nab,ijb->nija", rotation(self.mlp(eye)), self.retina.grid)
-        u, v = self.monitor.project(rays)
+        if pose is None:
+            u, v = self.monitor.project(rays)
+        else:
+            u, v = (torch.stack(c) for c in zip(*(self.monitor.project(r, c, a) for r, c, a in zip(rays, *pose))))
         grid_h, grid_w = self.retina.grid.shape[:2]
         k = width / (width - 1)
         gx = ((u * k) * (grid_w - 1)) / grid_w

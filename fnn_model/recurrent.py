@@ -9,6 +9,7 @@ from fnn_model.cache import Derived
 from fnn_model.config import RecurrentConfig
 from fnn_model.intergroup import InterGroup
 from fnn_model.ops import gcat
+from fnn_model.state import CellState
 from fnn_model.wconv import StreamParameters, WConv
 
 THIRD_ROOT = 3**-0.5
@@ -22,7 +23,7 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
     return x / x.square().sum(dim=-1, keepdim=True).sqrt_()
 
 
-class Recurrent(nn.Module):
+class Recurrent(CellState, nn.Module):
     """Feedforward features `f` `[N, S*F, H, W]` and modulation `m` `[N, S*M]` -> output `[N, S*out, H, W]`.
 
     State `h, c` `[N, S*hidden, H, W]` (zeros `[1, S*hidden, 1, 1]` after `reset_state`).
@@ -75,13 +76,22 @@ class Recurrent(nn.Module):
         scales = self._scales.get(self, lambda: self.scales.stacked().flatten(0, 1).to(q.dtype), key=q.dtype)
         q = (_unit(q) * scales[:, None]).view(heads * n, positions, -1)  # scales [S*G, C/G]
         k, v = _unit(k).view(heads * n, positions, -1), v.view(heads * n, positions, -1)  # [S*G*N, P, C/G]
-        out = torch.empty_like(v)
-        for chunk in range(0, len(q), ATTENTION_CHUNK):  # keeps each [chunk, P, P] weight block in cache
-            part = slice(chunk, chunk + ATTENTION_CHUNK)
-            weights = torch.softmax(q[part] @ k[part].transpose(1, 2), dim=-1)  # [chunk, P, P']
-            torch.matmul(weights, v[part], out=out[part])
+        chunks = range(0, len(q), ATTENTION_CHUNK)  # keeps each [chunk, P, P] weight block in cache
+        if torch.is_grad_enabled():  # `out=` writes are not differentiable
+            out = torch.cat([self._attend(q, k, v, slice(c, c + ATTENTION_CHUNK)) for c in chunks])
+        else:
+            out = torch.empty_like(v)
+            for c in chunks:
+                torch.matmul(self._attend(q, k, None, slice(c, c + ATTENTION_CHUNK)), v[c:c + ATTENTION_CHUNK],
+                             out=out[c:c + ATTENTION_CHUNK])
         out = out.view(heads, n, height, width, -1).permute(1, 2, 3, 0, 4).reshape(n, height, width, -1)
         return out.permute(0, 3, 1, 2)
+
+    @staticmethod
+    def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, part: slice) -> torch.Tensor:
+        """Softmax attention weights `[chunk, P, P']` of one chunk of heads, applied to `v` when given."""
+        weights = torch.softmax(q[part] @ k[part].transpose(1, 2), dim=-1)
+        return weights if v is None else weights @ v[part]
 
     def forward(self, f: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
         """`f` `[N, S*F, H, W]`, `m` `[N, S*M]` -> `[N, S*out, H, W]`."""

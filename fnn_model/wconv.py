@@ -52,7 +52,8 @@ class WConv(nn.Module):
 
     Input `[N, S*I, H, W]`, output `[N, S*O, H', W']`. With `temporal > 1` the module keeps the last `temporal`
     padded inputs in a ring buffer (zeros after `reset_state`) and convolves their stack oldest-first, so kernel
-    index `temporal - 1` multiplies the current frame.
+    index `temporal - 1` multiplies the current frame. While autograd is on, the past inputs are kept as a list
+    instead (no in-place writes into tensors the graph holds) and each tap is convolved apart and summed.
     """
 
     def __init__(
@@ -91,6 +92,7 @@ class WConv(nn.Module):
         self.biases = StreamParameters(streams, *group_shape, fill=init_bias) if bias else None
         self._frames: torch.Tensor | None = None
         self._step = 0
+        self._history: list[torch.Tensor] = []
         self._kernel_cache: Derived[tuple[list[torch.Tensor], torch.Tensor | None]] = Derived()
 
     @property
@@ -100,39 +102,55 @@ class WConv(nn.Module):
 
     def reset_state(self) -> None:
         """Forget the buffered past inputs and recheck the cached kernels (start of a new sequence)."""
-        self._frames, self._step = None, 0
+        self._frames, self._step, self._history = None, 0, []
         self._kernel_cache.recheck()
 
-    def effective(self) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    @property
+    def sequence_state(self) -> list[torch.Tensor]:
+        """The state carried to the next frame under autograd: the past inputs of a temporal conv, oldest first."""
+        return list(self._history)
+
+    @sequence_state.setter
+    def sequence_state(self, tensors: list[torch.Tensor]) -> None:
+        self._history = list(tensors)
+
+    def effective(self, per_tap: bool = False) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         """The 2-D kernels actually run and the bias (or None), cached while the weights stay, in the autocast
         dtype when autocast is on (normalised in float32 first).
 
         Without a temporal kernel: one kernel `[S*O, I/g, k, k]`. With `T > 1` taps: `T` kernels
-        `[S*O, T*I/g, k, k]`, kernel `r` for the ring buffer whose newest frame sits in slot `r`.
+        `[S*O, T*I/g, k, k]`, kernel `r` for the ring buffer whose newest frame sits in slot `r`; with `per_tap`
+        (the autograd path) `T` kernels `[S*O, I/g, k, k]`, kernel `tau` for tap `tau` (`T - 1`: current frame).
         """
         dtype = autocast_dtype(self.weights[0].device)
-        return self._kernel_cache.get(self, lambda: self._compute_kernels(dtype), key=dtype)
+        return self._kernel_cache.get(self, lambda: self._compute_kernels(dtype, per_tap), key=(dtype, per_tap))
 
-    def _compute_kernels(self, dtype: torch.dtype | None) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    def _compute_kernels(self, dtype: torch.dtype | None, per_tap: bool
+                         ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         weight = self.weights.stacked()  # [S, O, I/g, T, k, k]
         if self.wnorm:
             gain = self.gains.stacked().flatten(1) if self.gains is not None else None
             weight = normalize(weight, gain, fan_dims=(2, 3, 4, 5))
         weight = weight.flatten(0, 1)  # [S*O, I/g, T, k, k]
         taps = self.temporal
-        kernels = []
-        for newest in range(taps):
-            # slot s of the ring buffer holds the frame (newest - s) mod T steps old, i.e. tap T - 1 - that
-            order = [taps - 1 - (newest - slot) % taps for slot in range(taps)]
-            kernel = weight[:, :, order].transpose(1, 2).flatten(1, 2)  # [S*O, T*I/g, k, k], channels (slot, c)
-            kernel = kernel.contiguous(memory_format=torch.channels_last)
-            kernels.append(kernel if dtype is None else kernel.to(dtype))
+        if per_tap:
+            kernels = [weight[:, :, tap] for tap in range(taps)]
+        else:
+            kernels = []
+            for newest in range(taps):
+                # slot s of the ring buffer holds the frame (newest - s) mod T steps old, i.e. tap T - 1 - that
+                order = [taps - 1 - (newest - slot) % taps for slot in range(taps)]
+                kernels.append(weight[:, :, order].transpose(1, 2).flatten(1, 2))  # [S*O, T*I/g, k, k] (slot, c)
+        kernels = [k.contiguous(memory_format=torch.channels_last) for k in kernels]
+        kernels = kernels if dtype is None else [k.to(dtype) for k in kernels]
         bias = self.biases.stacked().flatten() if self.biases is not None else None
         return kernels, bias if bias is None or dtype is None else bias.to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """`[N, S*I, H, W]` -> `[N, S*O, H', W']`, channels-last (oneDNN's grouped convs, 1x1 included, are
         fastest channels-last on CPU, and the core keeps every feature map in that layout)."""
+        if self.temporal > 1 and torch.is_grad_enabled():
+            return self._taps(x, *self.effective(per_tap=True))
         kernels, bias = self.effective()
         if self.temporal > 1:
             return self._temporal(x, kernels, bias)
@@ -161,6 +179,18 @@ class WConv(nn.Module):
         slots[:, p:p + height, p:p + width, :, newest] = x.permute(0, 2, 3, 1).unflatten(3, (self.groups, -1))
         self._step += 1
         return F.conv2d(self._frames, kernels[newest], bias, stride=self.stride, groups=self.groups)
+
+    def _taps(self, x: torch.Tensor, kernels: list[torch.Tensor], bias: torch.Tensor | None) -> torch.Tensor:
+        """Autograd path of a temporal conv: `sum_tau conv2d(x_{t-T+1+tau}, W[:, :, tau])` over the inputs seen so
+        far (zero history contributes nothing); `kernels[tau]` is tap `tau`. Every past input is held (and saved
+        for backward) once, not stacked per frame."""
+        taps = self.temporal
+        self._history = [*self._history[1 - taps:], x]
+        y = None
+        for back, past in enumerate(reversed(self._history)):
+            term = F.conv2d(past, kernels[taps - 1 - back], stride=self.stride, padding=self.pad, groups=self.groups)
+            y = term if y is None else y + term
+        return y if bias is None else y + bias[:, None, None]
 
     def group_matrices(self) -> torch.Tensor:
         """A 1x1 (non-temporal) conv's effective kernel as one matrix per group, `[G, O/G, I/G]` (a view of the

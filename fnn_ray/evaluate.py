@@ -24,26 +24,21 @@ from __future__ import annotations
 import posixpath
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 
 from fnn_ray import fingerprint, preflight, storage
-from fnn_ray.experiment import csv_bytes, write_file, write_table
-from fnn_ray.job import Job, JobConfig, JobSummary, absolute, run_job
-from fnn_ray.ledger import Ledger
-from fnn_ray.plan import build_items
+from fnn_ray.job import Job, JobConfig, JobSummary, run_job
+from fnn_ray.outputs import committed_tables, csv_bytes, write_file, write_table
+from fnn_ray.plan import Scan
 from fnn_ray.recordings import RecordingSource, RepeatsReducer, list_scan, read_stats, scan_folders
 
-if TYPE_CHECKING:
-    from fnn_model.release import Release
 
 __all__ = ["DATA_DIR", "EvaluateConfig", "Evaluation", "format_performance", "merge_performance", "plan_evaluate",
            "run_evaluate", "write_performance"]
 
-Scan = tuple[int, int]
 
 #: Where the final tables go, under the output URL.
 DATA_DIR = "performance"
@@ -81,39 +76,28 @@ class Evaluation:
     files: list[str] = field(default_factory=list)
 
 
-def _open_release(release_url: str, scans: list[Scan], folders: Mapping[Scan, str],
-                  storage_options: Mapping[str, Any] | None) -> tuple[Release, list[tuple[Scan, int]]]:
-    """The release and its unit counts of ``scans``; a scan folder the release lacks is named in the error."""
-    from fnn_model.release import Release
-
-    try:
-        return preflight.open_release(release_url, scans, storage_options)
-    except ValueError:
-        known = {info.key for info in Release.open(release_url, storage_options=storage_options).scans}
-        outside = [scan for scan in scans if scan not in known]
-        if outside:
-            listing = ", ".join(f"{s}-{i}" for s, i in sorted(known))
-            raise ValueError(f"{storage.redact_url(folders[outside[0]])}: scan {outside[0][0]}-{outside[0][1]} is "
-                             f"not in release {storage.redact_url(release_url)} (its scans: {listing})") from None
-        raise
-
-
 def plan_evaluate(config: EvaluateConfig) -> Job:
     """Check the setup (release, recordings: listing and ``.npy`` headers, output) and build the evaluation's job;
     nothing is written and Ray is not started. ValueError / FileNotFoundError naming the file."""
     so = config.storage_options
-    release_url, release_so = preflight.release_location(config.release, so)
-    recordings_url, output_url = absolute(config.recordings), absolute(config.output)
+    recordings_url = preflight.absolute(config.recordings)
     folders = scan_folders(recordings_url, so)
     if config.scans is not None:
         for session, scan_idx in [s for s in config.scans if s not in folders][:1]:
             raise FileNotFoundError(f"no recordings for scan {session}-{scan_idx}: "
                                     f"{storage.join(storage.redact_url(recordings_url), f'{session}-{scan_idx}')} "
                                     f"does not exist")
-    wanted = list(config.scans) if config.scans is not None else list(folders)
-    release, scans = _open_release(release_url, wanted, folders, release_so)
+    try:
+        setup = preflight.prepare(config.release, config.output, list(config.scans or folders), so)
+    except preflight.UnknownScans as e:  # a recordings folder of a scan the release lacks: name the folder
+        outside = [scan for scan in (config.scans or folders) if scan not in e.known]
+        listing = ", ".join(f"{s}-{i}" for s, i in sorted(e.known))
+        raise ValueError(f"{storage.redact_url(folders[outside[0]])}: scan {outside[0][0]}-{outside[0][1]} is "
+                         f"not in release {storage.redact_url(preflight.release_location(config.release, so)[0])} "
+                         f"(its scans: {listing})") from None
+    release, scans, output_url = setup.release, setup.scans, setup.output_url
+    release_url, release_so = setup.release_url, setup.release_options
     parts = {scan: list_scan(folders[scan], units, config.burnin, so) for scan, units in scans}
-    preflight.check_output(output_url, so)
     every = [p for ps in parts.values() for p in ps]
     used = {posixpath.basename(folders[scan].rstrip("/")) for scan, _ in scans}
     frames = sum(p.frames for p in every)
@@ -140,26 +124,15 @@ def merge_performance(job: Job, storage_options: Mapping[str, Any] | None = None
     otherwise); commits of other scans in the output are left out."""
     from fnn_ray.analysis.performance import cc_from_stats, merge_stats
 
-    planned = {item.key for item in build_items(job.scans, job.parts)}
-    ledger = Ledger(job.output_url, storage_options)
     found: dict[Scan, list] = {}
-    done = set()
-    for commit in ledger.committed_files(job.reducer.data_dir):
-        if commit.key not in planned:
-            continue
-        with ledger.fs.open(ledger.path(commit.file), "rb") as f:
-            unit_ids, readout_ids, stats = read_stats(pq.read_table(f))
-        scan = commit.key[:2]
+    for key, table in committed_tables(job, storage_options):
+        unit_ids, readout_ids, stats = read_stats(table)
+        scan = key[:2]
         first = found.setdefault(scan, [unit_ids, readout_ids, []])
         if not (np.array_equal(first[0], unit_ids) and np.array_equal(first[1], readout_ids)):
-            raise ValueError(f"{storage.redact_url(storage.join(job.output_url, commit.file))}: its units differ from "
-                             f"those of the other items of scan {scan[0]}-{scan[1]}")
+            raise ValueError(f"{storage.redact_url(job.output_url)}: the units of item {key[0]}-{key[1]}/{key[2]} "
+                             f"differ from those of the other items of scan {scan[0]}-{scan[1]}")
         first[2].append(stats)
-        done.add(commit.key)
-    if done != planned:
-        key = min(planned - done)
-        raise ValueError(f"item {key[0]}-{key[1]}/{key[2]} is not committed under "
-                         f"{storage.redact_url(job.output_url)}: run the job to the end first")
     tables = {}
     for scan, (unit_ids, readout_ids, stats) in sorted(found.items()):
         metrics = cc_from_stats(merge_stats(stats))

@@ -1,53 +1,88 @@
-"""The one loop that runs every job's items on Ray actors: hand out, collect, retry, replace, report.
+"""The one loop that runs every job's items on a :class:`fnn_ray.pool.Pool`: hand out, collect, retry, replace.
 
-:func:`execute` drives the pure :class:`fnn_ray.scheduler.Scheduler` over a :class:`fnn_ray.pool.WorkerPool`:
-``IN_FLIGHT`` items per actor (one computing, one reading or writing), a ``ray.wait`` loop; a dead actor's items go
-back to the others and a replacement joins (bounded); an item that failed on a store fault is resubmitted after an
-exponential backoff until ``store_timeout_s`` has passed since its first fault; other errors are retried
-``max_retries`` times, data errors never. It knows nothing of what the items compute (that is the :class:`Task`).
+:func:`execute` asks the pure :class:`fnn_ray.scheduler.Scheduler` what each worker runs next and keeps
+:data:`fnn_ray.pool.IN_FLIGHT` items per worker (one computing, one reading or writing); it knows nothing of what
+an item computes nor where it runs (Ray actors, threads of this process, simulated workers). A lost worker's items
+go back to the others and a replacement joins (bounded); what happens to an item that raised is
+:func:`decide`'s call: a pure function of the error, the attempts and the time since the item's first fault.
 """
 
 from __future__ import annotations
 
 import random
-import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from fnn_ray import storage
-from fnn_ray.plan import WorkItem
-from fnn_ray.pool import WorkerPool
+from fnn_ray.plan import Key, WorkItem
+from fnn_ray.pool import IN_FLIGHT, Pool, WorkerLost
 from fnn_ray.progress import Progress
 from fnn_ray.scheduler import Scheduler
-from fnn_ray.worker import ItemResult, Task, item_label
+from fnn_ray.worker import ItemResult, item_label
 
-__all__ = ["DATA_ERRORS", "Execution", "Faults", "execute"]
-
-Key = tuple[int, int, str]
+__all__ = ["DATA_ERRORS", "Execution", "Fail", "Policy", "Resubmit", "RetryAt", "decide", "execute"]
 
 #: Exceptions of an item that retrying cannot fix: bad or missing data, a bad release.
 DATA_ERRORS = (ValueError, FileNotFoundError, KeyError, TypeError)
 
-#: In-flight items per actor: one computing, one being read or written.
-IN_FLIGHT = 2
+
+@dataclass(frozen=True)
+class Policy:
+    """When to give up: ``max_retries`` retries after an ordinary error; store faults are ridden out for
+    ``store_timeout_s`` since the item's first fault, waiting ``jitter(min(backoff_cap_s, backoff_base_s *
+    2**attempts))`` before each retry (full jitter); at most ``max_actor_restarts`` replacement workers. The loop
+    wakes at least every ``tick_s`` seconds of the pool's clock (progress lines) while nothing comes back."""
+
+    max_retries: int = 2
+    max_actor_restarts: int = 4
+    store_timeout_s: float = 300.0
+    backoff_base_s: float = 0.5
+    backoff_cap_s: float = 30.0
+    jitter: Callable[[float], float] = field(default=lambda cap: random.uniform(0.0, cap), repr=False)
+    tick_s: float = 1.0
 
 
 @dataclass(frozen=True)
-class Faults:
-    """Test-only fault injection: stop handing out work after ``max_items`` items (as if the driver died);
-    ``crash_on`` (``"session-scan_idx/item_id"``) makes the actor that first runs that item exit abruptly;
-    ``actor_delay_s`` maps an initial actor's index to extra seconds per item (a slow device)."""
+class Fail:
+    """Give the item up with ``error``."""
 
-    max_items: int | None = None
-    crash_on: str | None = None
-    actor_delay_s: dict[int, float] = field(default_factory=dict)
+    error: BaseException
+
+
+@dataclass(frozen=True)
+class RetryAt:
+    """Submit the item again to the same worker at time ``at`` (a store fault: let the store recover)."""
+
+    at: float
+
+
+@dataclass(frozen=True)
+class Resubmit:
+    """Submit the item again to the same worker now."""
+
+
+def decide(cause: BaseException, attempts: int, first_fault: float, now: float, policy: Policy
+           ) -> Fail | RetryAt | Resubmit:
+    """What to do with an item whose ``attempts``-th attempt raised ``cause`` at ``now`` (its first fault was at
+    ``first_fault``): data errors and a store already given up on fail at once; store faults are retried after a
+    backoff until ``policy.store_timeout_s`` has passed since the first fault; anything else is resubmitted
+    ``policy.max_retries`` times."""
+    if isinstance(cause, DATA_ERRORS) or isinstance(cause, storage.StoreUnavailable):
+        return Fail(cause)
+    if storage.is_transient(cause):
+        if now - first_fault >= policy.store_timeout_s:
+            return Fail(storage.StoreUnavailable(f"store unreachable for {now - first_fault:.0f} s: "
+                                                 f"{type(cause).__name__}: {cause}; rerun when it is back",
+                                                 what="an item"))
+        return RetryAt(now + policy.jitter(min(policy.backoff_cap_s, policy.backoff_base_s * 2 ** min(attempts, 6))))
+    return Fail(cause) if attempts > policy.max_retries else Resubmit()
 
 
 @dataclass
 class Execution:
-    """What :func:`execute` did: counts, failures (one line each), per-actor assignments and runs, worker info,
+    """What :func:`execute` did: counts, failures (one line each), per-worker assignments and runs, worker info,
     summed phase timings of committed items, the largest worker peak memory and stimulus bytes read."""
 
     done: int = 0
@@ -69,13 +104,17 @@ class Execution:
     peak_memory_mb: float = 0.0
     bytes_read: int = 0
     frame_bytes: int = 0
-    stopped_early: bool = False
 
-
-def _cause(error: BaseException) -> BaseException:
-    """The exception an item raised inside a worker (unwrapped from Ray's RayTaskError)."""
-    cause = getattr(error, "cause", None)
-    return cause if isinstance(cause, BaseException) else error
+    def record(self, name: str, item: WorkItem, result: ItemResult) -> None:
+        """Count one committed item."""
+        self.done += 1
+        self.scan_frames += result.scan_frames
+        self.ran.setdefault(name, []).append(item.key)
+        for phase, seconds in result.timings.items():
+            self.timings[phase] = self.timings.get(phase, 0.0) + seconds
+        self.peak_memory_mb = max(self.peak_memory_mb, result.peak_memory_mb)
+        self.bytes_read += result.bytes_read
+        self.frame_bytes += result.frame_bytes
 
 
 def _message(item: WorkItem, cause: BaseException, attempts: int) -> str:
@@ -83,161 +122,113 @@ def _message(item: WorkItem, cause: BaseException, attempts: int) -> str:
     text = str(cause).strip().splitlines()[-1] if str(cause).strip() else type(cause).__name__
     if not text.startswith("item "):
         text = f"item {item_label(item)} ({item.part.where}): {type(cause).__name__}: {text}"
-    if attempts > 1:
-        text += f" (after {attempts} attempts)"
-    return text
+    return text + (f" (after {attempts} attempts)" if attempts > 1 else "")
 
 
-def execute(items: list[WorkItem], task: Task, pool: WorkerPool, n_actors: int, kind: str, *,
-            head_load_cost: float, max_retries: int, max_actor_restarts: int, start_timeout_s: float,
-            progress: Progress, on_commit: Callable[[ItemResult], None], faults: Faults = Faults()) -> Execution:
-    """Run ``items`` of ``task`` on ``n_actors`` workers of ``pool``; ``on_commit`` is called (on this thread) for
-    each committed item. Returns what happened; raises KeyboardInterrupt (after killing the workers) when
-    interrupted."""
-    import ray
+class Loop:
+    """What the loop holds between two outcomes: the pool, the scheduler, the policy, the record so far
+    (:class:`Execution`), items waiting out a store fault ``(at, worker, item)``, attempts and first-fault times
+    per item, and whether the store is down (then nothing more is handed out)."""
 
-    run = Execution()
-    started = pool.start(n_actors, timeout_s=start_timeout_s)
-    names = [f"actor-{i}" for i in range(n_actors)]
-    handles: dict[str, Any] = {name: handle for name, (handle, _) in zip(names, started)}
-    delays = {name: float(faults.actor_delay_s.get(i, 0.0)) for i, name in enumerate(names)}
-    devices = Counter(info["device"] for _, info in started)
-    run.workers = {name: info for name, (_, info) in zip(names, started)}
-    run.actors = n_actors
-    run.device = ", ".join(f"{n}x {d}" for d, n in devices.items()) + f" ({kind} cluster)"
-    progress.write(f"{n_actors} worker(s) on {run.device}")
+    def __init__(self, pool: Pool, scheduler: Scheduler, policy: Policy, progress: Progress) -> None:
+        self.pool, self.scheduler, self.policy, self.progress = pool, scheduler, policy, progress
+        self.run = Execution(assigned={n: [i.key for i in scheduler.queue_of(n)] for n in scheduler.actors})
+        self.delayed: list[tuple[float, str, WorkItem]] = []
+        self.attempts: Counter[Key] = Counter()
+        self.first_fault: dict[Key, float] = {}
+        self.store_down = False
 
-    ready_at = time.perf_counter()
-    scheduler = Scheduler(items, names, head_load_cost, clock=time.monotonic)
-    run.assigned = {n: [i.key for i in scheduler.queue_of(n)] for n in names}
-    ran: dict[str, list[Key]] = {}
-    inflight: dict[Any, tuple[str, WorkItem]] = {}  # object ref -> (actor, item)
-    delayed: list[tuple[float, str, WorkItem]] = []  # (resubmit at, actor, item) after a store fault
-    attempts: Counter[Key] = Counter()
-    first_fault: dict[Key, float] = {}
-    timings: Counter[str] = Counter()
-    state = {"crashed": False, "handed_out": 0, "store_down": False}
-    completed = False
+    def busy(self) -> bool:
+        return bool(self.delayed) or any(self.pool.in_flight(name) for name in self.scheduler.actors)
 
-    def submit(name: str, item: WorkItem) -> None:
-        crash = faults.crash_on is not None and not state["crashed"] and item_label(item) == faults.crash_on
-        state["crashed"] = state["crashed"] or crash
-        inflight[handles[name].run.remote(item, task, delays.get(name, 0.0), crash)] = (name, item)
+    def held(self, name: str) -> int:
+        return self.pool.in_flight(name) + sum(1 for _, n, _ in self.delayed if n == name)
 
-    def busy(name: str) -> int:
-        return sum(1 for n, _ in inflight.values() if n == name) + sum(1 for _, n, _ in delayed if n == name)
+    def top_up(self, reported: str | None = None) -> None:
+        """Fill the free slots of ``reported`` (None: of every worker) and of idle workers."""
+        for name in [] if self.store_down else self.scheduler.actors:
+            if reported in (None, name) or not self.held(name):
+                while (self.scheduler.queued and self.held(name) < IN_FLIGHT
+                       and (item := self.scheduler.next_item(name)) is not None):
+                    self.pool.submit(name, item)
 
-    def top_up() -> None:
-        if state["store_down"]:
-            return
-        for name in scheduler.actors:
-            while busy(name) < IN_FLIGHT:
-                if faults.max_items is not None and state["handed_out"] >= faults.max_items:
-                    run.stopped_early = True
-                    return
-                item = scheduler.next_item(name)
-                if item is None:
-                    break
-                state["handed_out"] += 1
-                submit(name, item)
+    def resubmit_due(self) -> float:
+        """Hand back the items whose back-off is over; return how long to wait for an outcome."""
+        now = self.pool.clock()
+        for entry in [d for d in self.delayed if d[0] <= now]:
+            self.delayed.remove(entry)
+            self.pool.submit(entry[1], entry[2])
+        return max(0.05, min(d[0] for d in self.delayed) - now) if self.delayed else self.policy.tick_s
 
-    def actor_died(name: str, error: BaseException) -> None:
-        for ref in [r for r, (n, _) in inflight.items() if n == name]:
-            del inflight[ref]
-        delayed[:] = [d for d in delayed if d[1] != name]
-        lost = scheduler.fail_actor(name)
-        ray.kill(handles.pop(name), no_restart=True)
-        progress.write(f"worker {name} died ({type(error).__name__}); {len(lost)} item(s) requeued")
-        if run.actor_restarts < max_actor_restarts:
-            run.actor_restarts += 1
-            new = f"actor-r{run.actor_restarts}"
-            handles[new] = pool.spawn()
-            scheduler.add_actor(new)
+    def lost(self, name: str, error: BaseException) -> None:
+        """``name`` died: its items go back to the others; a replacement joins while restarts are left."""
+        self.delayed = [d for d in self.delayed if d[1] != name]
+        requeued = self.scheduler.fail_actor(name)
+        new = self.pool.replace(name, spawn=self.run.actor_restarts < self.policy.max_actor_restarts)
+        self.progress.write(f"worker {name} died ({error}); {len(requeued)} item(s) requeued")
+        if new is not None:
+            self.run.actor_restarts += 1
+            self.scheduler.add_actor(new)
 
-    def fail(name: str, item: WorkItem, cause: BaseException) -> None:
-        scheduler.complete(name, item)
-        run.failed += 1
-        if isinstance(cause, storage.StoreUnavailable) or storage.is_transient(cause):
-            run.store_failures += 1
-            state["store_down"] = True  # an outage is not an item's fault: hand out nothing more
-        run.failures.append(_message(item, cause, attempts[item.key]))
-        progress.write(f"FAILED {run.failures[-1]}")
-        progress.update(item.frames, failed=True)
-
-    def failed_attempt(name: str, item: WorkItem, cause: BaseException) -> None:
-        attempts[item.key] += 1
-        now = time.monotonic()
-        if isinstance(cause, DATA_ERRORS) or isinstance(cause, storage.StoreUnavailable):
-            fail(name, item, cause)
-        elif storage.is_transient(cause):
-            first = first_fault.setdefault(item.key, now)
-            if now - first >= task.store_timeout_s:
-                fail(name, item, storage.StoreUnavailable(
-                    f"store unreachable for {now - first:.0f} s: {type(cause).__name__}: {cause}; "
-                    f"rerun when it is back", what=item_label(item)))
-            else:
-                backoff = random.uniform(0, min(30.0, 0.5 * 2 ** min(attempts[item.key], 6)))
-                run.retries += 1
-                delayed.append((now + backoff, name, item))
-        elif attempts[item.key] > max_retries:
-            fail(name, item, cause)
+    def failed(self, name: str, item: WorkItem, cause: BaseException) -> None:
+        """An attempt of ``item`` on ``name`` raised ``cause``: as :func:`decide` says."""
+        now = self.pool.clock()
+        self.attempts[item.key] += 1
+        action = decide(cause, self.attempts[item.key], self.first_fault.setdefault(item.key, now), now, self.policy)
+        if isinstance(action, Fail):
+            return self.fail(name, item, action.error)
+        self.run.retries += 1
+        if isinstance(action, RetryAt):
+            self.delayed.append((action.at, name, item))
         else:
-            run.retries += 1
-            progress.write(f"retrying {item_label(item)} after {type(cause).__name__}: {cause}")
-            submit(name, item)  # same actor; the scheduler still counts it in flight there
+            self.progress.write(f"retrying {item_label(item)} after {type(cause).__name__}: {cause}")
+            self.pool.submit(name, item)  # same worker: the scheduler still counts it in flight there
 
-    try:
-        top_up()
-        while inflight or delayed:
-            now = time.monotonic()
-            for entry in [d for d in delayed if d[0] <= now]:
-                delayed.remove(entry)
-                if entry[1] in handles:
-                    submit(entry[1], entry[2])
-            if not inflight:
-                time.sleep(max(0.0, min(d[0] for d in delayed) - time.monotonic()) if delayed else 0)
-                continue
-            wait_s = max(0.05, min(d[0] for d in delayed) - now) if delayed else 1.0
-            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=wait_s)
-            progress.tick()
-            if not ready:
-                continue
-            name, item = inflight.pop(ready[0])
-            try:
-                result: ItemResult = ray.get(ready[0])
-            except ray.exceptions.RayActorError as e:
-                inflight[ready[0]] = (name, item)  # actor_died drops every ref of the actor
-                actor_died(name, e)
-            except ray.exceptions.RayError as e:
-                failed_attempt(name, item, _cause(e))
-            else:
-                scheduler.complete(name, item)
-                run.done += 1
-                run.scan_frames += result.scan_frames
-                ran.setdefault(name, []).append(item.key)
-                timings.update(result.timings)
-                run.peak_memory_mb = max(run.peak_memory_mb, result.peak_memory_mb)
-                run.bytes_read += result.bytes_read
-                run.frame_bytes += result.frame_bytes
-                on_commit(result)
-                progress.update(result.scan_frames)
-            top_up()
-        pending = scheduler.pending
-        if pending and state["store_down"]:
-            run.failures.append(f"store unreachable for {task.store_timeout_s:.0f} s: {pending} more item(s) not "
-                                f"attempted; rerun when it is back")
-        elif pending and not run.stopped_early:
-            run.failures.append(f"no live worker left after {run.actor_restarts} restart(s): {pending} item(s) not "
-                                f"computed; rerun to finish them")
-        completed = True
-    finally:
-        run.compute_s = time.perf_counter() - ready_at
-        if completed:
-            pool.finish(list(handles.values()))
-        else:  # interrupted: results may still be on their way; don't hand these workers to another job
-            for handle in handles.values():
-                ray.kill(handle, no_restart=True)
-        run.steals, run.requeued = scheduler.steals, scheduler.requeued
-        run.ran = ran
-        run.timings = dict(timings)
-    return run
+    def fail(self, name: str, item: WorkItem, error: BaseException) -> None:
+        self.scheduler.complete(name, item)
+        self.run.failed += 1
+        if isinstance(error, storage.StoreUnavailable) or storage.is_transient(error):
+            self.run.store_failures += 1
+            self.store_down = True  # an outage is not an item's fault: hand out nothing more
+        self.run.failures.append(_message(item, error, self.attempts[item.key]))
+        self.progress.write(f"FAILED {self.run.failures[-1]}")
+        self.progress.update(item.frames, failed=True)
+
+    def finish(self, started: float) -> Execution:
+        """The record, with a line for what is left (the store went down, or no worker is left)."""
+        run, pending = self.run, self.scheduler.pending
+        if pending:
+            run.failures.append(
+                f"store unreachable for {self.policy.store_timeout_s:.0f} s: {pending} more item(s) not attempted; "
+                f"rerun when it is back" if self.store_down else f"no live worker left after {run.actor_restarts} "
+                f"restart(s): {pending} item(s) not computed; rerun to finish them")
+        run.compute_s, run.steals, run.requeued = self.pool.clock() - started, self.scheduler.steals, \
+            self.scheduler.requeued
+        return run
+
+
+def execute(items: list[WorkItem], pool: Pool, scheduler: Scheduler, on_result: Callable[[ItemResult], None], *,
+            policy: Policy = Policy(), progress: Progress | None = None) -> Execution:
+    """Run ``items`` on the started ``pool`` as ``scheduler`` (built over the pool's workers) places them;
+    ``on_result`` is called on this thread for each committed item. The caller closes the pool."""
+    started = pool.clock()
+    loop = Loop(pool, scheduler, policy, progress or Progress(len(items), 0, enabled=False))
+    loop.top_up()
+    while loop.busy():
+        outcome = pool.wait(loop.resubmit_due())
+        loop.progress.tick()
+        if outcome is None:
+            continue
+        name, item, result = outcome
+        if isinstance(result, WorkerLost):
+            loop.lost(name, result)
+            name = None  # every worker may take over its items
+        elif isinstance(result, BaseException):
+            loop.failed(name, item, result)
+        else:
+            scheduler.complete(name, item)
+            loop.run.record(name, item, result)
+            on_result(result)
+            loop.progress.update(result.scan_frames)
+        loop.top_up(name)
+    return loop.finish(started)

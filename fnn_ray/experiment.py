@@ -6,34 +6,33 @@ clips are made on the workers, no stimulus I/O) and whose reducer is a :class:`f
 After the items are committed, :func:`condition_means` merges the partial sums of every item into the mean
 response per unit and condition, and the experiment's analysis (tuning, receptive fields) turns them into tables.
 
-:func:`write_table` and :func:`write_file` commit the final outputs atomically; a rerun rewrites them identically.
+The final outputs are written by :mod:`fnn_ray.outputs`.
 """
 
 from __future__ import annotations
 
-import io
 import json
-from collections.abc import Mapping, Sequence
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from fnn_ray import fingerprint, preflight, storage
 from fnn_ray.generators import Family
-from fnn_ray.job import Job, JobConfig, absolute
-from fnn_ray.ledger import Ledger, parquet_bytes
+from fnn_ray.job import Job, JobConfig, JobSummary, run_job
+from fnn_ray.outputs import committed_tables, csv_bytes, read_results, write_file, write_table
+from fnn_ray.plan import Scan
 from fnn_ray.reducers import WindowReducer
 from fnn_ray.sources import GeneratedSource, blocks
 from fnn_ray.stimuli import Clip, ClipWriter
 
-__all__ = ["ExperimentConfig", "ScanMeans", "clips_metadata", "condition_means", "csv_bytes", "plan_experiment", "read_results",
-           "save_stimuli", "write_file", "write_table"]
-
-Scan = tuple[int, int]
+__all__ = ["ExperimentConfig", "ScanMeans", "clips_metadata", "condition_means", "plan_experiment", "read_results",
+           "run_experiment", "save_stimuli"]  # read_results: from fnn_ray.outputs, kept here for the README
 
 
 @dataclass(kw_only=True)
@@ -68,11 +67,9 @@ class ScanMeans:
 def plan_experiment(name: str, config: ExperimentConfig, products: Sequence[str] = ()) -> Job:
     """Check the setup (release, scans, output) and build the experiment's job (nothing written, no Ray);
     ``products``: the folders under the output its results are written to after the run."""
-    so = config.storage_options
-    release_url, release_so = preflight.release_location(config.release, so)
-    output_url = absolute(config.output)
-    release, scans = preflight.open_release(release_url, config.scans, release_so)
-    preflight.check_output(output_url, so)
+    setup = preflight.prepare(config.release, config.output, config.scans, config.storage_options)
+    release, scans, output_url = setup.release, setup.scans, setup.output_url
+    release_url, release_so = setup.release_url, setup.release_options
     family = config.family
     parts = blocks(family, config.clips_per_part)
     return Job(
@@ -89,16 +86,13 @@ def plan_experiment(name: str, config: ExperimentConfig, products: Sequence[str]
 
 
 def condition_means(job: Job, storage_options: Mapping[str, Any] | None = None) -> dict[Scan, ScanMeans]:
-    """Merge the committed partial sums of ``job`` per scan (every item must be committed)."""
-    ledger = Ledger(job.output_url, storage_options)
+    """Merge the committed partial sums of ``job`` per scan (ValueError unless every item is committed)."""
     k = len(job.source.family.conditions)  # type: ignore[attr-defined]
     acc: dict[Scan, list] = {}
-    for commit in ledger.committed_files(job.reducer.data_dir):
-        with ledger.fs.open(ledger.path(commit.file), "rb") as f:
-            table = pq.read_table(f)
+    for key, table in committed_tables(job, storage_options):
         counts = np.asarray(json.loads(table.schema.metadata[b"counts"]), np.int64)
         sums = table.column("sums").combine_chunks().flatten().to_numpy().reshape(-1, k)
-        scan = commit.key[:2]
+        scan = key[:2]
         if scan not in acc:
             acc[scan] = [table.column("unit_id").to_numpy(), table.column("readout_id").to_numpy(),
                          np.zeros_like(sums), np.zeros(k, np.int64)]
@@ -117,20 +111,6 @@ def clips_metadata(family: Family) -> list[dict]:
             for i in range(family.num_clips)]
 
 
-def write_file(url: str, data: bytes, storage_options: Mapping[str, Any] | None = None) -> str:
-    """Commit ``data`` at ``url`` atomically; return ``url``."""
-    fs, path = storage.filesystem(url, storage_options)
-    storage.commit_bytes(fs, path, data)
-    return url
-
-
-def write_table(output_url: str, data_dir: str, scan: Scan, frame: pd.DataFrame,
-                storage_options: Mapping[str, Any] | None = None) -> str:
-    """Commit one scan's table as ``OUTPUT/<data_dir>/session=<s>/scan_idx=<i>/units.parquet``."""
-    url = storage.join(output_url, data_dir, f"session={scan[0]}", f"scan_idx={scan[1]}", "units.parquet")
-    return write_file(url, parquet_bytes(pa.Table.from_pandas(frame, preserve_index=False)), storage_options)
-
-
 def save_stimuli(family: Family, url: str, storage_options: Mapping[str, Any] | None = None) -> list[str]:
     """Write the experiment's exact clips as a stimulus dataset (the sweep's contract, the metadata's clip ids),
     one clip in memory at a time; returns the file URLs."""
@@ -140,20 +120,50 @@ def save_stimuli(family: Family, url: str, storage_options: Mapping[str, Any] | 
     return writer.files
 
 
-def csv_bytes(frame: pd.DataFrame) -> bytes:
-    """``frame`` as CSV (no index)."""
-    buffer = io.StringIO()
-    frame.to_csv(buffer, index=False)
-    return buffer.getvalue().encode()
-
-
-def read_results(output_url: str, data_dir: str, storage_options: Mapping[str, Any] | None = None,
-                 filter: Any = None) -> pd.DataFrame:
-    """An analysis table (``ori_dir_tuning``, ``receptive_fields``, ``performance``) of every scan as one
-    DataFrame with ``session`` / ``scan_idx`` columns (``filter``: a ``pyarrow.dataset`` expression on them)."""
-    import pyarrow.dataset as ds
-
-    fs, root = storage.filesystem(storage.join(output_url, data_dir), storage_options)
-    dataset = ds.dataset([p for p in fs.find(root) if p.endswith("/units.parquet")], filesystem=fs,
-                         format="parquet", partitioning=ds.partitioning(flavor="hive"), partition_base_dir=root)
-    return dataset.to_table(filter=filter).to_pandas()
+def run_experiment(name: str, data_dir: str, config: ExperimentConfig, save_stimuli_url: str | None,
+                   analyse: Callable[[ScanMeans], pd.DataFrame], metadata: dict, csv_columns: list[str],
+                   plot: Callable[[pd.DataFrame, str], list[str]]) -> JobSummary:
+    """Run the experiment job, then (when every item is committed) write per scan
+    ``OUTPUT/<data_dir>/session=<s>/scan_idx=<i>/units.parquet`` (``unit_id``, ``readout_id``, then the columns of
+    ``analyse(means)``), ``OUTPUT/<data_dir>/metadata.json`` (``metadata`` plus the stimulus family, its
+    parameters and every clip's windows), ``units.csv`` (``csv_columns`` of all scans) and the PNGs of
+    ``plot(table, directory)`` under ``plots/``. Prints where everything went."""
+    so = config.storage_options
+    family = config.family
+    job = plan_experiment(name, config, products=(data_dir,))
+    if save_stimuli_url and not config.overwrite:
+        fingerprint.check(job, so)  # a rerun that will be refused writes no stimuli either
+    if save_stimuli_url:
+        start = time.perf_counter()
+        files = save_stimuli(family, save_stimuli_url, so)
+        print(f"saved the {family.num_clips} clip(s) as a stimulus dataset ({len(files)} file(s)) at "
+              f"{storage.redact_url(save_stimuli_url)} in {time.perf_counter() - start:.1f} s")
+    summary = run_job(job, config)
+    if not summary.ok:
+        return summary
+    start = time.perf_counter()
+    tables = []
+    for scan, means in sorted(condition_means(job, so).items()):
+        table = analyse(means)
+        table.insert(0, "readout_id", means.readout_ids.astype("int32"))
+        table.insert(0, "unit_id", means.unit_ids.astype("int64"))
+        write_table(job.output_url, data_dir, scan, table, so)
+        table.insert(0, "scan_idx", scan[1])
+        table.insert(0, "session", scan[0])
+        tables.append(table)
+    everything = pd.concat(tables, ignore_index=True)
+    base = storage.join(job.output_url, data_dir)
+    meta = {**metadata, "stimulus": {"family": family.name, **family.params()},
+            "burnin_frames": family.burnin_frames, "clips": clips_metadata(family)}
+    write_file(storage.join(base, "metadata.json"), json.dumps(meta, indent=1).encode(), so)
+    write_file(storage.join(base, "units.csv"), csv_bytes(everything[csv_columns]), so)
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = plot(everything, tmp)
+        for path in paths:
+            write_file(storage.join(base, "plots", Path(path).name), Path(path).read_bytes(), so)
+    shown = storage.redact_url(base)
+    print(f"\n{name}: {len(everything):,} unit(s) of {len(tables)} scan(s) analysed in "
+          f"{time.perf_counter() - start:.1f} s\n  tables: {shown}/session=*/scan_idx=*/units.parquet\n"
+          f"  published layout: {shown}/units.csv\n  metadata: {shown}/metadata.json\n"
+          f"  plots: {shown}/plots/ ({len(paths)} PNG)")
+    return summary

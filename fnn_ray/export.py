@@ -59,9 +59,9 @@ import pyarrow.parquet as pq
 from fnn_ray import preflight, storage
 from fnn_ray.ledger import Commit, Ledger
 from fnn_ray.manifest import Manifest
+from fnn_ray.plan import Key, Scan
 from fnn_ray.responses import RESPONSES_DIR
-from fnn_ray.stimuli import Shard, dataset_files, list_shards, read_shard
-from fnn_ray.sweep import regroup
+from fnn_ray.stimuli import Shard, dataset_files, list_shards, read_shard, regroup
 
 __all__ = [
     "BURNIN_FRAMES",
@@ -73,8 +73,6 @@ __all__ = [
     "export_responses",
 ]
 
-Scan = tuple[int, int]
-Key = tuple[int, int, str]
 
 #: Folders of the published layout under the export URL.
 RESPONSES_EXPORT_DIR = "responses"

@@ -17,28 +17,28 @@ Everything that can be checked before Ray starts is checked by the caller (:func
 
 from __future__ import annotations
 
-import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from fnn_ray import fingerprint, storage
-from fnn_ray.executor import Execution, Faults, execute
+from fnn_ray.executor import Execution, Policy, execute
 from fnn_ray.ledger import Ledger
 from fnn_ray.lease import OutputLease
 from fnn_ray.manifest import Manifest, manifest_url
-from fnn_ray.plan import HEAD_LOAD_COST, Part, build_items
-from fnn_ray.pool import WorkerPool, cluster_plan, init_ray, shutdown_ray
+from fnn_ray.plan import HEAD_LOAD_COST, Part, Scan, build_items
+from fnn_ray.pool import Pool, RayPool
 from fnn_ray.progress import Progress, format_plan, format_summary
 from fnn_ray.reducers import Reducer
+from fnn_ray.scheduler import Scheduler
 from fnn_ray.sources import Source
 from fnn_ray.worker import Task, WorkerOptions, torch_dtype
 
-__all__ = ["Job", "JobConfig", "JobFailed", "JobSummary", "run_job"]
+__all__ = ["Job", "JobConfig", "JobFailed", "JobSummary", "PoolFactory", "run_job"]
 
-Scan = tuple[int, int]
-Key = tuple[int, int, str]
+#: Builds the pool a job's items run on from the workers' options and the job's task.
+PoolFactory = Callable[[WorkerOptions, Task], Pool]
 
 
 @dataclass
@@ -52,7 +52,9 @@ class JobConfig:
     another run's lease on the output instead of failing. ``overwrite``: start a clean output, removing what earlier
     runs committed there (else a rerun with another fingerprint is refused). ``head_load_cost``: what loading a
     scan head costs in core-frames (the scheduler steals across scans only when that pays off). ``reuse_workers``
-    keeps the workers (and their loaded core) for the next job of the same release in this process.
+    keeps the workers (and their loaded core) for the next job of the same release in this process. ``pool``:
+    where the workers run (default: :class:`fnn_ray.pool.RayPool` with the options above; e.g.
+    ``lambda options, task: LocalPool(options, task, actors=2)`` runs them in this process).
     """
 
     actors: int | None = None
@@ -73,7 +75,7 @@ class JobConfig:
     progress: bool = True
     verbose: bool = True
     reuse_workers: bool = False
-    faults: Faults = field(default_factory=Faults)
+    pool: PoolFactory | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         torch_dtype(self.dtype)  # validates
@@ -185,12 +187,6 @@ class JobFailed(RuntimeError):
         super().__init__(head + "".join(f"\n  - {m}" for m in summary.failures[:20]))
 
 
-def absolute(url: str) -> str:
-    """Local paths made absolute (so a manifest compares equal whatever the cwd); URLs unchanged."""
-    url = os.fspath(url)
-    return url if "://" in url else os.path.abspath(os.path.expanduser(url))
-
-
 def _remove_staging(ledger: Ledger) -> int:
     """Delete staging objects under the output (left by killed runs; only the lease holder calls this)."""
     try:
@@ -230,7 +226,6 @@ def run_job(job: Job, config: JobConfig) -> JobSummary:
     budget = min(config.store_timeout_s, 30.0)  # for the driver's own store calls at the end
     lease = OutputLease(job.output_url, so, ttl_s=config.lease_ttl_s, retry_budget_s=budget).acquire(
         wait=config.wait_for_lock)
-    started_ray = False
     summary: JobSummary | None = None
     manifest: Manifest | None = None
     try:
@@ -272,33 +267,7 @@ def run_job(job: Job, config: JobConfig) -> JobSummary:
         manifest.save(job.output_url, so)
         say(format_plan(job, summary, sum(item.frames for item in everything)))
         if items:
-            started_ray = init_ray(config.address)
-            n_actors, resources, kind = cluster_plan(config.actors, config.cpus_per_actor)
-            pool = WorkerPool(WorkerOptions(release_url=job.release_url, storage_options=so,
-                                            release_options=job.release_options, dtype=config.dtype,
-                                            clips_per_batch=config.clips_per_batch, max_heads=config.max_heads),
-                              resources, reuse=config.reuse_workers)
-            task = Task(job.source, job.reducer, job.output_url, config.store_timeout_s)
-            progress = Progress(len(items), sum(i.frames for i in items), enabled=config.progress, desc=job.name)
-            last_save = [time.monotonic()]
-
-            def on_commit(result) -> None:
-                manifest.mark_done([result.key])
-                if time.monotonic() - last_save[0] > 10:
-                    _save_manifest(manifest, job, so, summary.warnings, budget)
-                    last_save[0] = time.monotonic()
-
-            try:
-                summary.execution = execute(
-                    items, task, pool, max(1, min(n_actors, len(items))), kind,
-                    head_load_cost=HEAD_LOAD_COST if config.head_load_cost is None else config.head_load_cost,
-                    max_retries=config.max_retries, max_actor_restarts=config.max_actor_restarts,
-                    start_timeout_s=config.start_timeout_s, progress=progress, on_commit=on_commit,
-                    faults=config.faults)
-            except KeyboardInterrupt as e:  # SIGINT, or SIGTERM turned into one by the CLI
-                summary.interrupted = getattr(e, "signal_name", "SIGINT")
-            finally:
-                progress.close()
+            _execute(job, config, items, manifest, summary, budget)
     finally:
         if summary is not None and summary.execution is not None and summary.execution.store_failures:
             budget = lease.retry_budget_s = 5.0  # the store is down: record what we can, don't wait for it
@@ -315,7 +284,47 @@ def run_job(job: Job, config: JobConfig) -> JobSummary:
             _save_manifest(manifest, job, so, summary.warnings, budget)
             summary.wall_s = time.perf_counter() - start
         lease.release()
-        if started_ray:
-            shutdown_ray()
     return summary
+
+
+def _make_pool(config: JobConfig, options: WorkerOptions, task: Task) -> Pool:
+    if config.pool is not None:
+        return config.pool(options, task)
+    return RayPool(options, task, actors=config.actors, cpus_per_actor=config.cpus_per_actor, address=config.address,
+                   reuse=config.reuse_workers, start_timeout_s=config.start_timeout_s)
+
+
+def _execute(job: Job, config: JobConfig, items: list, manifest: Manifest, summary: JobSummary, budget: float
+             ) -> None:
+    """Start the pool, run ``items`` on the executor (recording commits in ``manifest``), close the pool."""
+    so = config.storage_options
+    options = WorkerOptions(release_url=job.release_url, storage_options=so, release_options=job.release_options,
+                            dtype=config.dtype, clips_per_batch=config.clips_per_batch, max_heads=config.max_heads)
+    progress = Progress(len(items), sum(i.frames for i in items), enabled=config.progress, desc=job.name)
+    last_save = [time.monotonic()]
+
+    def on_commit(result) -> None:
+        manifest.mark_done([result.key])
+        if time.monotonic() - last_save[0] > 10:
+            _save_manifest(manifest, job, so, summary.warnings, budget)
+            last_save[0] = time.monotonic()
+
+    pool, ok = _make_pool(config, options, Task(job.source, job.reducer, job.output_url, config.store_timeout_s)), False
+    try:
+        names = pool.start(len(items))
+        workers = dict(pool.workers)
+        progress.write(f"{len(names)} worker(s) on {pool.description}")
+        cost = HEAD_LOAD_COST if config.head_load_cost is None else config.head_load_cost
+        policy = Policy(max_retries=config.max_retries, max_actor_restarts=config.max_actor_restarts,
+                        store_timeout_s=config.store_timeout_s)
+        summary.execution = execute(items, pool, Scheduler(items, names, cost, clock=pool.clock), on_commit,
+                                    policy=policy, progress=progress)
+        summary.execution.actors, summary.execution.device = len(names), pool.description
+        summary.execution.workers = workers
+        ok = True
+    except KeyboardInterrupt as e:  # SIGINT, or SIGTERM turned into one by the CLI
+        summary.interrupted = getattr(e, "signal_name", "SIGINT")
+    finally:
+        pool.close(ok)
+        progress.close()
 

@@ -26,13 +26,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from fnn_ray import storage
+from fnn_ray.plan import Key
 
 __all__ = ["LEDGER_DIR", "Commit", "Ledger", "parquet_bytes"]
 
 #: Directory of the markers under the output URL (the leading '_' hides it from pyarrow.dataset).
 LEDGER_DIR = "_ledger"
 
-Key = tuple[int, int, str]
 _PARQUET_MAGIC = b"PAR1"
 
 

@@ -23,7 +23,7 @@ frame, batch 1, measured with ``torch.utils.flop_counter``):
   building the modules plus a host-to-device copy, ≈ 5-10 ms; a core-frame (8.43 GFLOP) takes ≈ 0.05-0.1 ms
   at an effective 80-170 TFLOP/s  →  ``HEAD_LOAD_COST = 100.0`` core-frames. Reading the ``.pt`` file again
   for every switch would cost 2-3x more. This is an estimate: the scheduler uses it to decide whether a
-  steal that needs a new head pays off, and ``python -m jobs.simulate --head-load`` shows how the makespan
+  steal that needs a new head pays off, and ``python -m jobs.simulate --head-load-cost`` shows how the makespan
   depends on it.
 
 An item's cost is therefore ``frames * (CORE_COST + units * UNIT_COST)``.
@@ -41,12 +41,19 @@ __all__ = [
     "UNIT_COST",
     "HEAD_LOAD_COST",
     "CostModel",
+    "Key",
+    "Scan",
     "DEFAULT_COST_MODEL",
     "Part",
     "WorkItem",
     "build_items",
     "choose_clips_per_shard",
 ]
+
+#: A scan: (session, scan_idx).
+Scan = tuple[int, int]
+#: A work item's key: (session, scan_idx, part id).
+Key = tuple[int, int, str]
 
 #: Cost of one frame through the core (the unit of all costs), see the module docstring.
 CORE_COST: float = 1.0

@@ -1,8 +1,9 @@
 """Setup checks that run before Ray starts: each failure is one line naming what is wrong and where.
 
-:func:`open_release` (release present, core and requested heads are torch archives; scans known),
-:func:`check_output` (the output location is writable; nothing is left behind by the check). Jobs call these
-first, so a bad setup fails in seconds with exit status 2 and nothing written.
+:func:`prepare` is every job's one setup step: locate the release (:func:`release_location`), open and check it
+(:func:`open_release`: present, core and requested heads are torch archives, scans known) and check that the output
+can be written (:func:`check_output`; nothing is left behind by the check). Jobs call it first, so a bad setup
+fails in seconds with exit status 2 and nothing written.
 """
 
 from __future__ import annotations
@@ -13,16 +14,56 @@ import tempfile
 import uuid
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from fnn_ray import storage
+from fnn_ray.plan import Scan
 
 if TYPE_CHECKING:
     from fnn_model.release import Release
 
-__all__ = ["check_output", "open_release", "parse_scans", "release_location"]
+__all__ = ["Setup", "UnknownScans", "absolute", "check_output", "open_release", "parse_scans", "prepare",
+           "release_location"]
 
-Scan = tuple[int, int]
+
+class UnknownScans(ValueError):
+    """Requested scans the release does not hold; ``known``: the release's scans."""
+
+    def __init__(self, message: str, known: Sequence[Scan]) -> None:
+        super().__init__(message)
+        self.known = list(known)
+
+
+@dataclass(frozen=True)
+class Setup:
+    """A checked setup: the opened ``release``, where it is (``release_url``, absolute) and its storage options, the
+    requested scans with their unit counts, and the (absolute, writable) output URL."""
+
+    release: Release = field(repr=False)
+    release_url: str
+    release_options: Mapping[str, Any] | None = field(repr=False)
+    scans: list[tuple[Scan, int]]
+    output_url: str
+
+
+def absolute(url: str) -> str:
+    """Local paths made absolute (so a manifest compares equal whatever the cwd); URLs unchanged."""
+    url = os.fspath(url)
+    return url if "://" in url else os.path.abspath(os.path.expanduser(url))
+
+
+def prepare(release: str, output: str, scans: Sequence[Scan] | None,
+            storage_options: Mapping[str, Any] | None = None) -> Setup:
+    """Every job's setup step: locate, open and check the release and the requested ``scans`` (None: all), check
+    that ``output`` can be written. ValueError / FileNotFoundError naming the problem (:class:`UnknownScans` for
+    scans the release lacks); nothing is written and Ray is not started."""
+    release_url, release_options = release_location(release, storage_options)
+    opened, chosen = open_release(release_url, scans, release_options)
+    output_url = absolute(output)
+    check_output(output_url, storage_options)
+    return Setup(opened, release_url, release_options, chosen, output_url)
+
 
 
 def parse_scans(text: str | None) -> list[Scan] | None:
@@ -62,8 +103,8 @@ def open_release(url: str, wanted: Sequence[Scan] | None,
         if unknown:
             names = ", ".join(f"{s}-{i}" for s, i in unknown)
             listing = ", ".join(f"{s}-{i}" for s, i in available)
-            raise ValueError(f"unknown scan(s) {names} in release {storage.redact_url(release.url)}; "
-                             f"available: {listing}")
+            raise UnknownScans(f"unknown scan(s) {names} in release {storage.redact_url(release.url)}; "
+                               f"available: {listing}", list(available))
         twice = [f"{s}-{i}" for (s, i), n in Counter(wanted).items() if n > 1]
         if twice:
             raise ValueError(f"scan(s) listed twice: {', '.join(twice)}")

@@ -43,7 +43,7 @@ from fsspec import AbstractFileSystem
 
 from fnn_ray import storage
 from fnn_ray.importers import read_npy_header
-from fnn_ray.plan import WorkItem
+from fnn_ray.plan import Scan, WorkItem
 from fnn_ray.reducers import Reducer, Units
 from fnn_ray.sources import Source
 from fnn_ray.stimuli import Clip
@@ -51,7 +51,6 @@ from fnn_ray.stimuli import Clip
 __all__ = ["KINDS", "RecordingSource", "RepeatsReducer", "VideoRepeats", "list_scan", "npy_bytes", "read_stats",
            "scan_folders", "stats_table", "write_repeat"]
 
-Scan = tuple[int, int]
 
 #: The array kinds of a repeat, in the order they are checked.
 KINDS = ("stimuli", "perspectives", "modulations", "units")

@@ -23,7 +23,6 @@ partitioning="hive")``, or better :func:`read_responses`, which reads only commi
 
 from __future__ import annotations
 
-import re
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -38,12 +37,9 @@ __all__ = [
     "RESPONSES_DIR",
     "SCHEMA",
     "PARTITION_SCHEMA",
-    "committed_items",
     "read_responses",
-    "response_path",
     "response_table",
     "responses_url",
-    "write_responses",
 ]
 
 #: Subdirectory of the output URL that holds the response dataset.
@@ -58,7 +54,6 @@ SCHEMA = pa.schema(
         ("response", pa.list_(pa.float32())),
     ]
 )
-_ITEM_ID = re.compile(r"^[A-Za-z0-9._=-]+$")
 
 #: Hive partition columns (directory names).
 PARTITION_SCHEMA = pa.schema([("session", pa.int32()), ("scan_idx", pa.int32())])
@@ -68,13 +63,6 @@ PARTITION_SCHEMA = pa.schema([("session", pa.int32()), ("scan_idx", pa.int32())]
 def responses_url(output_url: str) -> str:
     """URL of the response dataset (hive-partitioned Parquet) under ``output_url``."""
     return storage.join(output_url, RESPONSES_DIR)
-
-
-def response_path(output_url: str, session: int, scan_idx: int, item_id: str) -> str:
-    """URL of the part file of one work item."""
-    return storage.join(
-        responses_url(output_url), f"session={int(session)}", f"scan_idx={int(scan_idx)}", f"{item_id}.parquet"
-    )
 
 
 def response_table(
@@ -129,34 +117,6 @@ def response_table(
     unit_col = pa.array(np.tile(unit_ids[order].astype(np.int64, copy=False), C))
     readout_col = pa.array(np.tile(readout_ids[order].astype(np.int32, copy=False), C))
     return pa.Table.from_arrays([clip_col, unit_col, readout_col, response], schema=SCHEMA)
-
-
-def write_responses(
-    output_url: str,
-    session: int,
-    scan_idx: int,
-    item_id: str,
-    clip_ids: Sequence[str],
-    responses: Sequence[np.ndarray],
-    unit_ids: np.ndarray,
-    readout_ids: np.ndarray,
-    storage_options: Mapping[str, Any] | None = None,
-) -> str:
-    """Commit one work item's responses (:func:`response_table`) at :func:`response_path` and record the commit
-    in the ledger; return the file's URL. Writing the same item again replaces it (no duplicate rows)."""
-    if not isinstance(item_id, str) or not _ITEM_ID.match(item_id):
-        raise ValueError(f"item_id must match {_ITEM_ID.pattern}, got {item_id!r}")
-    table = response_table(clip_ids, responses, unit_ids, readout_ids)
-    file = f"{RESPONSES_DIR}/session={int(session)}/scan_idx={int(scan_idx)}/{item_id}.parquet"
-    Ledger(output_url, storage_options).commit_table((int(session), int(scan_idx), item_id), file, table)
-    return response_path(output_url, session, scan_idx, item_id)
-
-
-def committed_items(
-    output_url: str, storage_options: Mapping[str, Any] | None = None
-) -> set[tuple[int, int, str]]:
-    """The ``(session, scan_idx, item_id)`` of every committed, intact part file (see :mod:`fnn_ray.ledger`)."""
-    return {c.key for c in Ledger(output_url, storage_options).committed_files(RESPONSES_DIR)}
 
 
 def read_responses(

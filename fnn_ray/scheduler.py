@@ -68,15 +68,13 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Sequence
 
-from fnn_ray.plan import HEAD_LOAD_COST
+from fnn_ray.plan import HEAD_LOAD_COST, Key, Scan
 
 if TYPE_CHECKING:
     from fnn_ray.plan import WorkItem
 
 __all__ = ["Scheduler", "SchedulerError", "balanced_assignment"]
 
-Scan = tuple[int, int]
-Key = tuple[int, int, str]
 
 
 class SchedulerError(ValueError):

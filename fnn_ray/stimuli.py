@@ -63,6 +63,7 @@ __all__ = [
     "dataset_files",
     "list_shards",
     "read_shard",
+    "regroup",
     "write_clips",
 ]
 
@@ -818,3 +819,26 @@ def read_shard(
         )
     _count(stats, frame_bytes=sum(c.frames.nbytes for c in clips))
     return clips
+
+
+def regroup(shards: Sequence[Shard], clips_per_shard: int) -> list[Shard]:
+    """Merge one-clip shards (``list_shards(url, 1)``) into shards of ``clips_per_shard`` consecutive rows of one
+    file: the same shards (and ids) as ``list_shards(url, clips_per_shard)``, without listing twice."""
+    out: list[Shard] = []
+    group: list[Shard] = []
+
+    def flush() -> None:
+        if group:
+            first, last = group[0], group[-1]
+            out.append(Shard(url=first.url, path=first.path, row_start=first.row_start, row_stop=last.row_stop,
+                             clip_ids=tuple(c for s in group for c in s.clip_ids),
+                             frames=sum(s.frames for s in group), file=first.file,
+                             context_frames=sum(s.context_frames for s in group)))
+            group.clear()
+
+    for shard in shards:
+        if group and (shard.path != group[0].path or shard.row_start % clips_per_shard == 0):
+            flush()
+        group.append(shard)
+    flush()
+    return out

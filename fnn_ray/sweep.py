@@ -14,17 +14,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from fnn_ray import fingerprint, preflight, storage
-from fnn_ray.job import Job, JobConfig, JobSummary, absolute, run_job
+from fnn_ray.job import Job, JobConfig, JobSummary, run_job
 from fnn_ray.manifest import Manifest
-from fnn_ray.plan import choose_clips_per_shard
+from fnn_ray.plan import Scan, choose_clips_per_shard
 from fnn_ray.pool import cluster_plan, init_ray
 from fnn_ray.reducers import FramesReducer
 from fnn_ray.sources import ParquetSource
-from fnn_ray.stimuli import Shard, list_shards
+from fnn_ray.stimuli import list_shards, regroup
 
-__all__ = ["SweepConfig", "plan_sweep", "regroup", "run_sweep"]
-
-Scan = tuple[int, int]
+__all__ = ["SweepConfig", "plan_sweep", "run_sweep"]
 
 
 @dataclass(kw_only=True)
@@ -47,29 +45,6 @@ class SweepConfig(JobConfig):
             self.scans = [(int(s), int(i)) for s, i in self.scans]
 
 
-def regroup(shards: Sequence[Shard], clips_per_shard: int) -> list[Shard]:
-    """Merge one-clip shards (``list_shards(url, 1)``) into shards of ``clips_per_shard`` consecutive rows of one
-    file: the same shards (and ids) as ``list_shards(url, clips_per_shard)``, without listing twice."""
-    out: list[Shard] = []
-    group: list[Shard] = []
-
-    def flush() -> None:
-        if group:
-            first, last = group[0], group[-1]
-            out.append(Shard(url=first.url, path=first.path, row_start=first.row_start, row_stop=last.row_stop,
-                             clip_ids=tuple(c for s in group for c in s.clip_ids),
-                             frames=sum(s.frames for s in group), file=first.file,
-                             context_frames=sum(s.context_frames for s in group)))
-            group.clear()
-
-    for shard in shards:
-        if group and (shard.path != group[0].path or shard.row_start % clips_per_shard == 0):
-            flush()
-        group.append(shard)
-    flush()
-    return out
-
-
 def _planned_actors(config: JobConfig) -> int:
     """Actors this job will get: ``config.actors``; on a cluster (``address`` / ``RAY_ADDRESS``) what it offers;
     locally ``CPUs // 4`` (a local Ray is not started just to count)."""
@@ -85,11 +60,11 @@ def plan_sweep(config: SweepConfig) -> Job:
     """Check the setup (release, scans, stimuli, output) and build the sweep's job; nothing is written and Ray is
     not started. ValueError / FileNotFoundError naming the problem."""
     so = config.storage_options
-    release_url, release_so = preflight.release_location(config.release, so)
-    stimuli_url, output_url = absolute(config.stimuli), absolute(config.output)
-    release, scans = preflight.open_release(release_url, config.scans, release_so)
+    setup = preflight.prepare(config.release, config.output, config.scans, so)
+    release, scans, output_url = setup.release, setup.scans, setup.output_url
+    release_url, release_so = setup.release_url, setup.release_options
+    stimuli_url = preflight.absolute(config.stimuli)
     one_clip = list_shards(stimuli_url, 1, so)
-    preflight.check_output(output_url, so)
     previous = None if config.overwrite else Manifest.load(output_url, so)
     recorded = previous.config.get("clips_per_shard") if previous else None
     clips_per_shard = config.clips_per_shard or recorded

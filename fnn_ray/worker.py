@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from fnn_ray.plan import WorkItem
+from fnn_ray.plan import Scan, WorkItem
 from fnn_ray.reducers import Reducer, Units
 from fnn_ray.sources import Source
 from fnn_ray.stimuli import Clip
@@ -40,7 +40,6 @@ from fnn_ray.stimuli import Clip
 __all__ = ["ItemResult", "Task", "Worker", "WorkerOptions", "batch_clips", "item_label", "peak_memory_mb",
            "predict_clips", "torch_dtype"]
 
-ScanKey = tuple[int, int]
 T = TypeVar("T")
 
 
@@ -133,7 +132,7 @@ class ItemResult:
 
 
 def item_label(item: WorkItem) -> str:
-    """``"{session}-{scan_idx}/{item_id}"``: how items are named in messages and fault-injection options."""
+    """``"{session}-{scan_idx}/{item_id}"``: how items are named in messages."""
     return f"{item.session}-{item.scan_idx}/{item.item_id}"
 
 
@@ -161,7 +160,7 @@ def _stack_vectors(values: Sequence[np.ndarray | None], steps: int) -> np.ndarra
     return out
 
 
-def predict_clips(engine, scan: ScanKey, clips: Sequence[Clip], clips_per_batch: int) -> list[np.ndarray]:
+def predict_clips(engine, scan: Scan, clips: Sequence[Clip], clips_per_batch: int) -> list[np.ndarray]:
     """Responses of one scan to ``clips``: float32 ``[T_c - context_c, U]`` per clip, in order.
 
     Clips are batched ``clips_per_batch`` at a time (same frame size per batch), padded to the longest clip of
@@ -205,8 +204,7 @@ class Worker:
         self.release = Release.open(options.release_url, storage_options=options.release_options
                                     if options.release_options is not None else options.storage_options)
         self.engine = self._on_compute_thread(self._load_engine, options.threads or _assigned_cpus())
-        self._heads: OrderedDict[ScanKey, Units] = OrderedDict()
-        self.items_done = 0
+        self._heads: OrderedDict[Scan, Units] = OrderedDict()
 
     def _on_compute_thread(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn(*args)`` on the compute thread and wait for it (its exception is raised here)."""
@@ -236,12 +234,12 @@ class Worker:
         return {"device": str(self.engine.device), "threads": threads, "pid": os.getpid(), "node": node,
                 "gpu_ids": gpu_ids}
 
-    def heads(self) -> list[ScanKey]:
+    def heads(self) -> list[Scan]:
         """Scans whose heads are loaded, least recently used first."""
         return list(self._heads)
 
     # ------------------------------------------------------------------ work
-    def _head(self, scan: ScanKey) -> Units:
+    def _head(self, scan: Scan) -> Units:
         """Make sure ``scan``'s head is on the engine (compute thread only); return its units."""
         if scan in self._heads:
             self._heads.move_to_end(scan)
@@ -256,29 +254,22 @@ class Worker:
         self._heads[scan] = ids
         return ids
 
-    def load_heads(self, scans: Sequence[ScanKey]) -> list[ScanKey]:
-        """Preload heads (at most ``max_heads``); returns the loaded scans."""
-        for scan in list(scans)[: max(1, self.options.max_heads)]:
-            self._on_compute_thread(self._head, tuple(scan))
-        return self.heads()
-
-    def run(self, item: WorkItem, task: Task, delay_s: float = 0.0, crash: bool = False) -> ItemResult:
+    def run(self, item: WorkItem, task: Task) -> ItemResult:
         """Read, predict, reduce and commit one item of ``task``; return its descriptor.
 
         Raises ``ValueError`` / ``FileNotFoundError`` (bad or missing data: the message names the item and the
         file, row and clip), :class:`fnn_ray.storage.StoreUnavailable` (the store stayed unreachable for
-        ``task.store_timeout_s``) or whatever else went wrong. Test-only fault injection: ``delay_s`` more
-        seconds of compute (a slow device); ``crash``: the process exits abruptly mid-item (a lost node).
+        ``task.store_timeout_s``) or whatever else went wrong.
         """
         label = item_label(item)
         try:
-            return self._run(item, task, delay_s, crash)
+            return self._run(item, task)
         except FileNotFoundError as e:
             raise FileNotFoundError(f"item {label}: {e}") from None
         except (ValueError, KeyError) as e:
             raise ValueError(f"item {label}: {e}") from None
 
-    def _run(self, item: WorkItem, task: Task, delay_s: float, crash: bool) -> ItemResult:
+    def _run(self, item: WorkItem, task: Task) -> ItemResult:
         from fnn_ray import storage
         from fnn_ray.ledger import Ledger
 
@@ -289,8 +280,7 @@ class Worker:
         clips = storage.retry(task.source.read, item, io, budget_s=task.store_timeout_s, what=f"reading {label}")
         timings["read"] = time.perf_counter() - start
 
-        units, rates = self._on_compute_thread(self._predict, item, clips, timings, time.perf_counter(), delay_s,
-                                               crash)
+        units, rates = self._on_compute_thread(self._predict, item, clips, timings, time.perf_counter())
         mark = time.perf_counter()
         table = task.reducer.reduce(item, units, zip(clips, rates))
         timings["reduce"] = time.perf_counter() - mark
@@ -301,7 +291,6 @@ class Worker:
         storage.retry(ledger.commit_table, item.key, file, table, budget_s=task.store_timeout_s,
                       what=f"committing {label}")
         timings["write"] = time.perf_counter() - mark
-        self.items_done += 1
         return ItemResult(
             key=item.key, file=file, clips=len(clips), frames=sum(c.num_frames for c in clips),
             units=len(units.unit_ids), rows=table.num_rows, seconds=time.perf_counter() - start, timings=timings,
@@ -309,8 +298,8 @@ class Worker:
             bytes_read=int(io.get("bytes_read", 0)), frame_bytes=int(io.get("frame_bytes", 0)),
         )
 
-    def _predict(self, item: WorkItem, clips: list[Clip], timings: dict[str, float], queued: float, delay_s: float,
-                 crash: bool) -> tuple[Units, list[np.ndarray]]:
+    def _predict(self, item: WorkItem, clips: list[Clip], timings: dict[str, float], queued: float
+                 ) -> tuple[Units, list[np.ndarray]]:
         """Step 2 of an item, on the compute thread: (units, responses per clip); fills ``timings``."""
         mark = time.perf_counter()
         timings["wait"] = mark - queued
@@ -318,10 +307,6 @@ class Worker:
         timings["head"] = time.perf_counter() - mark
         mark = time.perf_counter()
         rates = predict_clips(self.engine, item.scan, clips, self.options.clips_per_batch)
-        if crash:
-            os._exit(17)  # test-only: the actor dies mid-item, like a lost node (no cleanup)
-        if delay_s:
-            time.sleep(delay_s)
         timings["compute"] = time.perf_counter() - mark
         return units, rates
 

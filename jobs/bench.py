@@ -4,12 +4,20 @@ frames).
 
     python -m jobs.bench [--quick] [--json out.json] [--device cpu|cuda] [--dtypes float32,bfloat16]
                          [--scans K] [--units U] [--batches 1,2,4,8] [--repeats 3] [--no-sweep]
+                         [--training [--training-frames F] [--checkpoint-frames C]]
 
 Rows: a) baseline = `Network.predict`, frame by frame, batch 1, one scan at a time, float32; b) engine = clips x
 scans in one batch, in each of `--dtypes` (a curve over total batch sizes; the best is reported); c) sweep =
 `jobs.sweep` through Ray with one actor on the same device, with the best engine's dtype and batch, stimuli and
 output on local disk; and `jobs.tuning`'s job (16-direction Monet clips generated and reduced on one actor).
 Every row counts the fastest of `--repeats` timed runs (the actor is kept).
+With `--training`: one training step of a twin on the release's core (forward + backward, one stream, batch 4
+windows of `--training-frames` frames): the training path (`fnn_model.training.step`) vs a plain loop of the
+same model (its multi-stream forward under autograd), their ratio `training.training_vs_plain`, the tensors a step
+saves for backward (per sample-frame), the training path with activation checkpointing every
+`--checkpoint-frames` frames (`checkpoint_saved_ratio`, `checkpoint_time_ratio`), and the training path in the
+mixed-precision dtype of `--dtypes` (bfloat16 autocast: `autocast_vs_float32`; `autocast_gradient_error`, the
+relative error of all gradients together, and `autocast_gradient_error_max`, that of the worst tensor).
 Each row gives scan-frames/s, achieved GFLOP/s (conv + matmul FLOPs counted by torch's FlopCounterMode), the
 fraction of this machine's measured matmul peak in the row's dtype and peak memory (per row: the GPU allocator's
 peak, or the process's peak resident set; the sweep's is its worker's). The JSON holds every figure plus the
@@ -191,7 +199,7 @@ def bench_sweep(release_url: str, root: Path, scans: list[tuple[int, int]], clip
     from fnn_ray.stimuli import Clip, write_clips
     import ray
 
-    from fnn_ray.pool import WorkerPool, init_ray
+    from fnn_ray.pool import RayPool, init_ray
 
     stimuli = root / "stimuli"
     data = random_clips(clips, frames, seed=4)
@@ -208,7 +216,7 @@ def bench_sweep(release_url: str, root: Path, scans: list[tuple[int, int]], clip
             seconds = min(seconds, summary.scan_frames / summary.scan_frames_per_s)
             peak_mb = max(peak_mb, summary.execution.peak_memory_mb)
     finally:
-        WorkerPool.shutdown()
+        RayPool.shutdown()
         if started:
             ray.shutdown()
     row = make_row(f"sweep {dtype}: Ray, 1 actor, batch {clips_per_batch}", dtype, len(scans), clips, frames,
@@ -231,7 +239,7 @@ def bench_tuning(release_url: str, root: Path, scans: list[tuple[int, int]], cli
     from fnn_ray.job import run_job
     import ray
 
-    from fnn_ray.pool import WorkerPool, init_ray
+    from fnn_ray.pool import RayPool, init_ray
 
     family = Monet(directions=16, trials=clips, block_frames=max(2, frames // 4), seed=0)
     seconds, analysis, peak_mb, scan_frames = float("inf"), float("inf"), 0.0, 0
@@ -253,13 +261,172 @@ def bench_tuning(release_url: str, root: Path, scans: list[tuple[int, int]], cli
             peak_mb = max(peak_mb, summary.execution.peak_memory_mb)
             scan_frames = summary.scan_frames
     finally:
-        WorkerPool.shutdown()
+        RayPool.shutdown()
         if started:
             ray.shutdown()
     row = make_row(f"tuning {dtype}: Ray, 1 actor, batch {clips_per_batch}", dtype, len(scans), family.num_clips,
                    scan_frames // max(1, len(scans) * family.num_clips), seconds, flops, peak, memory)
     row.peak_memory_mb = peak_mb
     return row, analysis
+
+
+@dataclass
+class TrainingRow:
+    """One measured training step: `batch` windows of `frames` frames, forward + backward. `saved_mb`: the
+    tensors autograd saved for backward (distinct storages; in a checkpointed run those outside its chunks),
+    `saved_per_sample_frame_mb` that over `batch * frames`; `peak_memory_mb` as the other rows; on a GPU
+    `step_peak_mb`, the allocator's peak during a step above what was allocated before it (None on a CPU, whose
+    resident set keeps freed memory), and that per sample-frame."""
+
+    name: str
+    batch: int
+    frames: int
+    seconds: float
+    sample_frames_per_s: float
+    peak_memory_mb: float
+    saved_mb: float
+    saved_per_sample_frame_mb: float
+    step_peak_mb: float | None
+    step_peak_per_sample_frame_mb: float | None
+
+
+class SavedTensors:
+    """Counts the bytes of the distinct storages autograd saves for backward while active (a saved-tensor hook;
+    the tensors themselves are saved as usual)."""
+
+    def __init__(self) -> None:
+        self.storages: dict[int, int] = {}
+
+    def __enter__(self) -> SavedTensors:
+        self.storages.clear()
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda tensor: tensor)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._hooks.__exit__(*exc)
+
+    def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        self.storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    @property
+    def mb(self) -> float:
+        return sum(self.storages.values()) / 2**20
+
+
+def plain_training_step(twin, batch, objective) -> float:  # noqa: ANN001 (fnn_model.training types)
+    """The same model trained by a plain loop: the twin's multi-stream `forward` (all streams, positions `mu`,
+    mean monitor pose) frame by frame under autograd, the objective, backward."""
+    device = next(twin.parameters()).device
+    stimuli, eye, behaviour = (x.to(device) for x in (batch.stimuli, batch.perspectives, batch.modulations))
+    twin.reset()
+    log_rates = []
+    for t in range(batch.frames):
+        image, features = twin.head.encode(stimuli[:, t, None].float() / 255, eye[:, t], behaviour[:, t])
+        log_rates.append(twin.readout(twin.core(image, features)).mean(dim=1))
+    loss = objective(torch.stack(log_rates, dim=1), batch.units.to(device))
+    loss.backward()
+    twin.reset()
+    return float(loss.detach())
+
+
+def autocast_gradient_error(twin, batch, objective, dtype: torch.dtype) -> tuple[float, float]:  # noqa: ANN001
+    """One step's gradients with the forward in `dtype` autocast vs float32 (same stream and random numbers):
+    `|g_mixed - g| / |g|` over all trained tensors together, and the largest of it per tensor."""
+    from fnn_model.training import step
+
+    grads = []
+    for autocast in (None, dtype):
+        twin.zero_grad(set_to_none=True)
+        step(twin, batch, None, torch.Generator().manual_seed(7), objective, autocast=autocast)
+        grads.append({n: p.grad.detach().clone() for n, p in twin.named_trainable_parameters() if p.grad is not None})
+    exact, mixed = grads
+    twin.zero_grad(set_to_none=True)
+    total = (sum(float((mixed[n] - g).square().sum()) for n, g in exact.items())
+             / sum(float(g.square().sum()) for g in exact.values())) ** 0.5
+    return total, max(float((mixed[n] - g).norm() / g.norm()) for n, g in exact.items() if g.norm() > 0)
+
+
+def bench_training(release: Release, scan: tuple[int, int], units: int, frames: int, batch_size: int,
+                   device: torch.device, repeats: int, checkpoint_frames: int | None,
+                   autocast: torch.dtype | None = None) -> dict:
+    """One training step (forward + backward, one stream, `batch_size` windows of `frames` 144x256 frames) of a
+    twin of `units` units on `release`'s core: the training path (`fnn_model.training.step`), a plain loop of
+    the same model (`plain_training_step`) and, with `checkpoint_frames`, the training path with activation
+    checkpointing over time chunks, and with `autocast` the training path in that mixed-precision dtype (and its
+    gradient error, `autocast_gradient_error`). Each row is the fastest of `repeats` steps after a warm-up step
+    whose saved tensors are counted (`SavedTensors`)."""
+    from fnn_model.training import Batch, PoissonObjective, build_twin, step
+
+    twin = build_twin(release, scan, units).to(device)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # non-zero readout features: the gradient reaches through the whole head
+        for w in twin.readout.feature.weights:
+            w.copy_(torch.randn(w.shape, generator=generator) * twin.readout.channels**-0.5)
+    eye, behaviour = (np.random.default_rng(1).standard_normal((2, batch_size, frames, 2)).astype(np.float32))
+    batch = Batch(random_clips(batch_size, frames, seed=6), eye, behaviour,
+                  np.random.default_rng(2).poisson(1.0, (batch_size, frames, units)).astype(np.float32))
+    objective = PoissonObjective(burn_in=0)
+    memory = Memory(device)
+    runs = {"training path: one stream": lambda: step(twin, batch, None, generator, objective),
+            "plain loop: multi-stream forward": lambda: plain_training_step(twin, batch, objective)}
+    if checkpoint_frames:
+        runs[f"training path, checkpoint every {checkpoint_frames} frames"] = (
+            lambda: step(twin, batch, None, generator, objective, checkpoint_frames))
+    if autocast is not None:
+        runs[f"training path: one stream, {str(autocast).removeprefix('torch.')} autocast"] = (
+            lambda: step(twin, batch, None, generator, objective, autocast=autocast))
+    rows = []
+    sample_frames = batch_size * frames
+    for name, run in runs.items():
+        twin.zero_grad(set_to_none=True)
+        with SavedTensors() as saved:
+            run()  # also the warm-up
+        step_peak = None
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            before = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            run()
+            torch.cuda.synchronize(device)
+            step_peak = (torch.cuda.max_memory_allocated(device) - before) / 2**20
+        seconds, _ = best_time(run, repeats, device, memory)
+        rows.append(TrainingRow(name, batch_size, frames, seconds, sample_frames / seconds, memory.peak_mb(),
+                                saved.mb, saved.mb / sample_frames, step_peak,
+                                None if step_peak is None else step_peak / sample_frames))
+    path, plain = rows[0], rows[1]
+    result = {"rows": [asdict(r) for r in rows], "units": units,
+              "training_vs_plain": path.sample_frames_per_s / plain.sample_frames_per_s}
+    if checkpoint_frames:
+        checkpointed = rows[2]
+        result["checkpoint_frames"] = checkpoint_frames
+        result["checkpoint_saved_ratio"] = checkpointed.saved_mb / path.saved_mb
+        result["checkpoint_time_ratio"] = checkpointed.seconds / path.seconds
+    if autocast is not None:
+        result["autocast"] = str(autocast).removeprefix("torch.")
+        result["autocast_vs_float32"] = rows[-1].sample_frames_per_s / path.sample_frames_per_s
+        result["autocast_gradient_error"], result["autocast_gradient_error_max"] = autocast_gradient_error(
+            twin, batch, objective, autocast)
+    return result
+
+
+def print_training(result: dict) -> None:
+    print(f"{'training step':48s} {'sample-frames/s':>15s} {'saved MB':>9s} {'MB/sample-frame':>15s} "
+          f"{'step peak MB':>12s}")
+    for row in result["rows"]:
+        peak = "-" if row["step_peak_mb"] is None else f"{row['step_peak_mb']:.0f}"
+        print(f"{row['name']:48s} {row['sample_frames_per_s']:15.3f} {row['saved_mb']:9.0f} "
+              f"{row['saved_per_sample_frame_mb']:15.2f} {peak:>12s}")
+    line = f"training path / plain loop {result['training_vs_plain']:.2f}x"
+    if "checkpoint_frames" in result:
+        line += (f"; checkpointing every {result['checkpoint_frames']} frames: saved x"
+                 f"{result['checkpoint_saved_ratio']:.2f}, time x{result['checkpoint_time_ratio']:.2f}")
+    if "autocast" in result:
+        line += (f"; {result['autocast']} autocast {result['autocast_vs_float32']:.2f}x float32, gradient error "
+                 f"{result['autocast_gradient_error']:.2e} (worst tensor {result['autocast_gradient_error_max']:.2e})")
+    print(line)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -272,12 +439,22 @@ def main(argv: list[str] | None = None) -> dict:
                         help="engine dtypes, comma-separated (float32, bfloat16); the baseline is always float32")
     parser.add_argument("--scans", type=int, default=None, help="scans (default 4, quick 2)")
     parser.add_argument("--units", type=int, default=10_000, help="units per scan")
+    parser.add_argument("--config", choices=["full", "tiny"], default="full",
+                        help="network size (tiny: a check of the bookkeeping, not a benchmark; no --error-release "
+                             "by default)")
     parser.add_argument("--frames", type=int, default=None, help="frames per clip (default 16, quick 8)")
     parser.add_argument("--batches", default=None, help="clips per engine call, comma-separated (default 1,2,4,8)")
     parser.add_argument("--repeats", type=int, default=3,
                         help="timed runs of each row; the fastest counts (default 3)")
     parser.add_argument("--no-sweep", action="store_true", help="skip the Ray sweep row")
     parser.add_argument("--no-tuning", action="store_true", help="skip the tuning-job row")
+    parser.add_argument("--training", action="store_true",
+                        help="also time one training step (forward + backward, one stream, batch 4)")
+    parser.add_argument("--training-frames", type=int, default=None,
+                        help="frames per training window (default 4, quick 2; 100 is the public window)")
+    parser.add_argument("--checkpoint-frames", type=int, default=None,
+                        help="also time the training step with activation checkpointing every this many frames "
+                             "(default: half the training window; 0: off)")
     parser.add_argument("--error-release", default=None,
                         help="also report the bfloat16 error on this release's weights (default: the golden release "
                              "at $FNN_GOLDEN or ../shared/golden, when there)")
@@ -295,7 +472,8 @@ def main(argv: list[str] | None = None) -> dict:
         release_url = str(root / "release")
         from fnn_model.synthetic import make_release
 
-        make_release(release_url, [(s, i, args.units) for s, i in scan_keys], NetworkConfig(), seed=0)
+        network = NetworkConfig.tiny() if args.config == "tiny" else NetworkConfig()
+        make_release(release_url, [(s, i, args.units) for s, i in scan_keys], network, seed=0)
         release = Release.open(release_url)
         peaks = {name: matmul_peak(device, dtype) for name, dtype in {"float32": torch.float32, **dtypes}.items()}
         flops = flops_per_scan_frame(release, scan_keys[0])
@@ -332,6 +510,15 @@ def main(argv: list[str] | None = None) -> dict:
                                                      args.repeats)
             rows.append(tuning)
             print_row(tuning)
+        training = None
+        if args.training:
+            training_frames = args.training_frames or (2 if args.quick else 4)
+            checkpoint = (args.checkpoint_frames if args.checkpoint_frames is not None
+                          else max(1, training_frames // 2))
+            training = bench_training(release, scan_keys[0], args.units, training_frames, 4, device, args.repeats,
+                                      checkpoint or None, next((d for d in dtypes.values() if d != torch.float32),
+                                                               None))
+            print_training(training)
 
     def best_of(dtype: str) -> Row | None:
         return max((r for r in curve if r.dtype == dtype), key=lambda r: r.scan_frames_per_s, default=None)
@@ -339,7 +526,7 @@ def main(argv: list[str] | None = None) -> dict:
     exact = {clips: responses[name, clips] for name, clips in responses if name == "float32"}
     approx = {clips: responses[name, clips] for name, clips in responses if name == "bfloat16"}
     bf16_error = max((max_rel_error(approx[c], exact[c]) for c in exact if c in approx), default=None)
-    error_release = args.error_release or default_error_release()
+    error_release = args.error_release or (default_error_release() if args.config == "full" else None)
     release_error = None
     if error_release and "bfloat16" in dtypes:
         release_error = release_bf16_error(error_release, device)
@@ -362,6 +549,7 @@ def main(argv: list[str] | None = None) -> dict:
         "tuning": asdict(tuning) if tuning else None,
         "tuning_vs_engine": tuning.scan_frames_per_s / best.scan_frames_per_s if tuning else None,
         "tuning_analysis_s": tuning_analysis_s,
+        "training": training,
         "bfloat16_max_rel_error": bf16_error,
         "bfloat16_error_release": error_release,
         "bfloat16_max_rel_error_on_that_release": release_error,

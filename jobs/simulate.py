@@ -1,7 +1,7 @@
 """Discrete-event simulation of a whole run, driving the real :class:`fnn_ray.scheduler.Scheduler` (no Ray).
 
     python -m jobs.simulate [--actors 1,2,4,...,256] [--json PATH] [--seed N] [--scenarios a,b,...]
-                            [--head-load C] [--frames N] [--clips-per-shard K] [--no-clock]
+                            [--head-load-cost C] [--frames N] [--clips-per-shard K] [--no-clock]
 
 The workload is MICrONS-like: 13 scans with 104,171 units in total (the scan names and the total are those of
 the release, and scan 8-5 has its real 9,941 units; the other counts are made up, between 5,000 and 10,500),
@@ -14,7 +14,7 @@ Time is measured in core-frames of a speed-1.0 actor. The model of an actor, as 
 * it keeps 2 items in flight: one computing, one prefetched. An item's data arrives
   ``fetch_fixed + fetch_per_frame * frames`` (20 + 0.05/frame: a node-local cache) after the item is handed
   out, which is hidden behind the computing item when it was prefetched;
-* the first item of a scan it has not loaded yet costs a head load (``--head-load``, default
+* the first item of a scan it has not loaded yet costs a head load (``--head-load-cost``, default
   :data:`fnn_ray.plan.HEAD_LOAD_COST`) before computing; loaded heads stay;
 * computing an item takes ``cost / speed``, where the speed may change over time;
 * the scheduler gets the simulated time as its clock (``--no-clock``: none), and idle actors ask for work
@@ -31,7 +31,7 @@ Scenarios (all deterministic for a given ``--seed``):
   after the failure.
 
 Lower bound: the ``T`` at which the capacity of all actors over ``[startup, T]`` equals the total item cost,
-where ``startup = head_load + shortest fetch`` (every working actor must fetch its first item and load at
+where ``startup = head_load_cost + shortest fetch`` (every working actor must fetch its first item and load at
 least one head before it can compute; a failed actor contributes until it fails, a joiner from its join
 time), and at least ``startup + largest item / fastest speed``. ``lb_work`` is the plain bound without
 startup, ``max(total work / total speed, largest item / fastest speed)``. ``ratio = makespan / lower_bound``
@@ -41,18 +41,19 @@ and ``r_work = makespan / lb_work``.
 from __future__ import annotations
 
 import argparse
-import heapq
-import itertools
 import json
 import math
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from collections import Counter
+from dataclasses import asdict, dataclass
 from typing import Sequence
 
+from fnn_ray.executor import Policy, execute
 from fnn_ray.plan import HEAD_LOAD_COST, WorkItem, build_items, choose_clips_per_shard
 from fnn_ray.scheduler import Scheduler
+from fnn_ray.simpool import SimPool, SimWorker, SpeedProfile
 from fnn_ray.stimuli import Shard
 
 #: 13 scans, 104,171 units in total (8-5 is real; the other unit counts are made up for the simulation).
@@ -87,10 +88,9 @@ class SimConfig:
     clips_per_shard: int | None = None  # None: choose_clips_per_shard(...) for the actor count
     items_per_actor: int = 32
     max_clips_per_shard: int = 8
-    head_load: float = HEAD_LOAD_COST
+    head_load_cost: float = HEAD_LOAD_COST
     fetch_fixed: float = 20.0
     fetch_per_frame: float = 0.05
-    inflight: int = 2
     seed: int = 0
     use_clock: bool = True  # give the scheduler the simulated clock (as the driver passes time.monotonic)
 
@@ -109,57 +109,6 @@ class SimConfig:
 
     def fetch(self, item: WorkItem) -> float:
         return self.fetch_fixed + self.fetch_per_frame * item.frames
-
-
-class SpeedProfile:
-    """Piecewise-constant speed over time: ``[(t0, speed0), (t1, speed1), ...]`` with ``t0 == 0``."""
-
-    def __init__(self, steps: Sequence[tuple[float, float]]):
-        steps = sorted(steps)
-        if not steps or steps[0][0] != 0.0 or any(s <= 0 for _, s in steps):
-            raise ValueError("a profile starts at t=0 and has positive speeds")
-        self.steps = list(steps)
-
-    @property
-    def max_speed(self) -> float:
-        return max(s for _, s in self.steps)
-
-    def _pieces(self, start: float):
-        """Yield (t_from, t_to, speed) from ``start`` on."""
-        for (t0, s), nxt in zip(self.steps, self.steps[1:] + [(math.inf, 0.0)]):
-            t1 = nxt[0]
-            if t1 <= start:
-                continue
-            yield max(t0, start), t1, s
-
-    def finish(self, start: float, work: float) -> float:
-        """Time at which ``work`` started at ``start`` is done."""
-        for t0, t1, s in self._pieces(start):
-            if (t1 - t0) * s >= work:
-                return t0 + work / s
-            work -= (t1 - t0) * s
-        raise AssertionError("unreachable: the last piece is infinite")
-
-    def capacity(self, start: float, stop: float) -> float:
-        """Work this profile can do in ``[start, stop]``."""
-        if stop <= start:
-            return 0.0
-        total = 0.0
-        for t0, t1, s in self._pieces(start):
-            if t0 >= stop:
-                break
-            total += (min(t1, stop) - t0) * s
-        return total
-
-
-@dataclass
-class ActorSpec:
-    """One simulated actor: its speed over time, when it joins, and when (if ever) it dies."""
-
-    name: str
-    profile: SpeedProfile
-    join_at: float = 0.0
-    fail_at: float | None = None
 
 
 @dataclass
@@ -181,118 +130,12 @@ class SimResult:
     replacement: bool = False
 
 
-@dataclass
-class _Running:
-    spec: ActorSpec
-    slots: list[tuple[WorkItem, float]] = field(default_factory=list)  # (item, data ready time)
-    computing_since: float | None = None
-    loaded: set[tuple[int, int]] = field(default_factory=set)
-    alive: bool = True
-
-
-class Simulation:
-    """Run one scenario: actors pull from the scheduler; events are item completions, failures and joins."""
-
-    def __init__(self, config: SimConfig, items: Sequence[WorkItem], specs: Sequence[ActorSpec]):
-        self.config = config
-        self.items = list(items)
-        self.specs = list(specs)
-        initial = [s.name for s in specs if s.join_at == 0.0]
-        self.now = 0.0
-        clock = (lambda: self.now) if config.use_clock else None
-        self.scheduler = Scheduler(self.items, initial, head_load_cost=config.head_load, clock=clock)
-        self.running: dict[str, _Running] = {}
-        self.events: list[tuple[float, int, str, str, object]] = []
-        self.seq = itertools.count()
-        self.completed: dict[tuple[int, int, str], int] = {}
-        self.head_loads = 0
-        self.wasted = 0.0
-        self.makespan = 0.0
-
-    def _push(self, t: float, kind: str, actor: str, payload: object = None) -> None:
-        heapq.heappush(self.events, (t, next(self.seq), kind, actor, payload))
-
-    def _serve(self, run: _Running, t: float) -> None:
-        """Fill the actor's in-flight slots and start computing if it is idle."""
-        while run.alive and len(run.slots) < self.config.inflight:
-            item = self.scheduler.next_item(run.spec.name)
-            if item is None:
-                break
-            run.slots.append((item, t + self.config.fetch(item)))
-        if run.alive and run.computing_since is None and run.slots:
-            item, ready = run.slots[0]
-            begin = max(t, ready)
-            if item.scan not in run.loaded:
-                begin += self.config.head_load
-                run.loaded.add(item.scan)
-                self.head_loads += 1
-            run.computing_since = begin
-            self._push(run.spec.profile.finish(begin, item.cost), "done", run.spec.name, item)
-
-    def run(self) -> float:
-        for spec in self.specs:
-            if spec.join_at == 0.0:
-                self.running[spec.name] = _Running(spec)
-            else:
-                self._push(spec.join_at, "join", spec.name, spec)
-            if spec.fail_at is not None:
-                self._push(spec.fail_at, "fail", spec.name)
-        for run in list(self.running.values()):
-            self._serve(run, 0.0)
-        while self.events:
-            t, _, kind, name, payload = heapq.heappop(self.events)
-            self.now = t
-            if kind == "done":
-                run = self.running[name]
-                if not run.alive:
-                    continue  # a dead actor's result is discarded
-                item = payload
-                self.scheduler.complete(name, item)
-                self.completed[item.key] = self.completed.get(item.key, 0) + 1
-                run.slots.pop(0)
-                run.computing_since = None
-                self.makespan = max(self.makespan, t)
-                self._serve(run, t)
-                self._poll_idle(t)
-            elif kind == "fail":
-                run = self.running[name]
-                if run.computing_since is not None and t > run.computing_since:
-                    self.wasted += run.spec.profile.capacity(run.computing_since, t)
-                run.alive = False
-                self.scheduler.fail_actor(name)
-                self._wake(t)
-            elif kind == "join":
-                self.scheduler.add_actor(name)
-                self.running[name] = _Running(payload)
-                self._wake(t)
-        if not self.scheduler.finished:
-            raise RuntimeError(f"simulation ended with {self.scheduler.pending} items pending")
-        counts = set(self.completed.values())
-        if len(self.completed) != len(self.items) or counts != {1}:
-            raise RuntimeError("an item was lost or completed twice")
-        return self.makespan
-
-    def _poll_idle(self, t: float) -> None:
-        """After a completion: actors with nothing in flight ask again (a steal may have become worthwhile)."""
-        if self.scheduler.queued == 0:
-            return
-        for run in self.running.values():
-            if run.alive and not run.slots:
-                self._serve(run, t)
-
-    def _wake(self, t: float) -> None:
-        """After a failure or a join: give every live actor with a free slot a chance to get work."""
-        for run in self.running.values():
-            if run.alive and len(run.slots) < self.config.inflight:
-                self._serve(run, t)
-
-
-def lower_bounds(config: SimConfig, items: Sequence[WorkItem], specs: Sequence[ActorSpec]) -> tuple[float, float]:
+def lower_bounds(config: SimConfig, items: Sequence[WorkItem], specs: Sequence[SimWorker]) -> tuple[float, float]:
     """(bound with per-actor startup, plain work bound); see the module docstring."""
     work = sum(i.cost for i in items)
     biggest = max(i.cost for i in items)
     fastest = max(s.profile.max_speed for s in specs)
-    startup = config.head_load + min(config.fetch(i) for i in items)
+    startup = config.head_load_cost + min(config.fetch(i) for i in items)
 
     def solve(delay: float) -> float:
         def capacity(t: float) -> float:
@@ -312,7 +155,7 @@ def lower_bounds(config: SimConfig, items: Sequence[WorkItem], specs: Sequence[A
     return max(solve(startup), startup + biggest / fastest), max(solve(0.0), biggest / fastest)
 
 
-def make_specs(scenario: str, actors: int, nominal: float, seed: int) -> list[ActorSpec]:
+def make_specs(scenario: str, actors: int, nominal: float, seed: int) -> list[SimWorker]:
     """Actor specs of a scenario; ``nominal`` is total work / total base speed."""
     rng = random.Random(f"{seed}/{scenario}/{actors}")
     names = [f"actor-{i:03d}" for i in range(actors)]
@@ -325,7 +168,7 @@ def make_specs(scenario: str, actors: int, nominal: float, seed: int) -> list[Ac
             speeds[i] = 0.7
         for i in order[quarter : 2 * quarter]:
             speeds[i] = 1.3
-    specs = [ActorSpec(n, SpeedProfile([(0.0, s)])) for n, s in zip(names, speeds)]
+    specs = [SimWorker(n, SpeedProfile([(0.0, s)])) for n, s in zip(names, speeds)]
     if scenario == "stragglers":
         for i in rng.sample(range(actors), max(1, actors // 16)):
             specs[i].profile = SpeedProfile([(0.0, 1.0), (0.25 * nominal, 1 / 3), (0.75 * nominal, 1.0)])
@@ -333,12 +176,13 @@ def make_specs(scenario: str, actors: int, nominal: float, seed: int) -> list[Ac
         victim = rng.randrange(actors)
         specs[victim].fail_at = 0.5 * nominal
         if scenario == "failure+replace":
-            specs.append(ActorSpec("replacement-000", SpeedProfile([(0.0, 1.0)]), join_at=0.55 * nominal))
+            specs.append(SimWorker("replacement-000", SpeedProfile([(0.0, 1.0)]), join_at=0.55 * nominal))
     return specs
 
 
 def simulate(scenario: str, actors: int, config: SimConfig = SimConfig()) -> SimResult | None:
-    """Simulate one (scenario, actor count); ``None`` when the scenario cannot finish (failure of the only actor)."""
+    """Simulate one (scenario, actor count) on the real executor and scheduler over a :class:`SimPool`; ``None``
+    when the scenario cannot finish (failure of the only actor)."""
     if scenario not in SCENARIOS:
         raise ValueError(f"unknown scenario {scenario!r}; choose from {SCENARIOS}")
     if scenario == "failure" and actors < 2:
@@ -347,24 +191,31 @@ def simulate(scenario: str, actors: int, config: SimConfig = SimConfig()) -> Sim
     items = build_items(config.scans, shards)
     nominal = sum(i.cost for i in items) / actors  # run time at speed 1.0 (mixed speeds average 1.0)
     specs = make_specs(scenario, actors, nominal, config.seed)
-    sim = Simulation(config, items, specs)
-    makespan = sim.run()
+    initial = [s for s in specs if s.join_at == 0.0]
+    pool = SimPool(initial, config.fetch, config.head_load_cost, spares=[s for s in specs if s.join_at > 0.0])
+    names = pool.start(len(initial))
+    scheduler = Scheduler(items, names, head_load_cost=config.head_load_cost, clock=pool.clock if config.use_clock else None)
+    completed: Counter = Counter()
+    run = execute(items, pool, scheduler, lambda result: completed.update([result.key]),
+                  policy=Policy(max_actor_restarts=len(specs) - len(initial), tick_s=math.inf))
+    if run.failures or len(completed) != len(items) or set(completed.values()) != {1}:
+        raise RuntimeError(f"an item was lost or completed twice: {run.failures}")
     lb, lb_work = lower_bounds(config, items, specs)
     return SimResult(
         scenario=scenario,
         actors=actors,
         clips_per_shard=shards[0].row_stop - shards[0].row_start,
         items=len(items),
-        makespan=makespan,
+        makespan=pool.makespan,
         lower_bound=lb,
-        ratio=makespan / lb,
+        ratio=pool.makespan / lb,
         lb_work=lb_work,
-        ratio_work=makespan / lb_work,
-        head_loads=sim.head_loads,
-        steals=sim.scheduler.steals,
-        repacks=sim.scheduler.repacks,
-        requeued=sim.scheduler.requeued,
-        wasted=sim.wasted,
+        ratio_work=pool.makespan / lb_work,
+        head_loads=pool.head_loads,
+        steals=scheduler.steals,
+        repacks=scheduler.repacks,
+        requeued=scheduler.requeued,
+        wasted=pool.wasted,
         replacement=scenario == "failure+replace",
     )
 
@@ -390,7 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated scenarios")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--head-load", type=float, default=HEAD_LOAD_COST, help="head load cost (core-frames)")
+    parser.add_argument("--head-load-cost", type=float, default=HEAD_LOAD_COST, help="head load cost (core-frames)")
     parser.add_argument("--clips-per-shard", type=int, default=None, help="fixed shard size (default: chosen)")
     parser.add_argument("--items-per-actor", type=int, default=SimConfig.items_per_actor)
     parser.add_argument("--no-clock", action="store_true", help="run the scheduler without a clock")
@@ -406,7 +257,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"unknown scenario {s!r}; choose from {', '.join(SCENARIOS)}")
     config = SimConfig(
         seed=args.seed,
-        head_load=args.head_load,
+        head_load_cost=args.head_load_cost,
         clips_per_shard=args.clips_per_shard,
         items_per_actor=args.items_per_actor,
         use_clock=not args.no_clock,

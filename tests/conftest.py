@@ -4,8 +4,9 @@
   this process and in processes started later (Ray workers) reaches it without storage options.
 * ``s3_url`` : a fresh, empty ``s3://`` prefix for one test.
 * ``tmp_url`` : factory ``tmp_url(kind)`` -> a fresh URL of kind ``"local"``, ``"memory"`` or ``"s3"``.
-* ``ray_cluster`` (module): a private local Ray with 4 logical CPUs and ``RAY_GPUS`` fake GPUs (a module-level
-  constant of the test module, default 0), started after the moto server so workers inherit the AWS_* variables.
+* ``ray_cluster`` (module) on ``ray_session`` (session): one private local Ray for the whole session with
+  ``RAY_CPUS`` logical CPUs and ``RAY_GPUS`` fake GPUs (jobs place one actor per GPU; the model still runs on the
+  CPU since torch sees no CUDA device), started after the moto server so workers inherit the AWS_* variables.
 * ``golden_dir`` (session): the golden release directory ($FNN_GOLDEN or ../shared/golden); skips when it is
   missing, fails instead when FNN_REQUIRE_GOLDEN=1.
 """
@@ -23,6 +24,9 @@ import pytest
 pytest_plugins = ["faultproxy"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+#: The session's Ray: logical CPUs and fake GPUs.
+RAY_CPUS, RAY_GPUS = 4, 4
 
 #: Dummy credentials used against the moto server; distinctive so tests can check they never leak.
 S3_KEY = "fnn-test-access-key"
@@ -132,9 +136,9 @@ def golden_dir() -> Path:
     return path.resolve()
 
 
-@pytest.fixture(scope="module")
-def ray_cluster(s3, request):
-    """A local Ray for one test module (see the module docstring).
+@pytest.fixture(scope="session")
+def ray_session(s3):
+    """One local Ray for the whole session (see the module docstring), started on first use.
 
     The test process itself computes references with one torch thread: on a loaded 2-core machine, spinning
     OpenMP threads next to the Ray workers slow the tiny model down by orders of magnitude.
@@ -142,24 +146,30 @@ def ray_cluster(s3, request):
     import ray
     import torch
 
-    from fnn_ray.pool import WorkerPool
-
     if ray.is_initialized():
         ray.shutdown()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     saved = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), saved]))
-    ray.init(num_cpus=4, num_gpus=getattr(request.module, "RAY_GPUS", 0), include_dashboard=False,
-             log_to_driver=False)
+    ray.init(num_cpus=RAY_CPUS, num_gpus=RAY_GPUS, include_dashboard=False, log_to_driver=False)
     yield ray
-    WorkerPool.shutdown()
     ray.shutdown()
     torch.set_num_threads(threads)
     if saved is None:
         os.environ.pop("PYTHONPATH", None)
     else:
         os.environ["PYTHONPATH"] = saved
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(ray_session):
+    """The session's Ray for one test module; the workers a module kept for reuse are stopped at its end (they
+    hold CPUs and GPUs the next module may need)."""
+    from fnn_ray.pool import RayPool
+
+    yield ray_session
+    RayPool.shutdown()
 
 
 @pytest.fixture
@@ -178,3 +188,10 @@ def s3_gets(monkeypatch) -> list[int]:
 
     monkeypatch.setattr(s3fs.S3FileSystem, "_call_s3", counting)
     return fetched
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test that needs Ray (its start alone takes seconds on a loaded machine) is ``slow``."""
+    for item in items:
+        if {"ray_cluster", "ray_session"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

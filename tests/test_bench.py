@@ -1,4 +1,5 @@
-"""`jobs.bench` end to end on a tiny setting: it runs, and its JSON is consistent with its rows (no timing asserts)."""
+"""`jobs.bench` end to end on the tiny network: it runs, and its JSON is consistent with its rows (no timing
+asserts)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ import pytest
 from jobs import bench
 
 
+@pytest.mark.slow
 def test_bench_writes_consistent_json(tmp_path):
     path = tmp_path / "bench.json"
-    result = bench.main(["--device", "cpu", "--scans", "1", "--units", "50", "--frames", "2", "--batches", "1,2",
+    result = bench.main(["--device", "cpu", "--config", "tiny", "--scans", "1", "--units", "50", "--frames", "2", "--batches", "1,2",
                          "--repeats", "2", "--no-sweep", "--no-tuning", "--json", str(path)])
     saved = json.loads(path.read_text())
     assert saved["engine_vs_baseline"] == pytest.approx(result["engine_vs_baseline"])
@@ -26,7 +28,8 @@ def test_bench_writes_consistent_json(tmp_path):
         assert saved[f"engine_{name}_vs_baseline"] == pytest.approx(rate / baseline)
     for row in rows:
         assert row["scan_frames_per_s"] == pytest.approx(row["scans"] * row["clips"] * row["frames"] / row["seconds"])
-        assert row["gflops"] > 0 and 0 < row["peak_fraction"] and row["peak_memory_mb"] > 50
+        assert row["gflops"] > 0 and 0 < row["peak_fraction"] and row["peak_memory_mb"] > 0
     assert saved["sweep"] is None and saved["sweep_vs_engine"] is None
     assert 0 < saved["bfloat16_max_rel_error"] < 0.5  # bfloat16 differs from float32, but not wildly
+    assert saved["bfloat16_error_release"] is None  # the tiny run loads no other release
     assert saved["settings"]["repeats"] == 2

@@ -25,6 +25,7 @@ import pytest
 from fnn_model.config import NetworkConfig
 from fnn_ray.ledger import Ledger
 from fnn_ray.responses import read_responses
+from faults import wait_for
 from jobs.make_synthetic import make_synthetic
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -119,38 +120,78 @@ BAD_SETUPS = [
 ]
 
 
-@pytest.mark.parametrize("case", BAD_SETUPS, ids=[c[0] for c in BAD_SETUPS])
-def test_bad_setup_exits_2_with_one_error_line(data, tmp_path, case):
-    name, spec, words = case
+def _bad_setup_paths(data, tmp_path, spec) -> tuple[Path, Path, Path, Path]:
+    """(inputs dir, release, stimuli, output) of one bad-setup case; ``inputs`` holds a regular file ``afile``."""
     inputs = tmp_path / "inputs"
     inputs.mkdir()
     (inputs / "afile").write_text("a regular file\n")
     release = _broken_release(data, tmp_path, spec["change"]) if "change" in spec else data["release"]
     release = inputs / spec["release"] if "release" in spec else release
     stimuli = inputs / spec["stimuli"] if "stimuli" in spec else data["stimuli"]
-    output = inputs / spec.get("output", "out")
-    cwd = tmp_path / "cwd"
-    cwd.mkdir()
-    before = sorted(p.name for p in inputs.iterdir())
-    tag = uuid.uuid4().hex
-    try:
-        code, out, err, wall = _cli(["--release", str(release), "--stimuli", str(stimuli), "--output", str(output),
-                                     "--no-progress", *spec.get("args", [])], cwd, tag, timeout=120)
-    finally:
-        _kill_tagged(tag)
-    print(f"\n{name}: exit {code} in {wall:.2f} s; stderr: {err.strip()[-300:]!r}")
+    return inputs, release, stimuli, inputs / spec.get("output", "out")
+
+
+def _assert_refused(name: str, code: int, out: str, err: str, words: list[str]) -> None:
     assert code == 2, f"{name}: exit {code}\nstdout:\n{out}\nstderr:\n{err}"
     lines = [line for line in err.splitlines() if line.strip()]
     assert lines and lines[-1].startswith("error:"), err
     for word in words:
         assert word in lines[-1], f"{name}: {word!r} not in {lines[-1]!r}"
     assert "Traceback" not in out + err
+
+
+@pytest.fixture
+def keep_signal_handlers():
+    """The CLI installs its SIGINT / SIGTERM handlers; give pytest its own back."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
+
+
+@pytest.mark.parametrize("case", BAD_SETUPS, ids=[c[0] for c in BAD_SETUPS])
+def test_bad_setup_exits_2_with_one_error_line(data, tmp_path, case, capsys, monkeypatch, keep_signal_handlers):
+    """In process (``main([...])``): exit 2, one error line, nothing written, and Ray never started."""
+    from jobs import sweep as sweep_job
+
+    name, spec, words = case
+    inputs, release, stimuli, output = _bad_setup_paths(data, tmp_path, spec)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started for a bad setup")
+
+    monkeypatch.setattr("fnn_ray.pool.init_ray", no_ray)
+    before = sorted(p.name for p in inputs.iterdir())
+    code = sweep_job.main(["--release", str(release), "--stimuli", str(stimuli), "--output", str(output),
+                           "--no-progress", *spec.get("args", [])])
+    out, err = capsys.readouterr()
+    _assert_refused(name, code, out, err, words)
     assert not os.path.lexists(output), f"{name}: {output} was created"
     assert sorted(p.name for p in inputs.iterdir()) == before
     assert (inputs / "afile").is_file()
     assert list(cwd.iterdir()) == []
 
 
+@pytest.mark.slow
+def test_bad_setup_in_a_real_process(data, tmp_path):
+    """The same through ``python -m jobs.sweep``: the error is the last line of stderr, no process left behind."""
+    inputs, release, stimuli, output = _bad_setup_paths(data, tmp_path, {"release": "no-such-release"})
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    tag = uuid.uuid4().hex
+    try:
+        code, out, err, _ = _cli(["--release", str(release), "--stimuli", str(stimuli), "--output", str(output),
+                                  "--no-progress"], cwd, tag, timeout=300)
+    finally:
+        _kill_tagged(tag)
+    _assert_refused("missing-release", code, out, err, ["no-such-release"])
+    assert not os.path.lexists(output) and list(cwd.iterdir()) == []
+
+
+@pytest.mark.slow
 def test_credentials_never_echoed_or_written(data, tmp_path):
     output = tmp_path / "out"
     tag = uuid.uuid4().hex
@@ -208,24 +249,19 @@ def test_interrupt_then_rerun_resumes(data, uninterrupted, tmp_path, sig, status
             child = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=f, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, start_new_session=True)
         try:
-            deadline = time.monotonic() + 180
-            while len(Ledger(str(output)).commits()) < 2:
-                assert child.poll() is None, f"the run ended before 2 commits:\n{log.read_text()}"
-                assert time.monotonic() < deadline, f"no 2 commits in 180 s:\n{log.read_text()}"
-                time.sleep(0.2)
+            wait_for(lambda: len(Ledger(str(output)).commits()) >= 2 or child.poll() is not None, "2 commits")
+            assert child.poll() is None, f"the run ended before 2 commits:\n{log.read_text()}"
             committed = len(Ledger(str(output)).commits())
             start = time.perf_counter()
             child.send_signal(sig)
-            code = child.wait(timeout=30)
+            code = child.wait(timeout=300)
             wall = time.perf_counter() - start
         finally:
             if child.poll() is None:
                 os.killpg(child.pid, signal.SIGKILL)
                 child.wait()
         text = log.read_text()
-        deadline = time.monotonic() + 10
-        while _tagged_pids(tag) and time.monotonic() < deadline:
-            time.sleep(0.2)
+        wait_for(lambda: not _tagged_pids(tag), "every process of the run to exit")
         left = _tagged_pids(tag)
         print(f"\n{sig.name}: {committed} commits at the signal; exit {code} {wall:.2f} s after it; "
               f"left processes {left}")

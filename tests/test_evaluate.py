@@ -23,8 +23,8 @@ from fnn_model.release import Release
 from fnn_model.synthetic import make_release
 from fnn_ray import storage
 from fnn_ray.evaluate import EvaluateConfig, run_evaluate
-from fnn_ray.executor import Faults
 from fnn_ray.recordings import npy_bytes, write_repeat
+from faults import local_pool
 from jobs import evaluate as evaluate_job
 
 SCANS = [(4, 7, 9), (8, 5, 12)]
@@ -163,7 +163,7 @@ def test_small_noise_gives_cc_norm_near_one(clean):
 # ------------------------------------------------------------------------------------------ faults
 def test_killed_worker_gives_identical_tables(clean, data):
     output = f"{data[2]}/killed-worker"
-    evaluation = run_evaluate(config(data, output, faults=Faults(crash_on="8-5/video-video1")))
+    evaluation = run_evaluate(config(data, output, pool=local_pool(crash_on="8-5/video-video1")))
     assert evaluation.summary.ok, evaluation.summary.failures
     assert evaluation.summary.execution.actor_restarts == 1
     assert_same(read_tables(output), read_tables(clean[1]))
@@ -171,7 +171,7 @@ def test_killed_worker_gives_identical_tables(clean, data):
 
 def test_stopped_driver_then_rerun_gives_identical_tables(clean, data):
     output = f"{data[2]}/stopped"
-    first = run_evaluate(config(data, output, faults=Faults(max_items=1)))
+    first = run_evaluate(config(data, output, pool=local_pool(stop_after=1)))
     assert not first.summary.ok and first.summary.items_done == 1 and not first.tables
     fs, root = storage.filesystem(output)
     assert not fs.exists(f"{root}/performance")

@@ -11,13 +11,13 @@ import pytest
 
 from fnn_model.config import NetworkConfig
 from fnn_model.synthetic import make_release
-from fnn_ray.executor import Faults
-from fnn_ray.experiment import ExperimentConfig, read_results
+from fnn_ray.experiment import ExperimentConfig, run_experiment
+from fnn_ray.outputs import read_results
 from fnn_ray.generators import Dots, Monet
 from fnn_ray.responses import read_responses
 from fnn_ray.sweep import SweepConfig, run_sweep
 from jobs import receptive_fields, tuning
-from jobs.experiment_cli import run_experiment
+from faults import local_pool
 
 SCANS = [(4, 7, 9), (8, 5, 14)]
 SIZE = ["--size", "36x64", "--actors", "2", "--cpus-per-actor", "1", "--no-progress"]
@@ -106,8 +106,8 @@ def test_faults_leave_tables_unchanged(ray_cluster, release, tmp_path):
     family = Monet(directions=4, trials=3, block_frames=4, height=36, width=64, seed=1)
     common = dict(release=url, family=family, actors=2, cpus_per_actor=1, progress=False, verbose=False)
 
-    def run(name: str, faults: Faults = Faults()):
-        config = ExperimentConfig(output=str(tmp_path / name), faults=faults, **common)
+    def run(name: str, pool=None):
+        config = ExperimentConfig(output=str(tmp_path / name), pool=pool, **common)
         return run_experiment("tuning", "ori_dir_tuning", config, None, tuning.analyse(np.arange(4) * 90.0),
                               {}, tuning.CSV_COLUMNS, lambda table, directory: [])
 
@@ -116,10 +116,10 @@ def test_faults_leave_tables_unchanged(ray_cluster, release, tmp_path):
         return t.reset_index(drop=True)
 
     assert run("clean").ok
-    killed = run("killed", Faults(crash_on="8-5/clips-000001-000002"))
+    killed = run("killed", local_pool(crash_on="8-5/clips-000001-000002"))
     assert killed.ok and killed.execution.actor_restarts == 1
     pd.testing.assert_frame_equal(table("killed"), table("clean"))
-    stopped = run("stopped", Faults(max_items=1))
+    stopped = run("stopped", local_pool(stop_after=1))
     assert not stopped.ok and stopped.items_done == 1
     again = run("stopped")
     assert again.ok and again.items_skipped == 1

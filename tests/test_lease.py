@@ -14,6 +14,7 @@ from datetime import datetime
 
 import pytest
 from conftest import S3_KEY, S3_SECRET
+from faults import wait_for
 
 from fnn_ray import storage
 from fnn_ray.lease import LEASE_NAME, LeaseHeld, LeaseLost, OutputLease
@@ -69,7 +70,8 @@ def test_heartbeat_keeps_the_lease_past_its_ttl(kind, tmp_url):
     url = tmp_url(kind, "out")
     with OutputLease(url, ttl_s=1.0, heartbeat_s=0.2, run_id="run-a"):
         first = _lease_file(url)
-        time.sleep(2.0)
+        expiry = datetime.fromisoformat(first["expires"]).timestamp()
+        wait_for(lambda: time.time() > expiry + 0.5, "the first expiry to pass")
         with pytest.raises(LeaseHeld):
             OutputLease(url, run_id="run-b").acquire()
         renewed = _lease_file(url)
@@ -91,6 +93,7 @@ def test_wait_gets_the_lease_when_the_holder_releases(kind, tmp_url):
     waiter.release()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", KINDS)
 def test_stale_lease_of_a_killed_run_is_taken_over(kind, tmp_url):
     url = tmp_url(kind, "out")
@@ -174,9 +177,7 @@ def test_a_lease_replaced_behind_our_back_is_lost_and_not_deleted(kind, tmp_url)
     intruder = {"run_id": "intruder", "host": "elsewhere", "pid": 1, "started": "2020-01-01T00:00:00+00:00",
                 "expires": "2999-01-01T00:00:00+00:00", "token": "not-ours"}
     fs.pipe_file(path, json.dumps(intruder).encode())
-    deadline = time.monotonic() + 5
-    while lease.held and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_for(lambda: not lease.held, "the heartbeat to notice the takeover")
     with pytest.raises(LeaseLost, match="taken over by run intruder on host elsewhere"):
         lease.ensure_held()
     lease.release()
@@ -198,8 +199,12 @@ def test_s3_lease_rides_out_store_outages(store_proxy, s3_url, caplog):
     store_proxy.outage(1.0)
     lease = OutputLease(s3_url, one_attempt, ttl_s=2.0, heartbeat_s=0.2, retry_budget_s=10).acquire()
     assert _lease_file(s3_url)["run_id"] == lease.run_id
+    ends = time.time() + 1.0
     store_proxy.outage(1.0)  # shorter than the ttl: renewals fail, then succeed again
-    time.sleep(2.5)
+    wait_for(lambda: any("could not renew lease" in r.getMessage() for r in caplog.records), "a failed renewal")
+    # the last renewal before the outage expires by ends + 1 s: a later expiry is a renewal after the outage
+    wait_for(lambda: datetime.fromisoformat(_lease_file(s3_url)["expires"]).timestamp() > ends + 1.0,
+             "a renewal after the outage")
     lease.ensure_held()
     assert datetime.fromisoformat(_lease_file(s3_url)["expires"]).timestamp() > time.time()
     assert any("could not renew lease" in r.getMessage() for r in caplog.records)

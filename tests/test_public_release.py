@@ -277,7 +277,7 @@ def test_check_passes_the_golden_release(golden_dir) -> None:
 
 def test_jobs_read_release_microns_in_place(public_zip, ray_cluster, tmp_path) -> None:
     """`--release microns` runs a job on the public zip, read anonymously by the driver and the workers."""
-    from fnn_ray.experiment import read_results
+    from fnn_ray.outputs import read_results
     from jobs import tuning
 
     out = str(tmp_path / "out")

@@ -12,7 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from fnn_ray import manifest, responses, storage
+from fnn_ray.ledger import Ledger
 from fnn_ray.manifest import Manifest
+from faults import committed
 
 
 def make_item(U=5, lengths=(4, 6, 3), seed=0, shuffle=True):
@@ -25,8 +27,16 @@ def make_item(U=5, lengths=(4, 6, 3), seed=0, shuffle=True):
     return clip_ids, resp, unit_ids, readout_ids
 
 
+def write_item(output_url, session, scan_idx, item_id, clip_ids, resp, unit_ids, readout_ids, storage_options=None):
+    """Commit one item's responses as a sweep's worker does (its reducer's table, then the ledger); its URL."""
+    file = f"{responses.RESPONSES_DIR}/session={session}/scan_idx={scan_idx}/{item_id}.parquet"
+    table = responses.response_table(clip_ids, resp, unit_ids, readout_ids)
+    Ledger(output_url, storage_options).commit_table((session, scan_idx, item_id), file, table)
+    return storage.join(output_url, file)
+
+
 def expected_rows(session, scan_idx, clip_ids, resp, unit_ids, readout_ids):
-    """The rows write_responses must produce, in order: by clip, then readout_id."""
+    """The rows write_item must produce, in order: by clip, then readout_id."""
     rows = []
     order = np.argsort(readout_ids)
     for cid, r in zip(clip_ids, resp):
@@ -44,13 +54,13 @@ def table_rows(table):
 def test_round_trip(kind, tmp_url):
     out = tmp_url(kind, "out")
     item = make_item()
-    url = responses.write_responses(out, 4, 7, "part-00000.000000-000003", *item)
+    url = write_item(out, 4, 7, "part-00000.000000-000003", *item)
     assert url == storage.join(out, "responses", "session=4", "scan_idx=7", "part-00000.000000-000003.parquet")
 
     table = responses.read_responses(out)
     assert table.schema == pa.schema(list(responses.SCHEMA) + list(responses.PARTITION_SCHEMA))
     assert table_rows(table) == expected_rows(4, 7, *item)
-    assert responses.committed_items(out) == {(4, 7, "part-00000.000000-000003")}
+    assert committed(out) == {(4, 7, "part-00000.000000-000003")}
 
     # the part file itself holds exactly the 4 data columns with the contract types, in order
     fs, _ = storage.filesystem(url)
@@ -69,8 +79,8 @@ def test_several_items_and_scans_via_pyarrow_dataset_and_pandas(tmp_url):
         (8, 5, "a.000000-000003"): make_item(U=3, seed=3),
     }
     for (s, i, item_id), item in items.items():
-        responses.write_responses(out, s, i, item_id, *item)
-    assert responses.committed_items(out) == set(items)
+        write_item(out, s, i, item_id, *item)
+    assert committed(out) == set(items)
     expected = sorted(r for (s, i, _), item in items.items() for r in expected_rows(s, i, *item))
     n_rows = len(expected)
 
@@ -101,10 +111,10 @@ def test_several_items_and_scans_via_pyarrow_dataset_and_pandas(tmp_url):
 
 def test_s3_readable_by_pandas_with_storage_options(s3, s3_url):
     item = make_item(seed=4)
-    responses.write_responses(s3_url, 9, 6, "x.000000-000003", *item, storage_options=s3.storage_options)
+    write_item(s3_url, 9, 6, "x.000000-000003", *item, storage_options=s3.storage_options)
     df = pd.read_parquet(responses.responses_url(s3_url), storage_options=s3.storage_options)
     assert len(df) == 3 * 5
-    assert responses.committed_items(s3_url, s3.storage_options) == {(9, 6, "x.000000-000003")}
+    assert committed(s3_url, s3.storage_options) == {(9, 6, "x.000000-000003")}
 
 
 @pytest.mark.parametrize("kind", ["local", "s3"])
@@ -113,18 +123,18 @@ def test_rewrite_same_item_replaces_rows(kind, tmp_url):
     first = make_item(seed=5)
     second = make_item(seed=6)
     second = (first[0], second[1], first[2], first[3])  # same clips and units, new values
-    responses.write_responses(out, 4, 7, "s.000000-000003", *first)
-    responses.write_responses(out, 4, 7, "s.000000-000003", *second)
+    write_item(out, 4, 7, "s.000000-000003", *first)
+    write_item(out, 4, 7, "s.000000-000003", *second)
     table = responses.read_responses(out)
     assert table.num_rows == 3 * 5
     assert table_rows(table) == expected_rows(4, 7, *second)
-    assert responses.committed_items(out) == {(4, 7, "s.000000-000003")}
+    assert committed(out) == {(4, 7, "s.000000-000003")}
 
 
 @pytest.mark.parametrize("kind", ["local", "memory", "s3"])
 def test_staged_file_is_invisible(kind, tmp_url):
     out = tmp_url(kind, "out")
-    responses.write_responses(out, 4, 7, "done.000000-000003", *make_item())
+    write_item(out, 4, 7, "done.000000-000003", *make_item())
     # simulate a writer that died after staging but before committing
     fs, root = storage.filesystem(responses.responses_url(out))
     sink = pa.BufferOutputStream()
@@ -139,7 +149,7 @@ def test_staged_file_is_invisible(kind, tmp_url):
     fs.pipe_file(f"{root}/{storage.STAGING_DIR}/session=4/scan_idx=7/part-dead2.parquet", sink.getvalue().to_pybytes())
     assert fs.exists(storage_path)
 
-    assert responses.committed_items(out) == {(4, 7, "done.000000-000003")}
+    assert committed(out) == {(4, 7, "done.000000-000003")}
     table = responses.read_responses(out)
     assert table.num_rows == 15 and set(table.column("clip_id").to_pylist()) == set(make_item()[0])
     assert ds.dataset(root, filesystem=fs, partitioning="hive").count_rows() == 15
@@ -147,7 +157,7 @@ def test_staged_file_is_invisible(kind, tmp_url):
 
 def test_empty_output(tmp_url):
     out = tmp_url("local", "out")
-    assert responses.committed_items(out) == set()
+    assert committed(out) == set()
     table = responses.read_responses(out)
     assert table.num_rows == 0 and table.column_names == ["clip_id", "unit_id", "readout_id", "response",
                                                           "session", "scan_idx"]
@@ -158,7 +168,7 @@ def test_large_item_layout(tmp_url):
     out = tmp_url("local", "out")
     U, lengths = 2000, (30, 25)
     clip_ids, resp, unit_ids, readout_ids = make_item(U=U, lengths=lengths, seed=9)
-    responses.write_responses(out, 1, 2, "big", clip_ids, resp, unit_ids, readout_ids)
+    write_item(out, 1, 2, "big", clip_ids, resp, unit_ids, readout_ids)
     table = responses.read_responses(out)
     assert table.num_rows == U * 2
     np.testing.assert_array_equal(table.column("readout_id").to_numpy()[:U], np.arange(U))
@@ -180,17 +190,11 @@ def test_large_item_layout(tmp_url):
         (lambda c, r, u, o: ([], [], u, o), "no clips"),
     ],
 )
-def test_write_responses_validates(change, match, tmp_url):
+def test_response_table_validates(change, match, tmp_url):
     out = tmp_url("memory", "out")
     with pytest.raises(ValueError, match=match):
-        responses.write_responses(out, 4, 7, "x", *change(*make_item()))
-    assert responses.committed_items(out) == set()
-
-
-@pytest.mark.parametrize("item_id", ["a/b", "", "sp ace", "../x"])
-def test_write_responses_rejects_unsafe_item_ids(item_id, tmp_url):
-    with pytest.raises(ValueError, match="item_id"):
-        responses.write_responses(tmp_url("memory"), 4, 7, item_id, *make_item())
+        write_item(out, 4, 7, "x", *change(*make_item()))
+    assert committed(out) == set()
 
 
 # ------------------------------------------------------------------------------------------- manifest
@@ -238,7 +242,7 @@ def test_manifest_round_trip(kind, tmp_url):
 def test_manifest_lives_next_to_a_readable_response_dataset(tmp_url):
     out = tmp_url("local", "out")
     sample_manifest().save(out)
-    responses.write_responses(out, 4, 7, "x", *make_item())
+    write_item(out, 4, 7, "x", *make_item())
     assert len(pd.read_parquet(responses.responses_url(out))) == 15
     assert responses.read_responses(out).num_rows == 15
 
@@ -255,7 +259,7 @@ def test_manifest_never_stores_credentials(s3, s3_url):
     assert data["config"] == {"batch": 2, "nested": [{"ok": 1}]}
     assert data["inputs"] == {"stimuli": "s3://***@stimuli/clips"}
     assert set(data) == {"job", "release_url", "inputs", "scans", "units", "clips", "frames", "items_total",
-                         "items_done", "started", "updated", "version", "config"}
+                         "items_done", "started", "updated", "version", "config", "fingerprint"}
     text2 = sample_manifest().to_json()
     assert "LEAK" not in text2 and "AKIA" not in text2
 

@@ -501,16 +501,3 @@ def _trace(clock_step: float | None) -> list:
 @pytest.mark.parametrize("clock_step", [None, 7.0])
 def test_deterministic(clock_step):
     assert _trace(clock_step) == _trace(clock_step)
-
-
-def test_no_ray_import():
-    import sys
-
-    import fnn_ray.plan  # noqa: F401
-    import fnn_ray.scheduler  # noqa: F401
-
-    assert "ray" not in sys.modules or not any(
-        getattr(m, "__name__", "").startswith("ray") for m in (fnn_ray.plan, fnn_ray.scheduler)
-    )
-    source = open(fnn_ray.scheduler.__file__).read() + open(fnn_ray.plan.__file__).read()
-    assert "import ray" not in source

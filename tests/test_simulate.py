@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from jobs.simulate import MICRONS_LIKE_SCANS, SCENARIOS, SimConfig, SpeedProfile, main, simulate
+from fnn_ray.simpool import SpeedProfile
+from jobs.simulate import MICRONS_LIKE_SCANS, SCENARIOS, SimConfig, main, simulate
 
 # a small stimulus set (10,000 frames = 34 clips) keeps the file quick; one test runs the full workload (~2 s)
 SMALL = SimConfig(total_frames=10_000)

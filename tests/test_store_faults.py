@@ -7,6 +7,7 @@ and damages the output directly (``s3.storage_options``), so its own reads never
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import uuid
@@ -18,11 +19,13 @@ from fnn_model.config import NetworkConfig
 from fnn_ray import storage
 from fnn_ray.lease import LeaseHeld
 from fnn_ray.manifest import Manifest
-from fnn_ray.responses import committed_items, read_responses
-from fnn_ray.executor import Faults
+from fnn_ray.responses import read_responses
 from fnn_ray.stimuli import write_clips
 from fnn_ray.sweep import SweepConfig, run_sweep
+from faults import committed, local_pool, wait_for
 from jobs.make_synthetic import make_synthetic, synthetic_clips
+
+pytestmark = pytest.mark.slow  # store outages, a proxy, real Ray
 
 SCANS = [(4, 7, 11), (8, 5, 17)]
 CLIPS, FRAMES, SIZE = 8, 8, (36, 64)
@@ -67,7 +70,7 @@ def when_committed(output: str, s3, n: int, action, timeout_s: float = 120.0) ->
     """Run ``action()`` in a thread as soon as ``n`` items of ``output`` are committed (read directly)."""
     def watch() -> None:
         deadline = time.monotonic() + timeout_s
-        while len(committed_items(output, s3.storage_options)) < n and time.monotonic() < deadline:
+        while len(committed(output, s3.storage_options)) < n and time.monotonic() < deadline:
             time.sleep(0.1)
         action()
 
@@ -152,19 +155,37 @@ def test_two_drivers_on_one_output(ray_cluster, s3, data, clean, store_proxy, wa
     output = f"{data[2]}/two-{wait}"
     results: dict[str, object] = {}
 
-    def drive(name: str) -> None:
+    gate, waiting = threading.Event(), threading.Event()
+
+    class Waiting(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "waiting for it" in record.getMessage():
+                waiting.set()
+
+    def drive(name: str, **kw) -> None:
         try:
-            slow = Faults(actor_delay_s={0: 0.4, 1: 0.4}) if name == "first" else Faults()  # still running at +1 s
-            results[name] = run_sweep(config(data, output, store_proxy.storage_options, wait_for_lock=wait,
-                                             faults=slow))
+            results[name] = run_sweep(config(data, output, store_proxy.storage_options, wait_for_lock=wait, **kw))
         except Exception as e:  # noqa: BLE001 - recorded and asserted on below
             results[name] = e
 
-    first = threading.Thread(target=drive, args=("first",))
+    # the first driver commits one item, then holds the others until the second has been refused or waits
+    first = threading.Thread(target=drive, args=("first",), kwargs={"pool": local_pool(gate=gate, free=1)})
     first.start()
-    second = when_committed(output, s3, 1, lambda: (time.sleep(1.0), drive("second")))
-    first.join(timeout=150)
-    second.join(timeout=150)
+    wait_for(lambda: len(committed(output, s3.storage_options)) >= 1, "the first driver's first commit")
+    handler, lease_log = Waiting(), logging.getLogger("fnn_ray.lease")
+    level = lease_log.level
+    lease_log.addHandler(handler)
+    lease_log.setLevel(logging.INFO)
+    try:
+        second = threading.Thread(target=drive, args=("second",))
+        second.start()
+        wait_for(lambda: "second" in results or waiting.is_set(), "the second driver to be refused or to wait")
+    finally:
+        gate.set()
+        lease_log.removeHandler(handler)
+        lease_log.setLevel(level)
+    first.join(timeout=300)
+    second.join(timeout=300)
     assert not first.is_alive() and not second.is_alive()
 
     assert not isinstance(results["first"], Exception), results["first"]

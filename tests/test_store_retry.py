@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import itertools
 import logging
 import os
 import socket
@@ -18,6 +17,7 @@ import botocore.exceptions
 import pytest
 from botocore.exceptions import ClientError
 from faultproxy import CHUNK, FaultProxy
+from faults import wait_for
 from s3fs.errors import translate_boto_error
 
 from fnn_ray import storage
@@ -94,20 +94,21 @@ def test_is_transient_follows_causes_but_not_past_data_errors():
 
 
 # -------------------------------------------------------------------------------------- retry (no store)
-def test_retry_backoff_is_bounded_and_gives_up_with_the_last_error():
+def test_retry_backoff_is_bounded_and_gives_up_with_the_last_error(caplog):
     calls = []
 
     def flaky():
         calls.append(time.monotonic())
         raise ConnectionRefusedError(errno.ECONNREFUSED, "Connect call failed ('10.0.0.1', 9000)")
 
+    caplog.set_level(logging.WARNING, logger="fnn_ray.storage")
     t0 = time.monotonic()
     with pytest.raises(storage.StoreUnavailable) as info:
         storage.Retry(budget_s=1.0, base_s=0.05, cap_s=0.2).call(flaky, what="read s3://b/x.parquet")
-    elapsed = time.monotonic() - t0
-    assert 1.0 <= elapsed < 1.5
-    assert len(calls) >= 6  # waits of at most 0.2 s within 1 s
-    assert max(b - a for a, b in itertools.pairwise(calls)) <= 0.2 + 0.1
+    assert time.monotonic() - t0 >= 1.0  # the whole budget was used
+    waits = [float(r.getMessage().split("retrying in ")[1].split(" s")[0]) for r in caplog.records
+             if "retrying in" in r.getMessage()]
+    assert len(calls) == len(waits) + 1 >= 2 and max(waits) <= 0.2  # every wait within the cap
     e = info.value
     assert isinstance(e, RuntimeError) and e.what == "read s3://b/x.parquet"
     assert str(e).startswith("store unreachable for 1 s: read s3://b/x.parquet: ConnectionRefusedError:")
@@ -159,7 +160,7 @@ def test_retry_rides_out_an_outage_on_real_s3fs_calls(store_proxy, s3_url, caplo
     assert results["cat"] == b"alpha"
     assert f"{root}/a.bin" in results["ls"]  # b.bin may be written after the listing
     assert fs.cat_file(f"{root}/b.bin") == b"beta"
-    assert 3.0 <= elapsed < 15
+    assert elapsed >= 3.0  # they waited the outage out
     retried = {r.getMessage().split(":")[0] for r in caplog.records if "retrying in" in r.getMessage()}
     assert retried == {"pipe", "cat", "ls"}
 
@@ -173,7 +174,7 @@ def test_retry_gives_up_after_the_budget_and_the_cached_instance_recovers(store_
     with pytest.raises(storage.StoreUnavailable) as info:
         storage.retry(fs.cat_file, f"{root}/a.bin", budget_s=2, what=f"read {s3_url}/a.bin")
     elapsed = time.monotonic() - t0
-    assert 2 <= elapsed < 6
+    assert elapsed >= 2  # the whole budget was used
     message = str(info.value)
     assert message.startswith(f"store unreachable for 2 s: read {s3_url}/a.bin: EndpointConnectionError")
     assert message.endswith("rerun when it is back") and info.value.what == f"read {s3_url}/a.bin"
@@ -195,10 +196,8 @@ def test_retry_gives_up_after_the_budget_and_the_cached_instance_recovers(store_
 def test_data_errors_are_not_retried(store_proxy, s3_url, caplog):
     fs, root = storage.filesystem(s3_url)
     caplog.set_level(logging.WARNING, logger="fnn_ray.storage")
-    t0 = time.monotonic()
     with pytest.raises(FileNotFoundError):
         storage.retry(fs.cat_file, f"{root}/missing.bin", budget_s=30, what="read")
-    assert time.monotonic() - t0 < 2
     assert not [r for r in caplog.records if "retrying" in r.getMessage()]
 
 
@@ -263,6 +262,13 @@ def test_proxy_refuses_while_down_and_stops_by_itself(s3):
             socket.create_connection(("127.0.0.1", proxy.port), timeout=2)
         proxy.up()
         socket.create_connection(("127.0.0.1", proxy.port), timeout=2).close()
-        time.sleep(1.5)  # past its lifetime
-        with pytest.raises(ConnectionRefusedError):
-            socket.create_connection(("127.0.0.1", proxy.port), timeout=2)
+        wait_for(lambda: refused(proxy.port), "the proxy to stop at the end of its lifetime")
+
+
+def refused(port: int) -> bool:
+    """True when nothing accepts connections on ``port`` of 127.0.0.1."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    except ConnectionRefusedError:
+        return True
+    return False

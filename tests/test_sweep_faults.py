@@ -1,7 +1,7 @@
 """Sweeps that go wrong: bad configuration, bad stimulus data, unreachable stores, dying actors, a dying driver.
 
-Real local Ray, real moto S3 (the ``s3`` fixture), real Parquet; faults are injected through the test-only
-options of :class:`fnn_ray.driver.SweepConfig` (``crash_on``, ``max_items``) or by killing a real process.
+Real moto S3 (the ``s3`` fixture), real Parquet; dying workers and a stopped driver run on in-process workers
+(:mod:`faults`), the clean run and a killed driver process on a real local Ray.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -23,12 +22,12 @@ from fnn_model.config import NetworkConfig
 from fnn_model.engine import Engine
 from fnn_model.release import Release, ReleaseError
 from fnn_ray import storage
-from fnn_ray.executor import Faults
 from fnn_ray.manifest import Manifest
 from fnn_ray.sweep import SweepConfig, run_sweep
-from fnn_ray.responses import committed_items, read_responses
+from fnn_ray.responses import read_responses
 from fnn_ray.stimuli import list_shards, read_shard
 from jobs import sweep as sweep_job
+from faults import committed, local_pool, wait_for
 from jobs.make_synthetic import make_synthetic, synthetic_clips
 from fnn_ray.stimuli import write_clips
 
@@ -92,7 +91,7 @@ def test_unknown_scan_is_a_clear_error(data, capsys):
     code = sweep_job.main(["--release", data[0], "--stimuli", data[1], "--output", output, "--scans", "8-5,1-2"])
     assert code == 2
     assert "unknown scan(s) 1-2" in capsys.readouterr().err
-    assert not committed_items(output)
+    assert not committed(output)
 
 
 def test_unreachable_urls_are_clear_errors(data, s3, tmp_path):
@@ -131,7 +130,7 @@ def test_bad_stimulus_listing_commits_nothing(data, s3, defect):
     output = s3.url(f"bad-out-{uuid.uuid4().hex[:8]}")
     with pytest.raises(ValueError, match=expect):
         run_sweep(config((data[0], bad, None), output))
-    assert not committed_items(output)
+    assert not committed(output)
 
 
 def test_bad_frames_fail_only_their_items(ray_cluster, data, s3, capsys):
@@ -148,7 +147,7 @@ def test_bad_frames_fail_only_their_items(ray_cluster, data, s3, capsys):
     for message in summary.failures:
         assert "part-00000.parquet row 2 (clip_id 'clip-00002'): frames has" in message
         assert "part-00000.000002-000004" in message
-    committed = committed_items(output)
+    committed = committed(output)
     assert committed == {(s, i, "part-00000.000000-000002") for s, i, _ in SCANS}
     with pytest.raises(Exception, match="clip-00002"):
         summary.raise_for_failures()
@@ -159,13 +158,13 @@ def test_bad_frames_fail_only_their_items(ray_cluster, data, s3, capsys):
     out = capsys.readouterr().out
     assert code == 1
     assert "2 failed" in out and "row 2 (clip_id 'clip-00002')" in out and "NOT committed" in out
-    assert committed_items(output) == committed
+    assert committed(output) == committed
 
 
 # ---------------------------------------------------------------------------------------------- dying actors
 def test_actor_killed_mid_sweep(ray_cluster, data, clean):
     output = f"{data[2]}/actor-killed"
-    summary = run_sweep(config(data, output, faults=Faults(crash_on="8-5/part-00000.000002-000004")))
+    summary = run_sweep(config(data, output, pool=local_pool(crash_on="8-5/part-00000.000002-000004")))
     assert summary.ok, summary.failures
     assert summary.execution.actor_restarts == 1 and summary.execution.requeued >= 1
     assert summary.items_done == 6  # every item committed exactly once by a live actor
@@ -174,11 +173,11 @@ def test_actor_killed_mid_sweep(ray_cluster, data, clean):
 
 def test_last_actor_dies_then_rerun(ray_cluster, data, clean):
     output = f"{data[2]}/last-actor"
-    first = run_sweep(config(data, output, actors=1, max_actor_restarts=0,
-                             faults=Faults(crash_on="4-7/part-00001.000000-000002")))
+    first = run_sweep(config(data, output, max_actor_restarts=0,
+                             pool=local_pool(actors=1, crash_on="4-7/part-00001.000000-000002")))
     assert not first.ok and first.pending > 0
     assert any("no live worker left" in f for f in first.failures)
-    done = len(committed_items(output))
+    done = len(committed(output))
     assert done == first.items_done < 6
     again = run_sweep(config(data, output))
     assert again.ok and again.items_skipped == done and again.items_done == 6 - done
@@ -188,9 +187,9 @@ def test_last_actor_dies_then_rerun(ray_cluster, data, clean):
 # ---------------------------------------------------------------------------------------------- dying driver
 def test_driver_stopped_then_rerun_computes_only_missing(ray_cluster, data, clean):
     output = f"{data[2]}/stopped"
-    first = run_sweep(config(data, output, faults=Faults(max_items=2)))
+    first = run_sweep(config(data, output, pool=local_pool(stop_after=2)))
     assert (first.items_done, first.pending, first.ok) == (2, 4, False)
-    assert len(committed_items(output)) == 2
+    assert len(committed(output)) == 2
     again = run_sweep(config(data, output))
     assert again.ok and (again.items_skipped, again.items_done) == (2, 4)
     assert_same_output(output, clean)
@@ -205,6 +204,16 @@ def test_driver_stopped_then_rerun_computes_only_missing(ray_cluster, data, clea
     assert_same_output(output, clean)
 
 
+def group_alive(pgid: int) -> bool:
+    """True while a process of process group ``pgid`` is alive."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.slow
 def test_driver_killed_then_rerun(ray_cluster, s3, data):
     """Kill -9 a real `python -m jobs.sweep` after a few commits; the rerun computes only the missing items."""
     root = s3.url(f"killed-{uuid.uuid4().hex[:8]}")
@@ -214,22 +223,19 @@ def test_driver_killed_then_rerun(ray_cluster, s3, data):
     cmd = [sys.executable, "-m", "jobs.sweep", "--release", data[0], "--stimuli", stimuli, "--output", output,
            "--actors", "1", "--cpus-per-actor", "1", "--clips-per-shard", "1", "--clips-per-batch", "1",
            "--no-progress"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # its own session, so that killing the group kills its private Ray too (no orphaned worker commits later)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
     try:
-        deadline = time.monotonic() + 90
-        while len(committed_items(output)) < 3:
-            assert proc.poll() is None, f"the sweep ended before it was killed:\n{proc.stdout.read()[-3000:]}"
-            assert time.monotonic() < deadline, "no commits"
-            time.sleep(0.1)
-        proc.send_signal(signal.SIGKILL)
+        wait_for(lambda: len(committed(output)) >= 3 or proc.poll() is not None, "3 commits")
+        assert proc.poll() is None, f"the sweep ended before it was killed:\n{proc.stdout.read()[-3000:]}"
     finally:
-        proc.kill()
+        os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    killed_at = committed_items(output)
+    wait_for(lambda: not group_alive(proc.pid), "every process of the killed run to exit")
+    killed_at = committed(output)
     assert 3 <= len(killed_at) < 32
 
-    time.sleep(0.5)  # let the dead job's in-flight commits (if any) settle
-    killed_at = committed_items(output)
     summary = run_sweep(config((data[0], stimuli), output, clips_per_shard=None))
     assert summary.ok and Manifest.load(output).config["clips_per_shard"] == 1  # taken from the killed run's manifest
     assert summary.items_skipped == len(killed_at) and summary.items_done == 32 - len(killed_at)
