@@ -9,7 +9,16 @@ the readout (unit features and positions) of a release.
 ``responses/responses.npy`` is float32 ``[units, frames]``: rows are the rows of ``responses/units.csv`` (session,
 scan_idx, unit_id, readout_id; scans in the sweep's order, each scan's units by readout_id), columns the stimulus
 dataset's frames (clips in dataset order, each without its context frames, concatenated). ``metadata.csv`` has one
-row per scan: session, scan_idx, sampling_frequency, stimulus_height, stimulus_width, burnin_frames, frames.
+row per scan: session, scan_idx, sampling_frequency, stimulus_height, stimulus_width, burnin_frames, frames (the
+published columns), then ``stimulus`` (``stimulus.npy`` when it was exported, else the stimulus dataset's URL)
+and ``clip_table`` (``clips.csv``). ``clips.csv`` has one row per clip, in column order: ``clip_id``, ``start`` /
+``stop`` (its columns ``[start, stop)`` of the array), ``context_frames`` (movie frames run before ``start`` from
+the model's reset, not exported) and ``burnin_frames``: how many of its first frames lie within ``burnin_frames``
+of that reset (``max(0, burnin_frames - context_frames)``; the first clip of a movie, which has no context, is
+all burn-in there, as every trial of the public per-trial regime). With ``stimulus=True``,
+``responses/stimulus.npy`` uint8 ``[frames, H, W]`` holds the frame of every column (written clip by clip).
+An export is never written over another: ``<to>/responses/`` (or ``readout/``) holding files is refused unless
+``overwrite=True`` (then the new files replace them, and files of the old export that the new one lacks go).
 
 Bounded memory, however large the array (the full MICrONS table is 31 GB): the ``.npy`` file is created with its
 header (sparse) and filled through memory maps, each opened for the rows of one clip in one record batch
@@ -52,7 +61,7 @@ from fnn_ray.ledger import Commit, Ledger
 from fnn_ray.manifest import Manifest
 from fnn_ray.plan import Key, Scan
 from fnn_ray.responses import RESPONSES_DIR
-from fnn_ray.stimuli import Shard, dataset_files, list_shards, regroup
+from fnn_ray.stimuli import Shard, dataset_files, list_shards, read_shard, regroup
 
 __all__ = [
     "BURNIN_FRAMES",
@@ -102,11 +111,13 @@ class ExportResult:
 @dataclass(frozen=True)
 class _Clips:
     """The stimulus dataset as the export sees it: one-clip shards in dataset order, each clip's first column
-    ``start`` and response length ``length`` (num_frames - context_frames), and the frame size."""
+    ``start``, response length ``length`` (num_frames - context_frames) and ``context`` frames, and the frame
+    size."""
 
     shards: list[Shard]
     start: dict[str, int]
     length: dict[str, int]
+    context: dict[str, int]
     height: int
     width: int
 
@@ -146,7 +157,7 @@ def _read_clips(url: str, storage_options: Mapping[str, Any] | None) -> _Clips:
         start[clip_id], length[clip_id] = column, shard.frames - context[clip_id]
         column += length[clip_id]
     (height, width), = sizes
-    return _Clips(shards, start, length, height, width)
+    return _Clips(shards, start, length, context, height, width)
 
 
 @dataclass(frozen=True)
@@ -156,6 +167,7 @@ class _Plan:
 
     scans: list[Scan]
     units: dict[Scan, int]
+    stimuli_url: str
     clips: _Clips
     parts: list[Shard]
     commits: dict[Key, Commit]
@@ -194,7 +206,7 @@ def _plan(output_url: str, scans: Sequence[Scan] | None, stimuli_url: str | None
         more = f" and {len(missing) - SHOWN_MISSING} more" if len(missing) > SHOWN_MISSING else ""
         raise ValueError(f"sweep {shown} is incomplete: {len(missing)} of {len(planned)} planned item(s) not "
                          f"committed: {names}{more}; rerun the sweep to finish it")
-    return _Plan(chosen, manifest.units_per_scan, clips, parts, commits)
+    return _Plan(chosen, manifest.units_per_scan, stimuli, clips, parts, commits)
 
 
 # ------------------------------------------------------------------------------------------- writing
@@ -233,10 +245,19 @@ class _Npy:
 
 @contextmanager
 def _publish(to_url: str, folder: str, storage_options: Mapping[str, Any] | None,
-             work_dir: str | None) -> Iterator[tuple[str, list[str]]]:
+             work_dir: str | None, overwrite: bool = False) -> Iterator[tuple[str, list[str]]]:
     """Yield ``(local working directory, urls)``: files built there move to ``<to>/<folder>/`` when the block
-    ends without error (their URLs appended to ``urls``); on error nothing is left at ``to``."""
+    ends without error (their URLs appended to ``urls``); on error nothing is left at ``to``. ValueError before
+    anything is written when ``<to>/<folder>/`` holds files, unless ``overwrite`` (then files the new export
+    lacks are removed after the new ones are in place)."""
     fs, root = storage.filesystem(to_url, storage_options)
+    target = posixpath.join(root, folder)
+    old = sorted(p for p in fs.find(target) if not posixpath.basename(p).startswith(".")) \
+        if fs.isdir(target) else []
+    if old and not overwrite:
+        raise ValueError(f"{storage.redact_url(storage.join(to_url, folder))} already holds an export "
+                         f"({', '.join(posixpath.basename(p) for p in old[:4])}{', ...' if len(old) > 4 else ''}): "
+                         f"pass --overwrite to replace it, or export to another --to")
     local = storage.is_local(fs)
     token = f"export-{uuid.uuid4().hex[:12]}"
     created = local and not os.path.exists(root)
@@ -249,7 +270,6 @@ def _publish(to_url: str, folder: str, storage_options: Mapping[str, Any] | None
     try:
         yield work, urls
         names = sorted(os.listdir(work))
-        target = posixpath.join(root, folder)
         if local:
             os.makedirs(target, exist_ok=True)
             for name in names:
@@ -264,6 +284,9 @@ def _publish(to_url: str, folder: str, storage_options: Mapping[str, Any] | None
                 fs.mv(stage, posixpath.join(target, name))
             staged.clear()
             fs.invalidate_cache(target)
+        for path in old:  # overwrite: what the new export does not replace must not pass for a part of it
+            if posixpath.relpath(path, target) not in names:
+                fs.rm_file(path)
         urls.extend(storage.join(to_url, folder, name) for name in names)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -353,21 +376,25 @@ def export_responses(
     work_dir: str | None = None,
     sampling_frequency: float = SAMPLING_FREQUENCY,
     burnin_frames: int = BURNIN_FRAMES,
+    stimulus: bool = False,
+    overwrite: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> ExportResult:
     """Export the responses of the sweep at ``output_url`` (``scans``: default all, in the sweep's order) to
     ``<to_url>/responses/`` (see the module docstring); ``stimuli_url`` overrides the stimulus URL recorded in the
-    sweep's manifest; ``storage_options`` reach every store; ``log`` gets a line per scan.
+    sweep's manifest; ``stimulus``: also write ``stimulus.npy``; ``overwrite``: replace an export at ``to_url``;
+    ``storage_options`` reach every store; ``log`` gets a line per scan.
 
     ValueError / FileNotFoundError (one line, nothing written) when the output is not a sweep, a scan is not in
-    it, some planned item is not committed (naming how many and which), or a part file disagrees with the plan.
+    it, some planned item is not committed (naming how many and which), a part file disagrees with the plan, or
+    ``<to_url>/responses/`` holds an export and ``overwrite`` is not given.
     """
     began = time.perf_counter()
     plan = _plan(output_url, scans, stimuli_url, storage_options)
     clips = plan.clips
     shape = (sum(plan.units[scan] for scan in plan.scans), clips.frames)
     ledger = Ledger(output_url, storage_options)
-    with _publish(to_url, RESPONSES_EXPORT_DIR, storage_options, work_dir) as (work, urls):
+    with _publish(to_url, RESPONSES_EXPORT_DIR, storage_options, work_dir, overwrite) as (work, urls):
         array = _Npy(posixpath.join(work, "responses.npy"), shape)
         table: list[pd.DataFrame] = []
         row = 0
@@ -384,12 +411,44 @@ def export_responses(
                 log(f"  scan {session}-{scan_idx}: {filler.units} units ({number}/{len(plan.scans)}, "
                     f"{time.perf_counter() - began:.1f} s)")
         pd.concat(table).to_csv(posixpath.join(work, "units.csv"), index=False)
+        if stimulus:
+            _write_stimulus(posixpath.join(work, "stimulus.npy"), clips, storage_options)
+            if log:
+                log(f"  stimulus: {clips.frames} frames ({time.perf_counter() - began:.1f} s)")
+        pointer = "stimulus.npy" if stimulus else storage.redact_url(plan.stimuli_url)
         pd.DataFrame([{"session": s, "scan_idx": i, "sampling_frequency": float(sampling_frequency),
                        "stimulus_height": clips.height, "stimulus_width": clips.width,
-                       "burnin_frames": int(burnin_frames), "frames": clips.frames} for s, i in plan.scans]
+                       "burnin_frames": int(burnin_frames), "frames": clips.frames, "stimulus": pointer,
+                       "clip_table": "clips.csv"} for s, i in plan.scans]
                      ).to_csv(posixpath.join(work, "metadata.csv"), index=False)
+        _clip_table(clips, burnin_frames).to_csv(posixpath.join(work, "clips.csv"), index=False)
     return ExportResult(tuple(storage.redact_url(u) for u in urls), shape, tuple(plan.scans),
                         time.perf_counter() - began)
+
+
+def _clip_table(clips: _Clips, burnin_frames: int) -> pd.DataFrame:
+    """One row per clip in column order: ``clip_id``, ``start``, ``stop``, ``context_frames``, ``burnin_frames``."""
+    ids = [shard.clip_ids[0] for shard in clips.shards]
+    start = np.array([clips.start[c] for c in ids], np.int64)
+    context = np.array([clips.context[c] for c in ids], np.int64)
+    length = np.array([clips.length[c] for c in ids], np.int64)
+    return pd.DataFrame({"clip_id": ids, "start": start, "stop": start + length, "context_frames": context,
+                         "burnin_frames": np.minimum(length, np.maximum(0, burnin_frames - context))})
+
+
+def _write_stimulus(path: str, clips: _Clips, storage_options: Mapping[str, Any] | None) -> None:
+    """``stimulus.npy`` uint8 ``[frames, H, W]``: every clip's frames without its context, in column order,
+    appended one clip at a time (memory holds one clip)."""
+    with open(path, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
+                                                 "fortran_order": False,
+                                                 "shape": (clips.frames, clips.height, clips.width)})
+        for shard in clips.shards:
+            (clip,) = read_shard(shard, storage_options)
+            frames = clip.frames[clip.context_frames:]
+            if frames.shape != (clips.length[clip.clip_id], clips.height, clips.width):
+                raise ValueError(f"{shard.where}: clip {clip.clip_id!r} changed while it was exported")
+            f.write(np.ascontiguousarray(frames).tobytes())
 
 
 # ------------------------------------------------------------------------------------------- readout
@@ -403,6 +462,7 @@ def export_readout(
     height: int = 144,
     width: int = 256,
     eye: Sequence[float] = (0.0, 0.0),
+    overwrite: bool = False,
 ) -> ExportResult:
     """Export the readout of the release at ``release_url`` to ``<to_url>/readout/``: ``readout_weights.npy``
     float32 ``[units, S*C]`` (row u, column ``s*C + c`` = ``readout.feature.weights.{s}[u, 0, c]``: stream-major,
@@ -410,8 +470,8 @@ def export_readout(
     float32 ``[units, 2]`` (the published convention: the stimulus point each unit's readout looks at, in
     normalised screen coordinates, x right, y up, ``(-1, -1)`` bottom-left, for a ``height x width`` stimulus
     and eye position ``eye``: :func:`fnn_ray.locations.screen_locations`) and ``units.csv`` (session, scan_idx,
-    unit_id). Scans: the release's order (``scans`` filters it); each scan's units by readout_id. Atomic like
-    :func:`export_responses`."""
+    unit_id). Scans: the release's order (``scans`` filters it); each scan's units by readout_id. Atomic, and
+    ``overwrite`` as in :func:`export_responses`."""
     from fnn_ray.locations import screen_locations
 
     began = time.perf_counter()
@@ -419,7 +479,7 @@ def export_readout(
     chosen = [info for info in release.scans if scans is None or info.key in set(scans)]
     features = release.config.streams * release.config.recurrent.out_channels
     total = sum(info.units for info in chosen)
-    with _publish(to_url, READOUT_DIR, storage_options, work_dir) as (work, urls):
+    with _publish(to_url, READOUT_DIR, storage_options, work_dir, overwrite) as (work, urls):
         weights = _Npy(posixpath.join(work, "readout_weights.npy"), (total, features))
         locations = _Npy(posixpath.join(work, "readout_locations.npy"), (total, 2))
         table: list[pd.DataFrame] = []

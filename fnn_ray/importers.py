@@ -18,10 +18,16 @@ Sources (:func:`open_movies`; local paths or any fsspec URL):
   time), is the last decoded frame whose time is ``<=`` that, within 1 ms (containers such as Matroska round
   times to the millisecond); the movie ends at the last frame's time plus its duration.
 
+Frame size: ``size`` is the frame size of the release the clips are for (the MICrONS release: 144x256). Arrays
+of another size are refused unless ``resize=True`` (then resized: bilinear with antialiasing); with ``size=None``
+arrays of any size are taken as they are. A 3-D array whose first two axes are the frame size and whose last is
+not (``[144, 256, T]``) is time-last and refused whatever ``resize`` says.
+
 Clips (:func:`cut`, :func:`import_clips`). Each movie is cut by ``clip_frames=N`` (consecutive N-frame clips,
-the last one shorter when N does not divide the movie), by ``boundaries`` (:func:`read_boundaries`: start
-frames, each clip running to the next start and the last to the end of the movie; or ``start,stop`` pairs,
-sorted and non-overlapping, gaps allowed; one movie only), or, with neither, into one clip per movie.
+the last one shorter when N does not divide the movie; N longer than the movie is an error), by ``boundaries``
+(:func:`read_boundaries`: start frames, each clip running to the next start and the last to the end of the
+movie; or ``start,stop`` pairs, sorted and non-overlapping, gaps allowed; one movie only), or, with neither,
+into one clip per movie.
 ``context_frames=W``: every clip also carries the up to ``W`` frames of the movie before it
 (:attr:`Clip.context_frames`), fewer when it starts less than ``W`` frames into its movie (the first clip of a
 movie has none); with ``strict_context=True`` such a clip is an error instead. Clip ids are
@@ -30,9 +36,9 @@ movie has none); with ``strict_context=True`` such a clip is an error instead. C
 
 Bad input raises one line naming the file: ``FileNotFoundError`` for a missing source, ``ValueError`` for
 anything else (not uint8, not ``[T, H, W]`` / ``[T, H, W, 1]``, undecodable video, boundaries outside the
-movie or overlapping or unsorted, perspectives of another length, ...). Some of it (a boundary past the end
-of a video, a corrupt member) only shows while reading: :class:`fnn_ray.stimuli.ClipWriter` then removes what
-it wrote.
+movie or overlapping or unsorted, perspectives of another length, perspectives or modulations that are not
+finite (naming the frame), ...). Some of it (a boundary past the end of a video, a corrupt member) only shows
+while reading: :class:`fnn_ray.stimuli.ClipWriter` then removes what it wrote.
 """
 
 from __future__ import annotations
@@ -51,7 +57,7 @@ import numpy as np
 from fsspec import AbstractFileSystem
 
 from fnn_ray import storage
-from fnn_ray.stimuli import Clip
+from fnn_ray.stimuli import Clip, check_finite
 
 __all__ = ["Boundaries", "Movie", "VIDEO_SIZE", "cut", "import_clips", "open_movies", "read_boundaries",
            "read_npy_header"]
@@ -143,10 +149,16 @@ def read_npy_header(stream: Any, where: str) -> tuple[tuple[int, ...], np.dtype,
     return shape, dtype, fortran
 
 
-def _frame_shape(shape: tuple[int, ...], dtype: np.dtype, fortran: bool, where: str) -> tuple[int, int, int]:
-    """Check a frames array's header; return ``(T, H, W)``."""
+def _frame_shape(shape: tuple[int, ...], dtype: np.dtype, fortran: bool, where: str,
+                 size: tuple[int, int] | None = None) -> tuple[int, int, int]:
+    """Check a frames array's header; return ``(T, H, W)``. An array whose first two axes are the frame size
+    (``size``, default :data:`VIDEO_SIZE`) and whose last is not is ``[H, W, T]``: refused."""
     if dtype != np.uint8 or not (len(shape) == 3 or (len(shape) == 4 and shape[3] == 1)):
         raise ValueError(f"{where}: frames must be uint8 [T, H, W] or [T, H, W, 1], got {dtype} {list(shape)}")
+    height, width = size or VIDEO_SIZE
+    if len(shape) == 3 and (shape[0], shape[1]) == (height, width) and shape[2] != width:
+        raise ValueError(f"{where}: frames {list(shape)} look like [H, W, T] (time last); they must be [T, H, W] "
+                         f"(e.g. numpy.moveaxis(movie, -1, 0))")
     if fortran:
         raise ValueError(f"{where}: frames must be stored in C order, got a Fortran-ordered array")
     if min(shape[:3]) == 0:
@@ -163,18 +175,19 @@ def _vector(data: bytes, name: str, frames: int, where: str) -> np.ndarray:
     if not isinstance(a, np.ndarray) or a.shape != (frames, 2) or not np.issubdtype(a.dtype, np.number):
         desc = f"{a.dtype} {list(a.shape)}" if isinstance(a, np.ndarray) else type(a).__name__
         raise ValueError(f"{where}: {name} must be a numeric [T, 2] = [{frames}, 2] array, got {desc}")
-    return a.astype(np.float32)
+    a = a.astype(np.float32)
+    check_finite(a, f"{where}: {name}")
+    return a
 
 
-def _npy_movie(fs: AbstractFileSystem, path: str, where: str, name: str,
-               vectors: Mapping[str, np.ndarray | None] | None = None) -> Movie:
-    size = fs.size(path)
-    header = io.BytesIO(fs.cat_file(path, start=0, end=min(size, _HEADER_BYTES)))
+def _npy_movie(fs: AbstractFileSystem, path: str, where: str, name: str, size: tuple[int, int] | None) -> Movie:
+    nbytes = fs.size(path)
+    header = io.BytesIO(fs.cat_file(path, start=0, end=min(nbytes, _HEADER_BYTES)))
     shape, dtype, fortran = read_npy_header(header, where)
-    T, H, W = _frame_shape(shape, dtype, fortran, where)
+    T, H, W = _frame_shape(shape, dtype, fortran, where, size)
     offset, frame_bytes = header.tell(), H * W
-    if size < offset + T * frame_bytes:
-        raise ValueError(f"{where}: truncated: {size} bytes, the header's {list(shape)} frames need "
+    if nbytes < offset + T * frame_bytes:
+        raise ValueError(f"{where}: truncated: {nbytes} bytes, the header's {list(shape)} frames need "
                          f"{offset + T * frame_bytes}")
     if storage.is_local(fs):
         frames = np.load(path, mmap_mode="r").reshape(T, H, W)
@@ -189,11 +202,11 @@ def _npy_movie(fs: AbstractFileSystem, path: str, where: str, name: str,
             data = fs.cat_file(path, start=offset + start * frame_bytes, end=offset + stop * frame_bytes)
             return np.frombuffer(data, np.uint8).reshape(stop - start, H, W)
 
-    vectors = vectors or {}
-    return Movie(name, where, H, W, T, reader, vectors.get("perspectives"), vectors.get("modulations"))
+    return Movie(name, where, H, W, T, reader)
 
 
-def _npz_movie(fs: AbstractFileSystem, path: str, where: str, name: str, key: str | None) -> Movie:
+def _npz_movie(fs: AbstractFileSystem, path: str, where: str, name: str, key: str | None,
+               size: tuple[int, int] | None) -> Movie:
     f = fs.open(path, "rb")
     try:
         archive = zipfile.ZipFile(f)
@@ -208,13 +221,13 @@ def _npz_movie(fs: AbstractFileSystem, path: str, where: str, name: str, key: st
         if key is None:
             f.close()
             raise ValueError(f"{where}: no frames: expected an array 'stimulus' or 'stimuli' (or a single array), "
-                             f"found {keys}; name one with key=")
+                             f"found {keys}; name one with --key")
     elif key not in keys:
         f.close()
         raise ValueError(f"{where}: no array {key!r}; found {keys}")
     at = f"{where}[{key}]"
     member = archive.open(f"{key}.npy")
-    T, H, W = _frame_shape(*read_npy_header(member, at), at)
+    T, H, W = _frame_shape(*read_npy_header(member, at), at, size)
     vectors = {v: _vector(archive.read(f"{v}.npy"), v, T, f"{where}[{v}]") for v in _VECTORS if v in keys}
     per_chunk = max(1, _CHUNK_BYTES // (H * W))
 
@@ -235,7 +248,7 @@ def _npz_movie(fs: AbstractFileSystem, path: str, where: str, name: str, key: st
                  vectors.get("modulations"))
 
 
-def _trial_movies(fs: AbstractFileSystem, root: str, where: str) -> Iterator[Movie]:
+def _trial_movies(fs: AbstractFileSystem, root: str, where: str, size: tuple[int, int] | None) -> Iterator[Movie]:
     base = posixpath.join(root, "stimuli")
     found = fs.find(base) if fs.isdir(base) else []
     trials = sorted(p for p in found if p.endswith(".npy") and not re.search(r"(^|/)[._]", p[len(base) :].strip("/")))
@@ -244,7 +257,7 @@ def _trial_movies(fs: AbstractFileSystem, root: str, where: str) -> Iterator[Mov
     for path in trials:
         trial = path[len(base) :].strip("/")[: -len(".npy")]
         at = storage.join(where, "stimuli", trial + ".npy")
-        movie = _npy_movie(fs, path, at, trial)
+        movie = _npy_movie(fs, path, at, trial, size)
         for name in _VECTORS:
             other = posixpath.join(root, name, trial + ".npy")
             if fs.isfile(other):
@@ -324,41 +337,70 @@ def _stem(path: str) -> str:
     return base.rsplit(".", 1)[0] if "." in base else base
 
 
+def _resize(frames: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """uint8 ``[n, H, W]`` -> uint8 ``[n, *size]`` (bilinear with antialiasing, rounded)."""
+    import torch
+    import torch.nn.functional as F
+
+    if not len(frames):
+        return np.empty((0, *size), np.uint8)
+    x = torch.from_numpy(np.ascontiguousarray(frames)).float()[:, None]
+    out = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
+    return out[:, 0].round().clamp(0, 255).to(torch.uint8).numpy()
+
+
+def _fit(movie: Movie, size: tuple[int, int] | None, resize: bool) -> Movie:
+    """``movie`` checked against the release's frame ``size`` (None: any size), or resized to it."""
+    if size is None or (movie.height, movie.width) == tuple(size):
+        return movie
+    if not resize:
+        raise ValueError(f"{movie.url}: frames are {movie.height}x{movie.width}, the release's stimulus frames are "
+                         f"{size[0]}x{size[1]} (--size): pass --resize to resize them")
+    return Movie(movie.name, movie.url, size[0], size[1], movie.num_frames,
+                 lambda start, stop: _resize(movie.read(start, stop), tuple(size)), movie.perspectives,
+                 movie.modulations)
+
+
 def open_movies(
     source: str,
     *,
     key: str | None = None,
     size: tuple[int, int] | None = None,
+    resize: bool = False,
     fps: float | None = None,
     storage_options: Mapping[str, Any] | None = None,
 ) -> Iterator[Movie]:
     """The movies of ``source`` (see the module docstring), one at a time.
 
-    ``key``: the frames array of a ``.npz``; ``size`` ``(height, width)`` and ``fps``: video only (defaults
-    :data:`VIDEO_SIZE` and 30 Hz). ``FileNotFoundError`` when ``source`` does not exist; ``ValueError`` naming
-    the file for bad input.
+    ``key``: the frames array of a ``.npz``; ``size`` ``(height, width)``: the frame size of the release the clips
+    are for: arrays of another size are refused, or resized with ``resize=True`` (None: arrays of any size);
+    video frames are always resized to it (default :data:`VIDEO_SIZE`); ``fps``: video only (default 30 Hz).
+    ``FileNotFoundError`` when ``source`` does not exist; ``ValueError`` naming the file for bad input (also an
+    array that looks like ``[H, W, T]``, and perspectives / modulations that are not finite).
     """
     where = storage.redact_url(source)
     fs, path = storage.filesystem(source, storage_options)
     if not fs.exists(path):
         raise FileNotFoundError(f"stimulus source not found: {where}")
     video = not fs.isdir(path) and not path.endswith((".npy", ".npz"))
-    if not video and (size is not None or fps is not None):
-        raise ValueError(f"{where}: size and fps apply to video sources only")
+    if not video and fps is not None:
+        raise ValueError(f"{where}: --fps applies to video sources only")
     if key is not None and not path.endswith(".npz"):
-        raise ValueError(f"{where}: key applies to .npz sources only")
+        raise ValueError(f"{where}: --key applies to .npz sources only")
     if size is not None and (len(size) != 2 or min(size) < 1):
-        raise ValueError(f"size must be (height, width) > 0, got {size}")
+        raise ValueError(f"--size must be HEIGHTxWIDTH > 0, got {size}")
     if fps is not None and not fps > 0:
-        raise ValueError(f"fps must be > 0, got {fps}")
+        raise ValueError(f"--fps must be > 0, got {fps}")
     if fs.isdir(path):
-        yield from _trial_movies(fs, path, where)
+        movies = _trial_movies(fs, path, where, size)
     elif path.endswith(".npy"):
-        yield _npy_movie(fs, path, where, _stem(path))
+        movies = iter([_npy_movie(fs, path, where, _stem(path), size)])
     elif path.endswith(".npz"):
-        yield _npz_movie(fs, path, where, _stem(path), key)
+        movies = iter([_npz_movie(fs, path, where, _stem(path), key, size)])
     else:
-        yield _video_movie(fs, path, where, _stem(path), tuple(size or VIDEO_SIZE), fps or 30.0)
+        movies = iter([_video_movie(fs, path, where, _stem(path), tuple(size or VIDEO_SIZE), fps or 30.0)])
+    for movie in movies:
+        yield _fit(movie, size, resize)
 
 
 # ---------------------------------------------------------------------------------------- boundaries
@@ -450,12 +492,14 @@ def cut(
     """Cut ``movie`` into clips (see the module docstring), each with up to ``context_frames`` frames of the
     movie before it."""
     if clip_frames is not None and boundaries is not None:
-        raise ValueError("give clip_frames or boundaries, not both")
+        raise ValueError("give --clip-frames or --boundaries, not both")
     if clip_frames is not None and clip_frames < 1:
-        raise ValueError(f"clip_frames must be >= 1, got {clip_frames}")
+        raise ValueError(f"--clip-frames must be >= 1, got {clip_frames}")
     if context_frames < 0:
-        raise ValueError(f"context_frames must be >= 0, got {context_frames}")
+        raise ValueError(f"--context-frames must be >= 0, got {context_frames}")
     T = movie.num_frames
+    if clip_frames is not None and T is not None and clip_frames > T:
+        raise ValueError(f"{movie.url}: --clip-frames {clip_frames} is longer than the movie ({T} frames)")
     if boundaries is not None:
         if T is not None:
             boundaries.check(T, movie.url)
@@ -476,6 +520,8 @@ def cut(
         end = start - context + len(frames)
         if end <= start and clip_frames is not None and start > 0:
             return  # a movie of unknown length ended
+        if clip_frames is not None and start == 0 and end < clip_frames:  # a video: its length is known only now
+            raise ValueError(f"{movie.url}: --clip-frames {clip_frames} is longer than the movie ({end} frames)")
         if end <= start or (boundaries is not None and stop is not None and end < stop):
             raise ValueError(f"{at} is outside the movie ({end} frames)")
         rows = slice(start - context, end)
@@ -504,6 +550,7 @@ def import_clips(
     strict_context: bool = False,
     key: str | None = None,
     size: tuple[int, int] | None = None,
+    resize: bool = False,
     fps: float | None = None,
     storage_options: Mapping[str, Any] | None = None,
 ) -> Iterator[Clip]:
@@ -518,7 +565,7 @@ def import_clips(
         fs, path = storage.filesystem(source, storage_options)
         if fs.isdir(path):
             raise ValueError(f"{storage.redact_url(source)}: boundaries cut a single movie, not a folder of "
-                             "trials (cut trials with clip_frames, or import one trial file at a time)")
-    for movie in open_movies(source, key=key, size=size, fps=fps, storage_options=storage_options):
+                             "trials (cut trials with --clip-frames, or import one trial file at a time)")
+    for movie in open_movies(source, key=key, size=size, resize=resize, fps=fps, storage_options=storage_options):
         yield from cut(movie, clip_frames=clip_frames, boundaries=boundaries, context_frames=context_frames,
                        strict_context=strict_context)

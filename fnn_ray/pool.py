@@ -13,6 +13,7 @@ A worker that died (its process, its node) is reported as a :class:`WorkerLost` 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -21,7 +22,7 @@ import signal
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from typing import Any, Protocol
@@ -30,7 +31,8 @@ from fnn_ray.plan import WorkItem
 from fnn_ray.ray_token import use_private_token
 from fnn_ray.worker import ItemResult, Task, Worker, WorkerOptions
 
-__all__ = ["IN_FLIGHT", "LocalPool", "Outcome", "Pool", "RayPool", "WorkerLost", "cluster_plan", "init_ray"]
+__all__ = ["IN_FLIGHT", "LocalPool", "Outcome", "Pool", "RayPool", "WorkerLost", "cluster_plan", "init_ray",
+           "shutdown_ray"]
 
 #: In-flight items per worker: one computing, one being read or written.
 IN_FLIGHT = 2
@@ -130,9 +132,9 @@ def init_ray(address: str | None = None, **kwargs: Any) -> bool:
         return False
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, **kwargs)
+        with _signals_kept():
+            ray.init(address=address, **kwargs)
         return False
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     use_private_token()  # Ray's default token file, ~/.ray/auth_token, would be readable by every user
     # a private instance keeps Ray's token authentication on; its notice on every start is noise here
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
@@ -143,17 +145,54 @@ def init_ray(address: str | None = None, **kwargs: Any) -> bool:
     constants = ray._private.ray_constants
     cluster, constants.ENABLE_RAY_CLUSTER = constants.ENABLE_RAY_CLUSTER, False
     try:
-        ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", **kwargs)
+        with _signals_kept():
+            ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", **kwargs)
     finally:
         constants.ENABLE_RAY_CLUSTER = cluster
         if saved is None:
             os.environ.pop(switch)
         else:
             os.environ[switch] = saved
-    if threading.current_thread() is threading.main_thread():  # Ray installs its own; the job's come first
+    return True
+
+
+@contextlib.contextmanager
+def _signals_kept() -> Iterator[None]:
+    """Around ``ray.init``: Ray installs a SIGTERM handler of its own (exit at once, no cleanup, no summary);
+    keep the caller's SIGINT / SIGTERM handlers instead, and deliver a signal that arrives while Ray starts to
+    them once ``ray.init`` has returned (or failed)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    import ray._private.utils as ray_utils
+
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    arrived: list[int] = []
+    install, ray_utils.set_sigterm_handler = ray_utils.set_sigterm_handler, lambda handler: None
+    for sig in handlers:
+        signal.signal(sig, lambda signum, frame: arrived.append(signum))
+    try:
+        yield
+    finally:
+        ray_utils.set_sigterm_handler = install
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
-    return True
+    if arrived:
+        signal.raise_signal(arrived[0])
+
+
+def shutdown_ray() -> None:
+    """``ray.shutdown()``, then the SIGINT / SIGTERM handlers installed again: shutting down Ray's core worker
+    resets them to the default at the C level (Python still lists its own), so a signal would kill the process
+    with no cleanup and no summary."""
+    import ray
+
+    ray.shutdown()
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            handler = signal.getsignal(sig)
+            if handler is not None:
+                signal.signal(sig, handler)
 
 
 def cluster_plan(actors: int | None, cpus_per_actor: float | None) -> tuple[int, dict[str, float], str]:
@@ -290,7 +329,7 @@ class RayPool(Tracked):
         self.pending.clear()
         self.counts.clear()
         if self.started_ray:
-            ray.shutdown()
+            shutdown_ray()
 
     @classmethod
     def shutdown(cls) -> int:

@@ -59,6 +59,7 @@ __all__ = [
     "ClipWriter",
     "SCHEMA",
     "Shard",
+    "check_finite",
     "dataset_files",
     "list_shards",
     "read_shard",
@@ -156,6 +157,7 @@ class Clip:
                     f"clip {self.clip_id!r}: {name} must be a numeric [T, 2] = [{f.shape[0]}, 2] array, "
                     f"got {a.dtype} {a.shape}"
                 )
+            check_finite(a, f"clip {self.clip_id!r}: {name}")
         c = self.context_frames
         if isinstance(c, bool) or not isinstance(c, (int, np.integer)) or not 0 <= c < f.shape[0]:
             raise ValueError(
@@ -312,9 +314,8 @@ class ClipWriter:
         self._created = not self._fs.exists(self._root)
         self._existing = _find_parquet(self._fs, self._root) if self._fs.isdir(self._root) else []
         if self._existing and not overwrite:
-            raise FileExistsError(
-                f"{storage.redact_url(url)} already holds {len(self._existing)} parquet file(s); pass overwrite=True"
-            )
+            raise FileExistsError(f"{storage.redact_url(url)} already holds {len(self._existing)} parquet file(s); "
+                                  f"pass --overwrite to replace them")
         self.files: list[str] = []
         self._paths: list[str] = []
         self._ids: set[str] = set()
@@ -730,7 +731,16 @@ def _float_rows(col: pa.ChunkedArray, name: str, nframes: np.ndarray, ids: list[
                 f"expected 2*num_frames = {2 * T}"
             )
         out.append(np.ascontiguousarray(vals, dtype=np.float32).reshape(T, 2))
+        check_finite(out[-1], f"{where} row {row0 + i} (clip_id {ids[i]!r}): {name}")
     return out
+
+
+def check_finite(values: np.ndarray, what: str) -> None:
+    """ValueError naming ``what`` and the first frame of ``values`` ``[T, 2]`` that is not finite."""
+    bad = np.flatnonzero(~np.isfinite(values).all(axis=1))
+    if bad.size:
+        raise ValueError(f"{what} of frame {bad[0]} is {np.asarray(values[bad[0]]).tolist()}: not finite "
+                         f"({bad.size} frame(s) like it)")
 
 
 def read_shard(

@@ -33,7 +33,7 @@ import numpy as np
 from fnn_ray import storage
 from fnn_ray.evaluate import EvaluateConfig, format_performance, run_evaluate
 from fnn_ray.recordings import write_repeat
-from jobs.cli import add_job_options, job_options, run_cli
+from jobs.cli import Parser, add_job_options, count, job_options, run_cli
 
 __all__ = ["build_parser", "dry_run_inputs", "main", "synthetic_recordings"]
 
@@ -106,11 +106,11 @@ def dry_run_inputs(root: str = DRY_RUN_DIR) -> tuple[str, str, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m jobs.evaluate", description=__doc__,
+    parser = Parser(prog="python -m jobs.evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_job_options(parser)
     parser.add_argument("--recordings", help="recordings URL: one <session>-<scan_idx> folder per scan")
-    parser.add_argument("--burnin", type=int, default=10, help="frames at the start of every repeat never scored "
+    parser.add_argument("--burnin", type=count(0), default=10, help="frames at the start of every repeat never scored "
                                                                "(default 10)")
     parser.add_argument("--impute", action="store_true",
                         help="fill non-finite eye positions and behaviour by linear interpolation in time (default: "

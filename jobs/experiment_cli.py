@@ -15,7 +15,7 @@ import pandas as pd
 from fnn_ray.experiment import ExperimentConfig, ScanMeans, run_experiment
 from fnn_ray.generators import Family
 from fnn_ray.job import JobSummary
-from jobs.cli import add_job_options, job_options, parse_size, run_cli
+from jobs.cli import Parser, add_job_options, count, job_options, parse_size, run_cli
 
 __all__ = ["Experiment", "add_experiment_options", "dry_run_release", "experiment_main", "experiment_parser"]
 
@@ -26,7 +26,7 @@ DRY_RUN_DIR = "fnn-ray-output"
 
 def experiment_parser(prog: str, description: str | None) -> argparse.ArgumentParser:
     """The command line every experiment job starts from: the job options and the experiment options."""
-    parser = argparse.ArgumentParser(prog=prog, description=description,
+    parser = Parser(prog=prog, description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_job_options(parser)
     add_experiment_options(parser)
@@ -36,9 +36,9 @@ def experiment_parser(prog: str, description: str | None) -> argparse.ArgumentPa
 def add_experiment_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="stimulus seed (default 0)")
     parser.add_argument("--size", default=None, help="frame size HxW (default 144x256; dry run 36x64)")
-    parser.add_argument("--burnin", type=int, default=10, help="burn-in frames never scored (default 10)")
-    parser.add_argument("--latency", type=int, default=5, help="scoring window delay in frames (default 5)")
-    parser.add_argument("--clips-per-part", type=int, default=1, help="generated clips per work item (default 1)")
+    parser.add_argument("--burnin", type=count(0), default=10, help="burn-in frames never scored (default 10)")
+    parser.add_argument("--latency", type=count(0), default=5, help="scoring window delay in frames (default 5)")
+    parser.add_argument("--clips-per-part", type=count(), default=1, help="generated clips per work item (default 1)")
     parser.add_argument("--save-stimuli", default=None,
                         help="also write the exact clips as a stimulus dataset (for jobs.sweep) at this URL")
 

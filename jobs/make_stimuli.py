@@ -1,13 +1,16 @@
 """Import a movie (.npy, .npz, a folder of trials or a video) as a stimulus dataset, streaming.
 
     python -m jobs.make_stimuli --from SRC --output URL [--clip-frames N | --boundaries FILE]
-                                [--context-frames W] [--strict-context] [--key KEY] [--size HxW] [--fps F]
-                                [--clips-per-file C] [--storage-options JSON] [--overwrite]
+                                [--context-frames W] [--strict-context] [--key KEY] [--size HxW] [--resize]
+                                [--fps F] [--clips-per-file C] [--storage-options JSON] [--overwrite]
 
 SRC: a uint8 ``[T, H, W]`` / ``[T, H, W, 1]`` ``.npy`` (memory-mapped locally, ranged reads on remote URLs), a
 ``.npz`` (frames under ``stimulus`` / ``stimuli`` / ``--key``, optional ``perspectives`` / ``modulations``), a
 folder ``stimuli/<trial>.npy`` [+ ``perspectives/``, ``modulations/``] (one movie per trial), or a video file
-(gray, resized to 144x256 or ``--size``, resampled to ``--fps`` 30 Hz by sample-and-hold). Clips: ``--clip-frames
+(gray, resized to ``--size``, resampled to ``--fps`` 30 Hz by sample-and-hold). ``--size``: the frame size of the
+release the clips are for (default 144x256, the MICrONS release); movies of another size are refused unless
+``--resize`` is given, and so is a movie that looks like ``[H, W, T]`` (time last) or is shorter than
+``--clip-frames``. Clips: ``--clip-frames
 N``, a ``--boundaries`` file (``start`` or ``start,stop`` per line), or one clip per movie; ``--context-frames W``
 prepends up to W frames of the movie before each clip (run by the model, not written; see
 docs/context_frames.md). Details: ``fnn_ray.importers``.
@@ -31,7 +34,7 @@ from fnn_model.synthetic import random_clips
 from fnn_ray import storage
 from fnn_ray.importers import import_clips
 from fnn_ray.stimuli import ClipWriter
-from jobs.cli import parse_size, parse_storage_options
+from jobs.cli import Parser, count, parse_size, parse_storage_options, positive
 
 __all__ = ["main", "make_stimuli", "synthetic_movie"]
 
@@ -60,6 +63,7 @@ def make_stimuli(
     strict_context: bool = False,
     key: str | None = None,
     size: tuple[int, int] | None = None,
+    resize: bool = False,
     fps: float | None = None,
     clips_per_file: int = 32,
     storage_options: dict | None = None,
@@ -69,7 +73,7 @@ def make_stimuli(
     ``output``; return the closed writer (its ``files``, ``clips``, ``frames``, ``context_frames``, ``bytes``).
     On any error every file written is removed and the error propagates."""
     clips = import_clips(source, clip_frames=clip_frames, boundaries=boundaries, context_frames=context_frames,
-                         strict_context=strict_context, key=key, size=size, fps=fps,
+                         strict_context=strict_context, key=key, size=size, resize=resize, fps=fps,
                          storage_options=storage_options)
     columns = ["context_frames"] if context_frames else []  # in every file, also the first (context-free) one
     with ClipWriter(output, storage_options, clips_per_file=clips_per_file, max_file_bytes=MAX_FILE_BYTES,
@@ -89,40 +93,38 @@ def _dry_run_source() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.make_stimuli", description=__doc__,
+    parser = Parser(prog="python -m jobs.make_stimuli", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--from", dest="source", help="the movie: .npy, .npz, trial folder or video (URL or path)")
     parser.add_argument("--output", help="where to write the stimulus dataset (directory URL)")
     cuts = parser.add_mutually_exclusive_group()
-    cuts.add_argument("--clip-frames", type=int, help="cut each movie into clips of N frames")
+    cuts.add_argument("--clip-frames", type=count(), help="cut each movie into clips of N frames")
     cuts.add_argument("--boundaries", help="file of clip starts (or start,stop pairs), one per line")
-    parser.add_argument("--context-frames", type=int, default=0, help="frames of the movie before each clip (0)")
+    parser.add_argument("--context-frames", type=count(0), default=0, help="frames of the movie before each clip (0)")
     parser.add_argument("--strict-context", action="store_true",
                         help="a clip with fewer context frames before it than asked is an error")
     parser.add_argument("--key", help=".npz: the frames array (default stimulus, stimuli or the only one)")
-    parser.add_argument("--size", help="video: HEIGHTxWIDTH of the frames (default 144x256)")
-    parser.add_argument("--fps", type=float, help="video: frame rate of the clips (default 30)")
-    parser.add_argument("--clips-per-file", type=int, default=32)
+    parser.add_argument("--size", default="144x256",
+                        help="HEIGHTxWIDTH of the release's stimulus frames (default 144x256, the MICrONS release)")
+    parser.add_argument("--resize", action="store_true", help="resize movies of another frame size to --size")
+    parser.add_argument("--fps", type=positive, help="video: frame rate of the clips (default 30)")
+    parser.add_argument("--clips-per-file", type=count(), default=32)
     parser.add_argument("--storage-options", help="JSON fsspec options for every store (not echoed)")
     parser.add_argument("--overwrite", action="store_true", help="replace the Parquet files already at --output")
     args = parser.parse_args(argv)
     if args.source is None and args.output is None:
         print(f"dry run: a synthetic movie in ./{DRY_RUN_DIR}/movie.npy -> ./{DRY_RUN_DIR}/movie-stimuli/")
         args.source, args.output = _dry_run_source(), os.path.join(DRY_RUN_DIR, "movie-stimuli")
-        args.clip_frames, args.context_frames, args.overwrite = 60, 30, True
+        args.clip_frames, args.context_frames, args.overwrite, args.size = 60, 30, True, "72x128"
     elif args.source is None or args.output is None:
         parser.error("give both --from and --output (or neither, for a dry run)")
     start = time.perf_counter()
     try:
-        if args.clip_frames is not None and args.clip_frames < 1:
-            raise ValueError(f"--clip-frames must be >= 1, got {args.clip_frames}")
-        if args.clips_per_file < 1:
-            raise ValueError(f"--clips-per-file must be >= 1, got {args.clips_per_file}")
         options = parse_storage_options(args.storage_options)
         writer = make_stimuli(
             args.source, args.output, clip_frames=args.clip_frames, boundaries=args.boundaries,
             context_frames=args.context_frames, strict_context=args.strict_context, key=args.key,
-            size=parse_size(args.size) if args.size else None, fps=args.fps, clips_per_file=args.clips_per_file,
+            size=parse_size(args.size), resize=args.resize, fps=args.fps, clips_per_file=args.clips_per_file,
             storage_options=options, overwrite=args.overwrite,
         )
     except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:

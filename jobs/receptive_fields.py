@@ -27,7 +27,7 @@ from fnn_ray.analysis.receptive_fields import INDEX_DEFINITIONS, RF_THRESHOLD, r
 from fnn_ray.experiment import ScanMeans
 from fnn_ray.generators import family_from_name
 from fnn_ray.plots import rf_plots
-from jobs.cli import parse_size
+from jobs.cli import count, parse_size
 from jobs.experiment_cli import Experiment, experiment_main, experiment_parser
 
 DATA_DIR = "receptive_fields"
@@ -38,9 +38,9 @@ STA_COLUMNS = ("sta_on", "sta_off", "sta_on_off")
 def build_parser() -> argparse.ArgumentParser:
     parser = experiment_parser("python -m jobs.receptive_fields", __doc__)
     parser.add_argument("--grid", default="5x9", help="dot grid ROWSxCOLS covering the screen (default 5x9)")
-    parser.add_argument("--trials", type=int, default=1, help="repeats of every (cell, polarity) (default 1)")
-    parser.add_argument("--dot-frames", type=int, default=6, help="frames a dot is shown (default 6)")
-    parser.add_argument("--gap-frames", type=int, default=0, help="gray frames after each dot (default 0)")
+    parser.add_argument("--trials", type=count(), default=1, help="repeats of every (cell, polarity) (default 1)")
+    parser.add_argument("--dot-frames", type=count(), default=6, help="frames a dot is shown (default 6)")
+    parser.add_argument("--gap-frames", type=count(0), default=0, help="gray frames after each dot (default 0)")
     return parser
 
 

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from fnn_ray.sweep import SweepConfig, run_sweep
-from jobs.cli import add_job_options, job_options, run_cli
+from jobs.cli import Parser, add_job_options, count, job_options, run_cli
 
 #: The dry run: scans (session, scan_idx, units), clips, frames of the longest clip, frame size.
 DRY_RUN_SCANS = ((4, 7, 300), (8, 5, 500), (9, 6, 400))
@@ -45,11 +45,11 @@ def dry_run_inputs(root: str = DRY_RUN_DIR) -> tuple[str, str, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m jobs.sweep", description=__doc__,
+    parser = Parser(prog="python -m jobs.sweep", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_job_options(parser)
     parser.add_argument("--stimuli", help="stimulus dataset URL (a Parquet file or a directory of them)")
-    parser.add_argument("--clips-per-shard", type=int, default=None,
+    parser.add_argument("--clips-per-shard", type=count(), default=None,
                         help="clips per work item (default: as recorded in the output, else from the data size)")
     return parser
 

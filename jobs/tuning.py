@@ -31,6 +31,7 @@ from fnn_ray.analysis.tuning import FIT_METHODS, INDEX_DEFINITIONS, FitConfig, t
 from fnn_ray.experiment import ScanMeans
 from fnn_ray.generators import family_from_name
 from fnn_ray.plots import tuning_plots
+from jobs.cli import count
 from jobs.experiment_cli import Experiment, experiment_main, experiment_parser
 
 DATA_DIR = "ori_dir_tuning"
@@ -53,11 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = experiment_parser("python -m jobs.tuning", __doc__)
     parser.add_argument("--stimulus", default="monet2",
                         help="monet2 (the published directional noise, default), rigid_monet or gratings")
-    parser.add_argument("--directions", type=int, default=16, help="directions, 360/D apart from 0 (default 16)")
-    parser.add_argument("--trials", type=int, default=None, help="repeats of every direction (default 4; dry run 2)")
-    parser.add_argument("--block-frames", type=int, default=None,
+    parser.add_argument("--directions", type=count(), default=16, help="directions, 360/D apart from 0 (default 16)")
+    parser.add_argument("--trials", type=count(), default=None, help="repeats of every direction (default 4; dry run 2)")
+    parser.add_argument("--block-frames", type=count(), default=None,
                         help="frames per direction (default: monet2 56, the others 30; dry run 20)")
-    parser.add_argument("--pattern-width", type=int, default=None,
+    parser.add_argument("--pattern-width", type=count(), default=None,
                         help="monet2: coarse noise pixels per screen width (default 80, the published value)")
     parser.add_argument("--fit-starts", type=parse_floats, default=(1.0,),
                         help="kappa starts of the von Mises fit, comma-separated (default 1: the published single "

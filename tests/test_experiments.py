@@ -147,10 +147,12 @@ def test_bad_experiment_input_is_a_setup_error(release, tmp_path, capsys):
     url, _ = release
     assert tuning.main(["--release", url, "--output", str(tmp_path / "o"), "--stimulus", "plaid", *SIZE]) == 2
     assert "unknown stimulus family 'plaid'" in capsys.readouterr().err
-    assert tuning.main(["--release", url, "--output", str(tmp_path / "o"), "--directions", "0", *SIZE]) == 2
-    assert "--directions 0" in capsys.readouterr().err
-    assert tuning.main(["--release", url, "--output", str(tmp_path / "o"), "--trials", "0", *SIZE]) == 2
-    assert "--trials 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="^2$"):  # the argument parser: one line, exit status 2
+        tuning.main(["--release", url, "--output", str(tmp_path / "o"), "--directions", "0", *SIZE])
+    assert capsys.readouterr().err == "error: argument --directions: must be >= 1, got 0\n"
+    with pytest.raises(SystemExit, match="^2$"):
+        tuning.main(["--release", url, "--output", str(tmp_path / "o"), "--trials", "0", *SIZE])
+    assert capsys.readouterr().err == "error: argument --trials: must be >= 1, got 0\n"
     assert tuning.main(["--release", url, "--output", str(tmp_path / "o"), "--fit-starts", "1,99", "--pattern-width",
                         "16", *SIZE]) == 2
     assert "--fit-starts" in capsys.readouterr().err

@@ -20,6 +20,7 @@ from fnn_model.synthetic import make_release
 from fnn_ray import storage
 from fnn_ray.ledger import LEDGER_DIR, Ledger
 from fnn_ray.locations import screen_locations
+from fnn_ray.manifest import Manifest
 from fnn_ray.stimuli import write_clips
 from fnn_ray.sweep import SweepConfig, run_sweep
 from jobs.export import main
@@ -66,7 +67,7 @@ def test_responses_export_equals_engine(sweep, s3, tmp_path, capsys):
     assert main(["--output", output, "--to", to]) == 0
     assert f"exported 2 scan(s), array [18, {sum(lengths)}] float32" in capsys.readouterr().out
     assert sorted(os.listdir(to)) == ["responses"]  # no staging left behind
-    assert sorted(os.listdir(f"{to}/responses")) == ["metadata.csv", "responses.npy", "units.csv"]
+    assert sorted(os.listdir(f"{to}/responses")) == ["clips.csv", "metadata.csv", "responses.npy", "units.csv"]
 
     array = np.load(f"{to}/responses/responses.npy", mmap_mode="r")
     assert array.dtype == np.float32 and array.shape == (7 + 11, sum(lengths)) and array.flags.c_contiguous
@@ -91,19 +92,55 @@ def test_responses_export_equals_engine(sweep, s3, tmp_path, capsys):
     assert checked == 18 * CLIPS
 
     metadata = pd.read_csv(f"{to}/responses/metadata.csv")
+    stimuli = Manifest.load(output).inputs["stimuli"]
     assert metadata.to_dict("records") == [
         {"session": s, "scan_idx": i, "sampling_frequency": 30.0, "stimulus_height": SIZE[0],
-         "stimulus_width": SIZE[1], "burnin_frames": 10, "frames": sum(lengths)} for s, i, _ in SCANS]
+         "stimulus_width": SIZE[1], "burnin_frames": 10, "frames": sum(lengths), "stimulus": stimuli,
+         "clip_table": "clips.csv"} for s, i, _ in SCANS]
 
     # --scans picks rows (sweep order kept); a remote --to holds the same bytes
     remote = s3.url(f"export-{uuid.uuid4().hex[:8]}")
     assert main(["--output", output, "--to", remote, "--scans", "4-7"]) == 0
     fs, root = storage.filesystem(remote)
-    assert sorted(p.rsplit("/", 1)[1] for p in fs.find(root)) == ["metadata.csv", "responses.npy", "units.csv"]
+    assert sorted(p.rsplit("/", 1)[1] for p in fs.find(root)) == ["clips.csv", "metadata.csv", "responses.npy",
+                                                                  "units.csv"]
     with fs.open(f"{root}/responses/responses.npy", "rb") as f:
         only = np.load(f)
     np.testing.assert_array_equal(only, array[11:])
     assert pd.read_csv(fs.open(f"{root}/responses/units.csv")).values.tolist() == units.values[11:].tolist()
+
+
+def test_stimulus_clip_table_and_no_silent_overwrite(sweep, s3, tmp_path, capsys):
+    _, clips, output = sweep
+    for to in (str(tmp_path / "published"), s3.url(f"export-{uuid.uuid4().hex[:8]}")):
+        fs, root = storage.filesystem(to)
+        assert main(["--output", output, "--to", to, "--stimulus"]) == 0
+        with fs.open(f"{root}/responses/stimulus.npy", "rb") as f:
+            frames = np.load(f)
+        # column j of responses.npy responds to frame j: every clip's frames without its context, in dataset order
+        np.testing.assert_array_equal(frames, np.concatenate([c.frames[c.context_frames:] for c in clips]))
+        assert pd.read_csv(fs.open(f"{root}/responses/metadata.csv")).stimulus.tolist() == ["stimulus.npy"] * 2
+
+        table = pd.read_csv(fs.open(f"{root}/responses/clips.csv"))
+        starts = np.cumsum([0] + [c.num_frames - c.context_frames for c in clips])
+        assert table.to_dict("records") == [
+            {"clip_id": c.clip_id, "start": int(starts[n]), "stop": int(starts[n + 1]),
+             "context_frames": c.context_frames,
+             "burnin_frames": min(int(starts[n + 1] - starts[n]), max(0, 10 - c.context_frames))}
+            for n, c in enumerate(clips)]
+
+        # an export is never written over silently; --overwrite replaces it and drops what it no longer has
+        before = fs.cat_file(f"{root}/responses/responses.npy")
+        capsys.readouterr()
+        assert main(["--output", output, "--to", to]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "already holds an export" in err[0] and "--overwrite" in err[0], err
+        assert fs.exists(f"{root}/responses/stimulus.npy")
+        assert main(["--output", output, "--to", to, "--overwrite"]) == 0
+        fs.invalidate_cache()
+        assert sorted(p.rsplit("/", 1)[1] for p in fs.find(f"{root}/responses")) == [
+            "clips.csv", "metadata.csv", "responses.npy", "units.csv"]
+        assert fs.cat_file(f"{root}/responses/responses.npy") == before
 
 
 def test_incomplete_or_bad_sweep_writes_nothing(sweep, tmp_path, capsys):
@@ -154,6 +191,8 @@ def test_readout_export_matches_head_parameters(sweep, tmp_path):
     release_url, _, _ = sweep
     to = str(tmp_path / "published")
     assert main(["--readout", "--release", release_url, "--to", to, "--scans", "4-7,8-5"]) == 0
+    assert main(["--readout", "--release", release_url, "--to", to]) == 2  # not over the first one
+    assert main(["--readout", "--release", release_url, "--to", to, "--scans", "4-7,8-5", "--overwrite"]) == 0
     assert sorted(os.listdir(f"{to}/readout")) == ["readout_locations.npy", "readout_weights.npy", "units.csv"]
     weights = np.load(f"{to}/readout/readout_weights.npy")
     locations = np.load(f"{to}/readout/readout_locations.npy")
@@ -190,13 +229,18 @@ def test_movie_npy_to_published_layout(ray_cluster, tmp_path):
     np.save(movie_path, movie)
     stimuli, output, to = str(tmp_path / "stimuli"), str(tmp_path / "out"), str(tmp_path / "published")
     assert make_stimuli.main(["--from", str(movie_path), "--output", stimuli, "--clip-frames", "20",
-                              "--context-frames", "5"]) == 0
+                              "--context-frames", "5", "--size", f"{SIZE[0]}x{SIZE[1]}"]) == 0
     summary = run_sweep(SweepConfig(release=release, stimuli=stimuli, output=output, actors=1, cpus_per_actor=1,
                                     progress=False, verbose=False))
     assert summary.ok, summary.failures
     assert main(["--output", output, "--to", to]) == 0
     array = np.load(f"{to}/responses/responses.npy", mmap_mode="r")
     assert array.shape == (sum(u for *_, u in SCANS), 50)  # every movie frame once, in movie order
+    # the movie's first clip ran from the reset at the movie's start: its first 10 frames are burn-in; the others
+    # ran their 5 context frames first, so 5 of their frames lie within 10 frames of their reset
+    clips = pd.read_csv(f"{to}/responses/clips.csv")
+    assert clips[["start", "stop", "context_frames", "burnin_frames"]].values.tolist() == [
+        [0, 20, 0, 10], [20, 40, 5, 5], [40, 50, 5, 5]]
     engine = Engine(Release.open(release).load_core())
     starts, row = [0, 20, 40], 0
     for session, scan_idx, units in SCANS:

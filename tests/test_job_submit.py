@@ -1,17 +1,24 @@
-"""A sweep submitted with ``ray job submit`` to a real head node, exactly as docs/cluster.md shows it.
+"""A sweep submitted with ``ray job submit`` to a real head node, exactly as the README and docs/cluster.md show it,
+on a machine where another Ray already runs on Ray's default ports.
 
-The test starts a private head node (``ray start --head``: its own temp dir, free ports, the dashboard and job
-server on 127.0.0.1, token authentication on with a token file of its own), writes a tiny synthetic release and
-clips to local paths, submits ``python -m jobs.sweep ...`` from the repository root with ``--working-dir .``, and
-reads the response dataset back. Whatever happens, the cluster is stopped by killing its processes: the process
-group ``ray start`` was started in and every descendant of those processes (workers, the job's driver), never
-with ``ray stop``, which would stop every Ray on the machine.
+The module first makes sure Ray's default ports (6379, 8265, 52365, 10001) are taken: it starts a second Ray
+there (``ray start --head --block`` with its own temp dir) unless something holds them already. Then it starts
+the cluster under test as the README does: ``ray start --head --block`` in the background with its own
+``--temp-dir`` and every port it would otherwise take by default chosen free, token authentication on with a
+token file of its own; it waits until ``ray job list`` answers, submits ``python -m jobs.sweep ...``
+from the repository root with ``--working-dir .``, reads the response dataset back, stops a second job with
+``ray job stop`` while it computes (its log must end with our summary naming SIGTERM, its status STOPPED), and
+finally stops the cluster as the README does: SIGTERM to the ``ray start`` process, which stops that node's
+processes and no other (the default-port Ray is checked to be still up). Whatever happens, every process this
+module started is killed at the end by process group and descent (never ``ray stop``, which would stop every Ray
+on the machine).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -22,6 +29,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,24 +44,30 @@ pytestmark = [
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SCANS = ((4, 7, 12), (8, 5, 20))  # (session, scan_idx, units)
 CLIPS, FRAMES, HEIGHT, WIDTH = 2, 4, 36, 64
-#: Runtime environment of the test job: the cluster runs on this machine, where the project's dependencies are
-#: installed already, so it installs nothing (docs/cluster.md shows the runtime env of a real cluster).
-RUNTIME_ENV = {"env_vars": {"PYTHONUNBUFFERED": "1"}}
-
-
-@dataclass(frozen=True)
-class Head:
-    """A running head node: its dashboard ``address`` and the environment a client needs to reach it."""
-
-    address: str
-    client_env: dict[str, str]
-    token: str
+#: The sweep stopped by `ray job stop`: one clip per item, long enough to be stopped while computing.
+LONG_CLIPS, LONG_FRAMES = 10, 30
+#: Ray's default ports: GCS, dashboard (job server), dashboard agent, Ray client server.
+DEFAULT_PORTS = (6379, 8265, 52365, 10001)
+#: Runtime environment of the test jobs as in the README (the cluster runs on this machine, where the project's
+#: dependencies are installed already, so it installs nothing): unbuffered output, and 60 s for a job to finish
+#: after `ray job stop`'s SIGTERM before Ray kills it (Ray's default is 3 s).
+RUNTIME_ENV = {"env_vars": {"PYTHONUNBUFFERED": "1", "RAY_JOB_STOP_WAIT_TIME_S": "60"}}
 
 
 def _free_port() -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind(("", 0))
         return s.getsockname()[1]
+
+
+def _taken(port: int) -> bool:
+    """Something listens on ``port`` (of any interface)."""
+    with socket.socket() as s:
+        try:
+            s.bind(("", port))
+        except OSError:
+            return True
+    return False
 
 
 def _processes() -> dict[int, tuple[int, int]]:
@@ -68,22 +82,27 @@ def _processes() -> dict[int, tuple[int, int]]:
         except OSError:
             continue
         fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) "
-        table[int(name)] = (int(fields[1]), int(fields[2]))
+        if fields[0] != "Z":
+            table[int(name)] = (int(fields[1]), int(fields[2]))
     return table
+
+
+def _members(group: int) -> set[int]:
+    """Live processes of process group ``group`` and all their descendants."""
+    table = _processes()
+    found = {pid for pid, (_, pgid) in table.items() if pgid == group}
+    while True:
+        children = {pid for pid, (ppid, _) in table.items() if ppid in found} - found
+        if not children:
+            return found - {os.getpid()}
+        found |= children
 
 
 def _kill_cluster(group: int) -> None:
     """SIGKILL the processes of process group ``group`` and all their descendants (found before any dies, so
     that orphans are not lost to pid 1), until none is left."""
     for _ in range(5):
-        table = _processes()
-        doomed = {pid for pid, (_, pgid) in table.items() if pgid == group}
-        while True:
-            children = {pid for pid, (ppid, _) in table.items() if ppid in doomed} - doomed
-            if not children:
-                break
-            doomed |= children
-        doomed.discard(os.getpid())
+        doomed = _members(group)
         if not doomed:
             return
         for pid in doomed:
@@ -94,71 +113,144 @@ def _kill_cluster(group: int) -> None:
         time.sleep(0.5)
 
 
+def _wait_for(condition: Callable[[], bool], what: str, timeout_s: float, details: Callable[[], str] = str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not {what} within {timeout_s:.0f} s\n{details()}")
+        time.sleep(0.5)
+
+
 def _ray_cli() -> str:
     """The ``ray`` command of the Python running the tests (not whatever ``ray`` is first on PATH)."""
     beside = Path(sys.executable).with_name("ray")
     return str(beside) if beside.exists() else shutil.which("ray") or "ray"
 
 
-def _wait_for_dashboard(address: str, token: str, temp_dir: Path, timeout_s: float) -> None:
-    """Wait until the job server answers; else fail with the end of the dashboard's log (which says ``http server
-    disabled`` when ``ray[default]`` is missing)."""
-    deadline = time.monotonic() + timeout_s
-    request = urllib.request.Request(f"{address}/api/version", headers={"Authorization": f"Bearer {token}"})
-    while True:
-        try:
-            with urllib.request.urlopen(request, timeout=5) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            logs = sorted(temp_dir.glob("session_*/logs/dashboard.log"))
-            tail = logs[-1].read_text()[-3000:] if logs else "(no dashboard.log)"
-            raise AssertionError(f"the job server at {address} did not answer within {timeout_s:.0f} s "
-                                 f"(is ray[default] installed?); dashboard.log ends:\n{tail}")
-        time.sleep(0.5)
-
-
-@pytest.fixture(scope="module")
-def head():
-    """A private head node on this machine; stopped (all its processes killed) whatever the test does."""
-    root = Path(tempfile.mkdtemp(prefix="fnnray-", dir="/tmp"))  # short: Ray's socket paths must stay < 108 B
-    token = secrets.token_hex(32)
-    token_file = root / "auth_token"
-    token_file.write_text(token)
-    token_file.chmod(0o600)
-    dashboard = _free_port()
+def _ray_env(token_file: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update(
         RAY_AUTH_MODE="token",
         RAY_AUTH_TOKEN_PATH=str(token_file),
         # `python` in the job's entrypoint is the interpreter running the tests (as in an activated venv)
         PATH=os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
-        # single-node mode: Ray keeps 127.0.0.1 as the node address instead of the machine's outward address
-        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
     )
-    log = root / "ray-start.log"
-    command = [
-        _ray_cli(), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", "0",
-        "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
-        "--dashboard-agent-listen-port", str(_free_port()), "--ray-client-server-port", str(_free_port()),
-        "--num-cpus", "2", "--num-gpus", "0", "--temp-dir", str(root / "ray"), "--disable-usage-stats",
-    ]
-    with open(log, "w") as out:
-        started = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   start_new_session=True)  # its own process group: the cluster's processes
+    return env
+
+
+@dataclass
+class Node:
+    """A ``ray start --head --block`` running in the background: its process, log and temp dir."""
+
+    process: subprocess.Popen
+    log: Path
+    temp_dir: Path
+
+    @classmethod
+    def start(cls, root: Path, env: dict[str, str], ports: list[str]) -> Node:
+        """Start it as the README does and wait for "Ray runtime started" in its log (AssertionError with the
+        log when it exits first)."""
+        log = root / "head.log"
+        command = [_ray_cli(), "start", "--head", "--block", "--temp-dir", str(root / "ray"), *ports,
+                   "--num-cpus", "2", "--num-gpus", "0", "--disable-usage-stats"]
+        with open(log, "w") as out:
+            process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                       stdin=subprocess.DEVNULL, start_new_session=True)  # its own process group
+        node = cls(process, log, root / "ray")
+        try:
+            _wait_for(lambda: "Ray runtime started" in log.read_text() or process.poll() is not None,
+                      "Ray started", 180, lambda: log.read_text()[-3000:])
+        except AssertionError:
+            node.kill()
+            raise
+        if process.poll() is not None:
+            node.kill()
+            raise AssertionError(f"`ray start --head` exited {process.returncode}:\n{log.read_text()[-3000:]}")
+        return node
+
+    def kill(self) -> None:
+        """SIGKILL everything it started (its process group and their descendants)."""
+        _kill_cluster(self.process.pid)
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+
+
+@dataclass(frozen=True)
+class Head:
+    """The cluster under test: its dashboard ``address``, the environment a client needs to reach it, its token,
+    its node and the Ray on the default ports beside it (None when someone else's Ray holds them)."""
+
+    address: str
+    client_env: dict[str, str]
+    token: str
+    node: Node
+    neighbour: Node | None
+
+
+def _wait_for_job_server(address: str, env: dict[str, str], temp_dir: Path, timeout_s: float) -> None:
+    """As the README: until ``ray job list --address ADDRESS`` answers; else fail with the end of the dashboard's
+    log (which says ``http server disabled`` when ``ray[default]`` is missing)."""
+
+    def answers() -> bool:
+        return subprocess.run([_ray_cli(), "job", "list", "--address", address], env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, timeout=120).returncode == 0
+
+    def tail() -> str:
+        logs = sorted(temp_dir.glob("session_*/logs/dashboard.log"))
+        return "dashboard.log ends:\n" + (logs[-1].read_text()[-3000:] if logs else "(no dashboard.log)")
+
+    _wait_for(answers, f"the job server at {address} answering (is ray[default] installed?)", timeout_s, tail)
+
+
+@pytest.fixture(scope="module")
+def neighbour() -> Iterator[Node | None]:
+    """Another Ray on this machine on Ray's default ports: started here unless they are all taken already (a
+    Ray of someone else holding one of them may stop it from starting; then the others must be taken too)."""
+    root = Path(tempfile.mkdtemp(prefix="fnnray-n-", dir="/tmp"))  # short: Ray's socket paths must stay < 108 B
+    token_file = root / "auth_token"
+    token_file.write_text(secrets.token_hex(32))
+    token_file.chmod(0o600)
+    node = None
     try:
-        if started.wait(timeout=120) != 0:
-            raise AssertionError(f"`ray start --head` failed ({started.returncode}):\n{log.read_text()[-3000:]}")
-        address = f"http://127.0.0.1:{dashboard}"
-        _wait_for_dashboard(address, token, root / "ray", timeout_s=60)
-        client_env = {k: v for k, v in env.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
-        yield Head(address, client_env, token)
+        if not all(_taken(port) for port in DEFAULT_PORTS):
+            try:
+                node = Node.start(root, _ray_env(token_file), [])
+            except AssertionError:  # some default port taken by someone else's Ray: the others must be too
+                node = None
+        assert all(_taken(port) for port in DEFAULT_PORTS), \
+            f"Ray's default ports are not all taken: {[p for p in DEFAULT_PORTS if not _taken(p)]} free"
+        print(f"\nRay's default ports {DEFAULT_PORTS}: " + ("held by a Ray this test started" if node else
+                                                            "held by other Rays on this machine"))
+        yield node
     finally:
-        if started.poll() is None:
-            started.kill()
-        _kill_cluster(started.pid)
+        if node is not None:
+            node.kill()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def head(neighbour):
+    """The cluster under test, started as the README does; all its processes killed whatever the tests do."""
+    root = Path(tempfile.mkdtemp(prefix="fnnray-", dir="/tmp"))
+    token = secrets.token_hex(32)
+    token_file = root / "auth_token"
+    token_file.write_text(token)
+    token_file.chmod(0o600)
+    env = _ray_env(token_file)
+    env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # single-node mode: Ray keeps 127.0.0.1 as the node address
+    dashboard = _free_port()
+    ports = ["--node-ip-address", "127.0.0.1", "--port", str(_free_port()), "--dashboard-host", "127.0.0.1",
+             "--dashboard-port", str(dashboard), "--dashboard-agent-listen-port", str(_free_port()),
+             "--ray-client-server-port", str(_free_port())]
+    node = Node.start(root, env, ports)
+    try:
+        address = f"http://127.0.0.1:{dashboard}"
+        client_env = {k: v for k, v in env.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
+        _wait_for_job_server(address, client_env, node.temp_dir, timeout_s=180)
+        yield Head(address, client_env, token, node, neighbour)
+    finally:
+        node.kill()
         shutil.rmtree(root, ignore_errors=True)
 
 
@@ -200,3 +292,63 @@ def test_ray_job_submit_runs_a_sweep(head, tmp_path):
             assert sorted(clip.unit_id) == sorted(expected.unit_id)
             assert {len(r) for r in clip.response} == {FRAMES}
             assert np.isfinite(np.concatenate(clip.response.to_list())).all()
+
+
+def _job_status(head: Head, job_id: str) -> str:
+    """The job's status from the job server (``PENDING``, ``RUNNING``, ``STOPPED``, ``SUCCEEDED``, ``FAILED``)."""
+    request = urllib.request.Request(f"{head.address}/api/jobs/{job_id}",
+                                     headers={"Authorization": f"Bearer {head.token}"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.load(response)["status"]
+
+
+def test_ray_job_stop_ends_the_log_with_our_summary(head, tmp_path):
+    from fnn_model.config import NetworkConfig
+    from fnn_ray.ledger import Ledger
+    from jobs.make_synthetic import make_synthetic
+
+    release, stimuli, output = (str(tmp_path / name) for name in ("release", "stimuli", "output"))
+    make_synthetic(release, stimuli, SCANS, clips=LONG_CLIPS, frames=LONG_FRAMES, config=NetworkConfig.tiny(),
+                   height=HEIGHT, width=WIDTH, seed=4)
+    ray_job = [_ray_cli(), "job"]
+    where = ["--address", head.address]
+
+    def run(*args: str) -> str:
+        done = subprocess.run([*ray_job, *args], check=False, cwd=REPO_ROOT, env=head.client_env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+        assert done.returncode == 0, f"ray job {' '.join(args)}:\n{done.stdout[-4000:]}"
+        return done.stdout
+
+    submitted = run("submit", *where, "--no-wait", "--working-dir", ".", "--runtime-env-json",
+                    json.dumps(RUNTIME_ENV), "--", "python", "-m", "jobs.sweep", "--release", release, "--stimuli",
+                    stimuli, "--output", output, "--clips-per-shard", "1", "--clips-per-batch", "1", "--actors", "1",
+                    "--cpus-per-actor", "1", "--no-progress")
+    job_id = re.search(r"raysubmit_\w+", submitted).group(0)
+    total = LONG_CLIPS * len(SCANS)
+    _wait_for(lambda: len(Ledger(output).commits()) >= 1, "an item committed", 240, lambda: run("logs", *where, job_id))
+    run("stop", *where, job_id)
+    _wait_for(lambda: _job_status(head, job_id) == "STOPPED", "the job STOPPED", 120,
+              lambda: f"status {_job_status(head, job_id)}; logs:\n{run('logs', *where, job_id)}")
+    logs = run("logs", *where, job_id)
+    committed = len(Ledger(output).commits())
+    assert committed < total, "the job finished before `ray job stop`"
+    lines = [line for line in logs.splitlines() if line.strip()]
+    tail = "\n".join(lines[-4:])
+    assert "stopped by SIGTERM" in tail and "rerun the same command" in tail, logs[-4000:]
+    assert f"{committed} of {total} item(s) are committed" in logs, logs[-4000:]
+    assert "Traceback" not in logs, logs[-4000:]
+
+
+def test_stopping_the_cluster_stops_it_alone(head):
+    """The README's `kill $HEAD_PID`: the head's `ray start --block` stops its node's processes, no others."""
+    members = _members(head.node.process.pid)
+    assert len(members) > 3, members  # gcs, raylet, dashboard, ... of this cluster
+    neighbours = _members(head.neighbour.process.pid) if head.neighbour else set()
+    head.node.process.send_signal(signal.SIGTERM)
+    head.node.process.wait(timeout=120)
+    _wait_for(lambda: not (_members(head.node.process.pid) | (members & set(_processes()))), "the cluster gone", 60,
+              lambda: f"left: {_members(head.node.process.pid) | (members & set(_processes()))}")
+    if head.neighbour is not None:
+        assert head.neighbour.process.poll() is None, "the other Ray was stopped too"
+        assert neighbours <= set(_processes()), "processes of the other Ray were stopped"
+    assert all(_taken(port) for port in DEFAULT_PORTS)

@@ -106,7 +106,7 @@ def test_npz(movie, tmp_path, save, key):
 
 def test_npz_key_choice(movie, tmp_path):
     np.savez(tmp_path / "two.npz", left=movie, right=movie[::-1])
-    with pytest.raises(ValueError, match=r"two\.npz: no frames: .*'left', 'right'.*key="):
+    with pytest.raises(ValueError, match=r"two\.npz: no frames: .*'left', 'right'.*--key"):
         list(import_clips(str(tmp_path / "two.npz")))
     check_clips(list(import_clips(str(tmp_path / "two.npz"), key="right")), movie[::-1], "two", [(0, 50, 0)])
     with pytest.raises(ValueError, match=r"two\.npz: no array 'middle'"):
@@ -182,6 +182,33 @@ def test_video_24fps_to_30hz(tmp_path, codec, suffix, tolerance):
     check_clips(clips, clip.frames, "v", spans(15, 4, 3))
 
 
+def test_video_shorter_than_clip_frames_is_refused(tmp_path):
+    path = write_video(tmp_path / "v.mkv", list(range(0, 200, 20)), rate=15)  # 20 frames at 30 Hz
+    with pytest.raises(ValueError, match=r"v\.mkv: --clip-frames 30 is longer than the movie \(20 frames\)"):
+        list(import_clips(path, size=(8, 8), clip_frames=30))
+
+
+# ------------------------------------------------------------------------------------------ frame size
+def test_resize_to_the_release_frame_size(tmp_path):
+    """--resize: each frame resized to --size; a flat frame stays flat, a left-to-right ramp stays a ramp."""
+    flat = np.arange(10, dtype=np.uint8)[:, None, None].repeat(36, 1).repeat(64, 2) * 20  # [10, 36, 64]
+    ramp = np.tile(np.linspace(0, 250, 64).astype(np.uint8), (10, 36, 1))
+    np.save(tmp_path / "flat.npy", flat)
+    np.save(tmp_path / "ramp.npy", ramp)
+    with pytest.raises(ValueError, match=r"flat\.npy: frames are 36x64, .* 18x32 \(--size\): pass --resize"):
+        list(import_clips(str(tmp_path / "flat.npy"), size=(18, 32)))
+    (clip,) = import_clips(str(tmp_path / "flat.npy"), size=(18, 32), resize=True)
+    assert clip.frames.shape == (10, 18, 32) and clip.frames.dtype == np.uint8
+    assert np.array_equal(clip.frames, flat[:, :18, :32])
+    clips = list(import_clips(str(tmp_path / "ramp.npy"), size=(18, 32), resize=True, clip_frames=4, context_frames=2))
+    assert [c.frames.shape for c in clips] == [(4, 18, 32), (6, 18, 32), (4, 18, 32)]
+    row = clips[0].frames[0, 9].astype(float)
+    # a linear ramp stays linear: output pixel j sits at input position 2j + 0.5 (edge pixels clamp)
+    expected = np.linspace(0, 250, 64)[0] + (250 / 63) * (2 * np.arange(32) + 0.5)
+    assert np.abs(row - expected)[1:-1].max() <= 1.0 and (np.diff(row) > 0).all()
+    assert all((c.frames == c.frames[:1, :1]).all() for c in clips)  # every row of every frame alike
+
+
 # ------------------------------------------------------------------------------------------ boundaries
 def test_boundaries(movie, tmp_path):
     np.save(tmp_path / "m.npy", movie)
@@ -206,7 +233,7 @@ def test_cli_round_trip(movie, tmp_url, tmp_path, capsys):
     np.save(tmp_path / "m.npy", movie)
     out = tmp_url("memory")
     assert main(["--from", str(tmp_path / "m.npy"), "--output", out, "--clip-frames", "15", "--context-frames",
-                 "5", "--clips-per-file", "2"]) == 0
+                 "5", "--clips-per-file", "2", "--size", "6x8"]) == 0
     summary = capsys.readouterr().out
     assert "wrote 4 clip(s), 65 frames (15 of them context) in 2 file(s)" in summary
     shards = list_shards(out, 1)
@@ -237,7 +264,18 @@ def bad_inputs(tmp_path, movie):
     (tmp_path / "trials" / "perspectives").mkdir()
     np.save(tmp_path / "trials" / "stimuli" / "t.npy", movie)
     np.save(tmp_path / "trials" / "perspectives" / "t.npy", np.zeros((49, 2), np.float32))
-    m = ["--from", str(tmp_path / "m.npy")]
+    np.save(tmp_path / "time-last.npy", np.zeros((144, 256, 20), np.uint8))
+    np.save(tmp_path / "time-last-small.npy", np.moveaxis(movie, 0, -1))
+    (tmp_path / "nan" / "stimuli").mkdir(parents=True)
+    (tmp_path / "nan" / "perspectives").mkdir()
+    np.save(tmp_path / "nan" / "stimuli" / "t.npy", movie)
+    eye = np.zeros((50, 2), np.float32)
+    eye[7, 0] = np.nan
+    np.save(tmp_path / "nan" / "perspectives" / "t.npy", eye)
+    behaviour = np.zeros((50, 2))
+    behaviour[3, 1] = np.inf
+    np.savez(tmp_path / "inf.npz", stimulus=movie, modulations=behaviour)
+    m = ["--from", str(tmp_path / "m.npy"), "--size", "6x8"]
     return [
         ("float", ["--from", str(tmp_path / "float.npy")], r"float\.npy: frames must be uint8 \[T, H, W\] .*float32"),
         ("2-D", ["--from", str(tmp_path / "flat.npy")], r"flat\.npy: frames must be uint8 .*\[6, 8\]"),
@@ -254,16 +292,39 @@ def bad_inputs(tmp_path, movie):
         ("missing", ["--from", str(tmp_path / "nope.npy")], r"not found: .*nope\.npy"),
         ("perspectives", ["--from", str(tmp_path / "trials")],
          r"perspectives/t\.npy: perspectives must be .*\[50, 2\] .*\[49, 2\]"),
-        ("size", [*m, "--size", "144x256"], r"size and fps apply to video sources only"),
+        ("fps", [*m, "--fps", "30"], r"--fps applies to video sources only"),
+        ("time-last", ["--from", str(tmp_path / "time-last.npy")],
+         r"time-last\.npy: frames \[144, 256, 20\] look like \[H, W, T\] \(time last\)"),
+        ("time-last-resize", ["--from", str(tmp_path / "time-last-small.npy"), "--size", "6x8", "--resize"],
+         r"time-last-small\.npy: frames \[6, 8, 50\] look like \[H, W, T\]"),
+        ("frame-size", ["--from", str(tmp_path / "m.npy")],
+         r"m\.npy: frames are 6x8, the release's stimulus frames are 144x256 \(--size\): pass --resize"),
+        ("clip-longer", [*m, "--clip-frames", "51"], r"m\.npy: --clip-frames 51 is longer than the movie \(50 frames\)"),
+        ("nan-perspectives", ["--from", str(tmp_path / "nan"), "--size", "6x8"],
+         r"nan/perspectives/t\.npy: perspectives of frame 7 is \[nan, 0\.0\]: not finite"),
+        ("inf-modulations", ["--from", str(tmp_path / "inf.npz"), "--size", "6x8"],
+         r"inf\.npz\[modulations\]: modulations of frame 3 is \[0\.0, inf\]: not finite"),
+        ("zero-clip-frames", [*m, "--clip-frames", "0"], r"argument --clip-frames: must be >= 1, got 0"),
+        ("negative-context", [*m, "--context-frames", "-1"], r"argument --context-frames: must be >= 0, got -1"),
+        ("zero-clips-per-file", [*m, "--clips-per-file", "0"], r"argument --clips-per-file: must be >= 1, got 0"),
     ]
+
+
+def status(argv):
+    """``main(argv)``'s exit status, also when the argument parser exits."""
+    try:
+        return main(argv)
+    except SystemExit as e:
+        return e.code
 
 
 def test_bad_input_one_line_exit_2_nothing_written(movie, tmp_path, capsys):
     for name, argv, pattern in bad_inputs(tmp_path, movie):
         out = str(tmp_path / f"out-{name}")
-        assert main([*argv, "--output", out]) == 2, name
+        assert status([*argv, "--output", out]) == 2, name
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith("error: "), (name, err)
+        assert "=True" not in err and "_frames" not in err, (name, err)  # flags, never Python keywords
         assert re.search(pattern, err), (name, err)
         assert not os.path.exists(out), name
 
@@ -281,7 +342,7 @@ def test_error_late_in_a_video_removes_what_was_written(tmp_path, tmp_url, capsy
     (tmp_path / "cuts.txt").write_text("0,4\n4,8\n16,20\n")
     args = ["--from", path, "--output", out, "--boundaries", str(tmp_path / "cuts.txt"), "--size", "8x8"]
     assert main(args) == 0 and len(parquet_files(out)) == 1
-    assert main(args) == 2 and "pass overwrite=True" in capsys.readouterr().err
+    assert main(args) == 2 and "pass --overwrite to replace them" in capsys.readouterr().err
     assert main([*args, "--overwrite", "--clips-per-file", "1"]) == 0 and len(parquet_files(out)) == 3
 
 

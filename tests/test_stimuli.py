@@ -179,7 +179,7 @@ def test_read_shard_with_large_row_groups_slices(tmp_url):
 def test_write_clips_refuses_to_overwrite_unless_asked(tmp_url):
     url = tmp_url("memory")
     stimuli.write_clips(url, make_clips(5), clips_per_file=2)
-    with pytest.raises(FileExistsError, match="overwrite=True"):
+    with pytest.raises(FileExistsError, match="pass --overwrite to replace them"):
         stimuli.write_clips(url, make_clips(2))
     stimuli.write_clips(url, make_clips(2, seed=5), overwrite=True)
     shards = stimuli.list_shards(url, 10)
@@ -195,6 +195,10 @@ def test_write_clips_refuses_to_overwrite_unless_asked(tmp_url):
         (Clip("x", np.zeros((0, 4, 5), np.uint8)), r"'x'.*empty axis"),
         (Clip("x", np.zeros((3, 4, 5), np.uint8), perspectives=np.zeros((3, 3))), r"'x'.*perspectives.*\[3, 2\]"),
         (Clip("x", np.zeros((3, 4, 5), np.uint8), modulations=np.zeros((2, 2))), r"'x'.*modulations.*\[3, 2\]"),
+        (Clip("x", np.zeros((3, 4, 5), np.uint8), perspectives=np.array([[0, 0], [np.nan, 0], [0, 0]])),
+         r"clip 'x': perspectives of frame 1 is \[nan, 0\.0\]: not finite"),
+        (Clip("x", np.zeros((3, 4, 5), np.uint8), modulations=np.array([[0, 0], [0, 0], [0, -np.inf]])),
+         r"clip 'x': modulations of frame 2 is \[0\.0, -inf\]: not finite"),
         (Clip("", np.zeros((3, 4, 5), np.uint8)), r"clip_id must be a non-empty string"),
         (Clip("clip-001", np.zeros((3, 4, 5), np.uint8)), r"duplicate clip_id 'clip-001'"),
         (Clip("x", np.zeros((3, 4, 5), np.uint8), context_frames=3), r"'x'.*context_frames.*\[0, 3\), got 3"),
@@ -475,6 +479,16 @@ def test_bad_perspectives_length(column, tmp_url):
     msg = str(e.value)
     assert "p.parquet" in msg and "row 2" in msg and "'r2'" in msg
     assert f"{column} has 5 values, expected 2*num_frames = 4" in msg
+
+
+@pytest.mark.parametrize("column", ["perspectives", "modulations"])
+def test_non_finite_perspectives_named_by_file_row_and_frame(column, tmp_url):
+    url = tmp_url("local")
+    good, bad = [0.0] * 4, [0.0, 0.0, float("inf"), 1.0]  # T = 2: frame 1 is [inf, 1]
+    put_table(url, "p.parquet", raw_table(n=2, T=2, **{column: pa.array([good, bad], pa.list_(pa.float32()))}))
+    with pytest.raises(ValueError, match=rf"p\.parquet row 1 \(clip_id 'r1'\): {column} of frame 1 is "
+                                         rf"\[inf, 1\.0\]: not finite"):
+        stimuli.read_shard(stimuli.list_shards(url, 2)[0])
 
 
 @pytest.mark.parametrize("column", ["num_frames", "height", "width"])
