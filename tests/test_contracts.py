@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from fnn_ray.generators import Monet
+from fnn_ray.generators import RigidMonet
 from fnn_ray.ledger import parquet_bytes
 from fnn_ray.plan import WorkItem, build_items
 from fnn_ray.recordings import RecordingSource, RepeatsReducer, list_scan, write_repeat
@@ -24,7 +24,7 @@ from fnn_ray.stimuli import list_shards, write_clips
 from jobs.make_synthetic import synthetic_clips
 
 SCAN, UNITS = (4, 7), 6
-FAMILY = Monet(directions=2, trials=1, block_frames=4, height=18, width=32, seed=1)
+FAMILY = RigidMonet(directions=2, trials=1, block_frames=4, height=18, width=32, seed=1)
 
 
 def _parquet(root):
