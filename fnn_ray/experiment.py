@@ -6,7 +6,8 @@ clips are made on the workers, no stimulus I/O) and whose reducer is a :class:`f
 After the items are committed, :func:`condition_means` merges the partial sums of every item into the mean
 response per unit and condition, and the experiment's analysis (tuning, receptive fields) turns them into tables.
 
-The final outputs are written by :mod:`fnn_ray.outputs`.
+The final outputs are written by :mod:`fnn_ray.outputs`: each result folder is a Parquet dataset (one row per
+unit) with its figures, CSV and metadata under ``_files/``.
 """
 
 from __future__ import annotations
@@ -25,14 +26,14 @@ import pandas as pd
 from fnn_ray import fingerprint, preflight, storage
 from fnn_ray.generators import Family
 from fnn_ray.job import Job, JobConfig, JobSummary, run_job
-from fnn_ray.outputs import committed_tables, csv_bytes, read_results, write_file, write_table
+from fnn_ray.outputs import committed_tables, csv_bytes, files_url, read_results, write_file, write_table
 from fnn_ray.plan import Scan
 from fnn_ray.reducers import WindowReducer
 from fnn_ray.sources import GeneratedSource, blocks
 from fnn_ray.stimuli import Clip, ClipWriter
 
 __all__ = ["ExperimentConfig", "ScanMeans", "clips_metadata", "condition_means", "plan_experiment", "read_results",
-           "run_experiment", "save_stimuli"]  # read_results: from fnn_ray.outputs, kept here for the README
+           "run_experiment", "save_stimuli", "stimulus_caption"]  # read_results: from fnn_ray.outputs, kept here for the README
 
 
 @dataclass(kw_only=True)
@@ -120,14 +121,24 @@ def save_stimuli(family: Family, url: str, storage_options: Mapping[str, Any] | 
     return writer.files
 
 
+def stimulus_caption(family: Family) -> str:
+    """One line naming the stimulus family and its parameters (for figures)."""
+    params = ", ".join(f"{k}={v}" for k, v in family.params().items() if k != "seed")
+    return f"stimulus {family.name} (seed {family.seed}): {params}"
+
+
 def run_experiment(name: str, data_dir: str, config: ExperimentConfig, save_stimuli_url: str | None,
                    analyse: Callable[[ScanMeans], pd.DataFrame], metadata: dict, csv_columns: list[str],
-                   plot: Callable[[pd.DataFrame, str], list[str]]) -> JobSummary:
+                   plot: Callable[[pd.DataFrame, str, str], list[str]],
+                   settings: Mapping[str, Any] | None = None) -> JobSummary:
     """Run the experiment job, then (when every item is committed) write per scan
-    ``OUTPUT/<data_dir>/session=<s>/scan_idx=<i>/units.parquet`` (``unit_id``, ``readout_id``, then the columns of
-    ``analyse(means)``), ``OUTPUT/<data_dir>/metadata.json`` (``metadata`` plus the stimulus family, its
-    parameters and every clip's windows), ``units.csv`` (``csv_columns`` of all scans) and the PNGs of
-    ``plot(table, directory)`` under ``plots/``. Prints where everything went."""
+    ``OUTPUT/<data_dir>/scan-<s>-<i>.parquet`` (``session``, ``scan_idx``, ``unit_id``, ``readout_id``, then the
+    columns of ``analyse(means)``) and under ``OUTPUT/<data_dir>/_files/``: ``metadata.json`` (``metadata`` and
+    ``settings``, the stimulus family, its parameters and every clip's windows), ``units.csv`` (``csv_columns`` of
+    all scans, then the stimulus family, its parameters and each of ``settings`` (analysis settings, index
+    definitions) as JSON columns) and the PNGs of ``plot(table, directory, stimulus caption)`` under ``plots/``.
+    Prints where everything went."""
+    settings = dict(settings or {})
     so = config.storage_options
     family = config.family
     job = plan_experiment(name, config, products=(data_dir,))
@@ -152,18 +163,21 @@ def run_experiment(name: str, data_dir: str, config: ExperimentConfig, save_stim
         table.insert(0, "session", scan[0])
         tables.append(table)
     everything = pd.concat(tables, ignore_index=True)
-    base = storage.join(job.output_url, data_dir)
-    meta = {**metadata, "stimulus": {"family": family.name, **family.params()},
+    meta = {**metadata, **settings, "stimulus": {"family": family.name, **family.params()},
             "burnin_frames": family.burnin_frames, "clips": clips_metadata(family)}
-    write_file(storage.join(base, "metadata.json"), json.dumps(meta, indent=1).encode(), so)
-    write_file(storage.join(base, "units.csv"), csv_bytes(everything[csv_columns]), so)
+    write_file(files_url(job.output_url, data_dir, "metadata.json"), json.dumps(meta, indent=1).encode(), so)
+    csv = everything[csv_columns].assign(
+        stimulus=family.name, stimulus_params=json.dumps(family.params(), separators=(",", ":")),
+        **{key: json.dumps(value, separators=(",", ":")) for key, value in settings.items()})
+    write_file(files_url(job.output_url, data_dir, "units.csv"), csv_bytes(csv), so)
     with tempfile.TemporaryDirectory() as tmp:
-        paths = plot(everything, tmp)
+        paths = plot(everything, tmp, stimulus_caption(family))
         for path in paths:
-            write_file(storage.join(base, "plots", Path(path).name), Path(path).read_bytes(), so)
-    shown = storage.redact_url(base)
+            write_file(files_url(job.output_url, data_dir, "plots", Path(path).name), Path(path).read_bytes(), so)
+    shown = storage.redact_url(storage.join(job.output_url, data_dir))
     print(f"\n{name}: {len(everything):,} unit(s) of {len(tables)} scan(s) analysed in "
-          f"{time.perf_counter() - start:.1f} s\n  tables: {shown}/session=*/scan_idx=*/units.parquet\n"
-          f"  published layout: {shown}/units.csv\n  metadata: {shown}/metadata.json\n"
-          f"  plots: {shown}/plots/ ({len(paths)} PNG)")
+          f"{time.perf_counter() - start:.1f} s\n  dataset (one row per unit): {shown}  "
+          f"(pandas.read_parquet or pyarrow.dataset.dataset(..., format=\"parquet\"))\n"
+          f"  published layout: {shown}/_files/units.csv\n  metadata: {shown}/_files/metadata.json\n"
+          f"  plots: {shown}/_files/plots/ ({len(paths)} PNG)")
     return summary

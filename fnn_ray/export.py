@@ -459,15 +459,21 @@ def export_readout(
     storage_options: Mapping[str, Any] | None = None,
     *,
     work_dir: str | None = None,
+    height: int = 144,
+    width: int = 256,
+    eye: Sequence[float] = (0.0, 0.0),
     overwrite: bool = False,
 ) -> ExportResult:
     """Export the readout of the release at ``release_url`` to ``<to_url>/readout/``: ``readout_weights.npy``
     float32 ``[units, S*C]`` (row u, column ``s*C + c`` = ``readout.feature.weights.{s}[u, 0, c]``: stream-major,
     the channel order the readout samples the core output in; MICrONS: 4 x 128 = 512), ``readout_locations.npy``
-    float32 ``[units, 2]`` (``readout.position.mu``, x then y, as stored: the readout samples at ``tanh(mu)`` in
-    ``grid_sample`` coordinates) and ``units.csv`` (session, scan_idx, unit_id). Scans: the release's order
-    (``scans`` filters it); each scan's units by readout_id. Atomic, and ``overwrite`` as in
-    :func:`export_responses`."""
+    float32 ``[units, 2]`` (the published convention: the stimulus point each unit's readout looks at, in
+    normalised screen coordinates, x right, y up, ``(-1, -1)`` bottom-left, for a ``height x width`` stimulus
+    and eye position ``eye``: :func:`fnn_ray.locations.screen_locations`) and ``units.csv`` (session, scan_idx,
+    unit_id). Scans: the release's order (``scans`` filters it); each scan's units by readout_id. Atomic, and
+    ``overwrite`` as in :func:`export_responses`."""
+    from fnn_ray.locations import screen_locations
+
     began = time.perf_counter()
     release, _ = preflight.open_release(release_url, scans, storage_options)
     chosen = [info for info in release.scans if scans is None or info.key in set(scans)]
@@ -479,11 +485,12 @@ def export_readout(
         table: list[pd.DataFrame] = []
         row = 0
         for info in chosen:
-            state = release.load_head(*info.key).state_dict()
+            head = release.load_head(*info.key)
+            state = head.state_dict()
             streams = [state[f"readout.feature.weights.{s}"][:, 0, :] for s in range(release.config.streams)]
             index = np.arange(row, row + info.units)
             weights.write(index, 0, np.concatenate([s.numpy() for s in streams], axis=1))
-            locations.write(index, 0, state["readout.position.mu"].numpy())
+            locations.write(index, 0, screen_locations(head, height, width, eye))
             units = release.units(*info.key)
             table.append(pd.DataFrame({"session": info.session, "scan_idx": info.scan_idx,
                                        "unit_id": units.unit_id.to_numpy()}))

@@ -3,8 +3,17 @@ writers of a job's final outputs (committed atomically; a rerun rewrites them id
 
 * :func:`committed_tables`: ``(key, table)`` of every item of a job, ValueError naming the first item that is
   not committed; commits of other items in the output are left out;
-* :func:`write_file`, :func:`write_table`, :func:`csv_bytes`: a job's final files;
+* :func:`write_file`, :func:`write_table`, :func:`csv_bytes`, :func:`files_url`: a job's final files;
 * :func:`read_results`: an analysis table of every scan (``ori_dir_tuning``, ``receptive_fields``, ``performance``).
+
+Every analysis result folder is a Parquet dataset, one row per unit::
+
+    OUTPUT/<result>/scan-<session>-<scan_idx>.parquet    session, scan_idx, unit_id, readout_id, ...
+    OUTPUT/<result>/_files/                               metadata.json, units.csv, plots/*.png
+
+so ``pandas.read_parquet("OUTPUT/<result>")`` and ``pyarrow.dataset.dataset("OUTPUT/<result>",
+format="parquet")`` read every scan (both skip names starting with ``_``), with ``session`` and ``scan_idx``
+as ordinary columns.
 """
 
 from __future__ import annotations
@@ -13,6 +22,7 @@ import io
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -24,7 +34,10 @@ from fnn_ray.plan import Key, Scan, build_items
 if TYPE_CHECKING:
     from fnn_ray.job import Job
 
-__all__ = ["committed_tables", "csv_bytes", "read_results", "write_file", "write_table"]
+__all__ = ["FILES_DIR", "committed_tables", "csv_bytes", "files_url", "read_results", "write_file", "write_table"]
+
+#: The folder of a result's figures, CSV and metadata, beside its Parquet files (dataset readers skip ``_``).
+FILES_DIR = "_files"
 
 
 def committed_tables(job: Job, storage_options: Mapping[str, Any] | None = None) -> Iterator[tuple[Key, pa.Table]]:
@@ -52,9 +65,18 @@ def write_file(url: str, data: bytes, storage_options: Mapping[str, Any] | None 
 
 def write_table(output_url: str, data_dir: str, scan: Scan, frame: pd.DataFrame,
                 storage_options: Mapping[str, Any] | None = None) -> str:
-    """Commit one scan's table as ``OUTPUT/<data_dir>/session=<s>/scan_idx=<i>/units.parquet``."""
-    url = storage.join(output_url, data_dir, f"session={scan[0]}", f"scan_idx={scan[1]}", "units.parquet")
+    """Commit one scan's table as ``OUTPUT/<data_dir>/scan-<s>-<i>.parquet``, with int64 ``session`` and
+    ``scan_idx`` columns first (one row per unit); returns its URL."""
+    frame = frame.drop(columns=["session", "scan_idx"], errors="ignore")
+    frame.insert(0, "scan_idx", np.int64(scan[1]))
+    frame.insert(0, "session", np.int64(scan[0]))
+    url = storage.join(output_url, data_dir, f"scan-{scan[0]}-{scan[1]}.parquet")
     return write_file(url, parquet_bytes(pa.Table.from_pandas(frame, preserve_index=False)), storage_options)
+
+
+def files_url(output_url: str, data_dir: str, *names: str) -> str:
+    """``OUTPUT/<data_dir>/_files/<names...>``: where a result's figures, CSV and metadata go."""
+    return storage.join(output_url, data_dir, FILES_DIR, *names)
 
 
 def csv_bytes(frame: pd.DataFrame) -> bytes:
@@ -71,6 +93,4 @@ def read_results(output_url: str, data_dir: str, storage_options: Mapping[str, A
     import pyarrow.dataset as ds
 
     fs, root = storage.filesystem(storage.join(output_url, data_dir), storage_options)
-    dataset = ds.dataset([p for p in fs.find(root) if p.endswith("/units.parquet")], filesystem=fs,
-                         format="parquet", partitioning=ds.partitioning(flavor="hive"), partition_base_dir=root)
-    return dataset.to_table(filter=filter).to_pandas()
+    return ds.dataset(root, filesystem=fs, format="parquet").to_table(filter=filter).to_pandas()

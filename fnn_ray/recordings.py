@@ -9,7 +9,10 @@ Layout, on any fsspec URL: one folder per scan, named ``<session>-<scan_idx>``, 
                                                                                NaN where a unit was not recorded
 
 ``stimuli`` and ``units`` are required for every repeat; ``perspectives`` / ``modulations`` are either given for
-every repeat of the scan or for none (the model then gets zeros, like ``predict``). All arrays of a repeat have
+every repeat of the scan or for none (the model then gets zeros, like ``predict``). Values: NaN in ``units``
+means "not recorded" (that unit, that frame); ``inf`` in ``units`` is refused; a non-finite eye position or
+behaviour value is refused (one NaN input frame makes every later prediction of the repeat NaN), unless
+imputed (:data:`IMPUTE_RULE`). All arrays of a repeat have
 the same ``T``, and every repeat of a video has the same ``T``. Names starting with ``_`` or ``.`` are skipped;
 other files than ``.npy`` are ignored. Repeats sort by name (numerically when the names are numbers); the r-th
 repeat of every video forms repeat ``r`` of the concatenated recording (``shared/IN_SILICO.md`` §4: a video
@@ -17,6 +20,8 @@ with fewer repeats is padded with NaN).
 
 * :func:`scan_folders` / :func:`list_scan`: the driver's listing (a listing plus the ``.npy`` headers, never
   whole arrays): every check that can be made before Ray starts, each failure one line naming the file;
+* :func:`check_values`: the driver's pass over the values (non-finite inputs, ``inf`` responses), file and
+  frame named, before Ray starts;
 * :class:`VideoRepeats`: a work item's part, the repeats of one video of one scan;
 * :class:`RecordingSource`: the repeats as :class:`fnn_ray.stimuli.Clip` s (``clip_id`` ``"<video>/<repeat>"``),
   each with its own eye and behaviour inputs;
@@ -48,7 +53,8 @@ from fnn_ray.reducers import Reducer, Units
 from fnn_ray.sources import Source
 from fnn_ray.stimuli import Clip
 
-__all__ = ["KINDS", "RecordingSource", "RepeatsReducer", "VideoRepeats", "list_scan", "npy_bytes", "read_stats",
+__all__ = ["IMPUTE_RULE", "KINDS", "RecordingSource", "RepeatsReducer", "VideoRepeats", "check_values", "impute_inputs",
+           "list_scan", "npy_bytes", "read_stats",
            "scan_folders", "stats_table", "write_repeat"]
 
 
@@ -56,6 +62,10 @@ __all__ = ["KINDS", "RecordingSource", "RepeatsReducer", "VideoRepeats", "list_s
 KINDS = ("stimuli", "perspectives", "modulations", "units")
 _OPTIONAL = ("perspectives", "modulations")
 _SCAN_NAME = re.compile(r"^(\d+)-(\d+)$")
+#: How ``--impute`` fills non-finite eye positions and behaviour (recorded in the output's metadata).
+IMPUTE_RULE = ("per repeat and column: linear interpolation in time between the nearest finite frames; before "
+               "the first / after the last finite frame: that frame's value; a column without any finite value: 0 "
+               "(the model's input when the array is absent)")
 #: Bytes read from the start of each ``.npy`` file to find its header (more when a header is longer).
 _HEADER_BYTES = 1024
 
@@ -323,6 +333,55 @@ def write_repeat(url: str, video: str, repeat: str, stimuli: np.ndarray, units: 
         fs.pipe_file(posixpath.join(root, kind, video, f"{repeat}.npy"), npy_bytes(data))
 
 
+# ------------------------------------------------------------------------------------------------- values
+def impute_inputs(array: np.ndarray) -> np.ndarray:
+    """``array [T, C]`` (eye positions or behaviour) with its non-finite values filled by :data:`IMPUTE_RULE`."""
+    out = np.array(array, dtype=np.float32)
+    frames = np.arange(out.shape[0])
+    for column in out.T:  # views: filled in place
+        good = np.isfinite(column)
+        column[~good] = np.interp(frames[~good], frames[good], column[good]) if good.any() else 0.0
+    return out
+
+
+def _values(array: np.ndarray, kind: str, where: str, impute: bool) -> int:
+    """Check the values of one array of ``kind``: ValueError naming ``where`` and the frame for ``inf`` in
+    ``units`` and, unless ``impute``, a non-finite eye position or behaviour value. Returns the number of frames
+    that ``impute_inputs`` fills (0 for other kinds)."""
+    if kind == "units":
+        bad = np.isinf(array)
+        if bad.any():
+            frame, column = (int(i) for i in np.argwhere(bad)[0])
+            raise ValueError(f"{where}: frame {frame}, unit column {column} is {array[frame, column]}: responses "
+                             f"must be finite or NaN (not recorded)")
+    elif kind in _OPTIONAL:
+        bad = ~np.isfinite(array).all(axis=1)
+        if bad.any() and not impute:
+            frame = int(np.flatnonzero(bad)[0])
+            raise ValueError(f"{where}: frame {frame} is {array[frame].tolist()} ({int(bad.sum())} non-finite "
+                             f"frame(s) of {len(bad)}); the model cannot take NaN {kind}: fix the file or pass "
+                             f"--impute")
+        return int(bad.sum())
+    return 0
+
+
+def check_values(parts: Iterable[VideoRepeats], impute: bool = False,
+                 storage_options: Mapping[str, Any] | None = None) -> dict[str, int]:
+    """Read every ``perspectives``, ``modulations`` and ``units`` array of ``parts`` (one at a time) and check its
+    values (ValueError naming the file and frame, see :func:`_values`). Returns the number of frames with a
+    non-finite value per kind (``perspectives``, ``modulations``: the frames ``impute`` fills)."""
+    counts = {kind: 0 for kind in _OPTIONAL}
+    for part in parts:
+        kinds = [k for k in _OPTIONAL if getattr(part, k)] + ["units"]
+        fs, root = storage.filesystem(part.url, storage_options)
+        for kind in kinds:
+            for repeat in part.repeats:
+                where = storage.redact_url(part.file(kind, repeat))
+                array = _load(fs.cat_file(posixpath.join(root, kind, part.video, f"{repeat}.npy")), where)
+                counts[kind] = counts.get(kind, 0) + _values(array, kind, where, impute)
+    return {kind: n for kind, n in counts.items() if kind in _OPTIONAL}
+
+
 # ------------------------------------------------------------------------------------------------- reading
 def _read_arrays(part: VideoRepeats, kinds: Sequence[str], storage_options: Mapping[str, Any] | None,
                  stats: dict[str, float] | None = None) -> dict[tuple[str, str], np.ndarray]:
@@ -344,21 +403,27 @@ def _read_arrays(part: VideoRepeats, kinds: Sequence[str], storage_options: Mapp
     return out
 
 
-def _checked(array: np.ndarray, kind: str, part: VideoRepeats, repeat: str, units: int) -> np.ndarray:
-    """Check an array read on the worker against the listing (the file may have changed since)."""
+def _checked(array: np.ndarray, kind: str, part: VideoRepeats, repeat: str, units: int,
+             impute: bool = False) -> np.ndarray:
+    """Check an array read on the worker against the listing (the file may have changed since); eye positions
+    and behaviour come back imputed when ``impute``."""
     where = storage.redact_url(part.file(kind, repeat))
     frames = _check(kind, array.shape, array.dtype, units, where)
     if frames != part.num_frames:
         raise ValueError(f"{where}: {frames} frames, {part.num_frames} when the job was planned (the file changed)")
+    if _values(array, kind, where, impute):
+        return impute_inputs(array)
     return array
 
 
 @dataclass(frozen=True)
 class RecordingSource(Source):
     """The repeats of a :class:`VideoRepeats` part as clips ``"<video>/<repeat>"`` (frames uint8 ``[T, H, W]``,
-    perspectives / modulations float32 ``[T, 2]`` or None)."""
+    perspectives / modulations float32 ``[T, 2]`` or None; non-finite ones filled by :data:`IMPUTE_RULE` when
+    ``impute``, refused otherwise)."""
 
     storage_options: Mapping[str, Any] | None = field(default=None, repr=False)
+    impute: bool = False
 
     def read(self, item: WorkItem, stats: dict[str, float] | None = None) -> list[Clip]:
         part: VideoRepeats = item.part  # type: ignore[assignment]
@@ -368,7 +433,8 @@ class RecordingSource(Source):
         for repeat in part.repeats:
             frames = _checked(arrays[("stimuli", repeat)], "stimuli", part, repeat, item.units)
             frames = np.ascontiguousarray(frames.reshape(frames.shape[:3]))
-            extra = {k: np.ascontiguousarray(_checked(arrays[(k, repeat)], k, part, repeat, item.units), np.float32)
+            extra = {k: np.ascontiguousarray(_checked(arrays[(k, repeat)], k, part, repeat, item.units, self.impute),
+                                             np.float32)
                      for k in kinds[1:]}
             if stats is not None:
                 stats["frame_bytes"] = stats.get("frame_bytes", 0) + frames.nbytes

@@ -9,7 +9,7 @@ frames).
 Rows: a) baseline = `Network.predict`, frame by frame, batch 1, one scan at a time, float32; b) engine = clips x
 scans in one batch, in each of `--dtypes` (a curve over total batch sizes; the best is reported); c) sweep =
 `jobs.sweep` through Ray with one actor on the same device, with the best engine's dtype and batch, stimuli and
-output on local disk; and `jobs.tuning`'s job (16-direction Monet clips generated and reduced on one actor).
+output on local disk; and `jobs.tuning`'s job (16-direction RigidMonet clips generated and reduced on one actor).
 Every row counts the fastest of `--repeats` timed runs (the actor is kept).
 With `--training`: one training step of a twin on the release's core (forward + backward, one stream, batch 4
 windows of `--training-frames` frames): the training path (`fnn_model.training.step`) vs a plain loop of the
@@ -228,20 +228,20 @@ def bench_sweep(release_url: str, root: Path, scans: list[tuple[int, int]], clip
 def bench_tuning(release_url: str, root: Path, scans: list[tuple[int, int]], clips: int, frames: int,
                  clips_per_batch: int, device: torch.device, dtype: str, flops: float, peak: float,
                  memory: Memory, repeats: int) -> tuple[Row, float]:
-    """The tuning job (16-direction Monet clips generated on one actor, window sums reduced there) on one actor,
+    """The tuning job (16-direction RigidMonet clips generated on one actor, window sums reduced there) on one actor,
     timed like the sweep row (the workers' time, fastest of `repeats`); returns the row and the fastest time of
     the driver's merge and analysis afterwards (reported apart: it does not grow with the frames)."""
     import time as _time
 
     from fnn_ray.analysis.tuning import tuning_table
     from fnn_ray.experiment import ExperimentConfig, condition_means, plan_experiment
-    from fnn_ray.generators import Monet
+    from fnn_ray.generators import RigidMonet
     from fnn_ray.job import run_job
     import ray
 
     from fnn_ray.pool import RayPool, init_ray
 
-    family = Monet(directions=16, trials=clips, block_frames=max(2, frames // 4), seed=0)
+    family = RigidMonet(directions=16, trials=clips, block_frames=max(2, frames // 4), seed=0)
     seconds, analysis, peak_mb, scan_frames = float("inf"), float("inf"), 0.0, 0
     started = init_ray()
     try:

@@ -1,7 +1,7 @@
 """Model performance against recorded responses with repeats: cc_abs, cc_max and cc_norm of every unit.
 
     python -m jobs.evaluate --release URL --recordings URL --output URL [--scans 8-5,9-6] [--burnin 10]
-                            [shared options: --actors, --dtype, --storage-options, --store-timeout, ...]
+                            [--impute] [shared options: --actors, --dtype, --storage-options, --store-timeout, ...]
 
     python -m jobs.evaluate       # no URLs: a CPU dry run on a small synthetic release and recordings made from
                                   # the model's own predictions plus noise, under ./fnn-ray-output/evaluate-*
@@ -9,11 +9,14 @@
 Recordings: one folder per scan named ``<session>-<scan_idx>`` holding the original package's evaluation layout
 ``{stimuli, perspectives, modulations, units}/<video>/<repeat>.npy`` (stimuli uint8 [T, H, W, 1], perspectives
 and modulations float32 [T, 2], units float32 [T, U] in readout order, NaN where a unit was not recorded), on any
-store. Everything is checked from the listing and the ``.npy`` headers before Ray starts. Each work item is one
-video of one scan: its repeats are predicted, each with its own eye and behaviour inputs, and reduced to
-statistics on the worker. Output: ``OUTPUT/performance/session=<s>/scan_idx=<i>/units.parquet``,
-``OUTPUT/performance/units.csv`` (the published column layout) and ``OUTPUT/performance/plots/``. Definitions:
-shared/IN_SILICO.md section 4. Exit status: 0 done, 1 some item failed, 2 bad setup, 130/143 interrupted.
+store. Everything is checked before Ray starts: the listing, the ``.npy`` headers and the values (a non-finite
+eye position or behaviour value: exit 2 naming the file and frame, unless ``--impute`` fills it by linear
+interpolation in time, the rule and counts recorded in the metadata; ``inf`` in the units: exit 2). Each work
+item is one video of one scan: its repeats are predicted, each with its own eye and behaviour inputs, and reduced
+to statistics on the worker. Output: the dataset ``OUTPUT/performance/`` (``scan-<s>-<i>.parquet``, one row per
+unit with ``frames``, the frames it was scored on) and ``OUTPUT/performance/_files/`` (``units.csv`` in the
+published column layout plus ``frames``, ``metadata.json``, ``plots/``). Definitions: shared/IN_SILICO.md
+section 4. Exit status: 0 done, 1 some item failed, 2 bad setup, 130/143 interrupted.
 """
 
 from __future__ import annotations
@@ -109,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--recordings", help="recordings URL: one <session>-<scan_idx> folder per scan")
     parser.add_argument("--burnin", type=count(0), default=10, help="frames at the start of every repeat never scored "
                                                                "(default 10)")
+    parser.add_argument("--impute", action="store_true",
+                        help="fill non-finite eye positions and behaviour by linear interpolation in time (default: "
+                             "refuse them, naming the file and frame)")
     return parser
 
 
@@ -130,12 +136,14 @@ def main(argv: list[str] | None = None) -> int:
             release, recordings, output = dry_run_inputs()
             print(f"  ({time.perf_counter() - start:.1f} s)")
         evaluation = run_evaluate(EvaluateConfig(release=release, recordings=recordings, output=output,
-                                                 burnin=args.burnin, **options))
+                                                 burnin=args.burnin, impute=args.impute, **options))
         if evaluation.tables:
             shown = storage.join(storage.redact_url(evaluation.summary.output_url), "performance")
-            print(f"\nperformance (burn-in {args.burnin} frames):\n{format_performance(evaluation.tables)}\n"
-                  f"  tables: {shown}/session=*/scan_idx=*/units.parquet\n  published layout: {shown}/units.csv\n"
-                  f"  plots: {shown}/plots/")
+            imputed = (f", imputed input frames {evaluation.imputed}" if args.impute else "")
+            print(f"\nperformance (burn-in {args.burnin} frames{imputed}):\n"
+                  f"{format_performance(evaluation.tables, evaluation.scan_frames)}\n"
+                  f"  dataset (one row per unit): {shown}\n  published layout: {shown}/_files/units.csv\n"
+                  f"  metadata: {shown}/_files/metadata.json\n  plots: {shown}/_files/plots/")
         return evaluation.summary
 
     return run_cli(body)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -58,13 +58,16 @@ def dry_run_release(root: str = DRY_RUN_DIR) -> tuple[str, str]:
 @dataclass(frozen=True)
 class Experiment:
     """What one experiment job adds to the shared machinery: its stimulus ``family``, ``analyse`` (condition
-    means -> table columns), extra ``metadata``, the published ``csv_columns`` and ``plot`` (table, dir -> PNGs)."""
+    means -> table columns), extra ``metadata``, the published ``csv_columns``, ``plot`` (table, dir, stimulus
+    caption -> PNGs) and ``settings`` (analysis settings and index definitions, JSON-able: written into
+    ``metadata.json`` and as columns of ``units.csv``)."""
 
     family: Family
     analyse: Callable[[ScanMeans], pd.DataFrame]
     metadata: dict
     csv_columns: list[str]
-    plot: Callable[[pd.DataFrame, str], list]
+    plot: Callable[[pd.DataFrame, str, str], list]
+    settings: dict = field(default_factory=dict)
 
 
 def experiment_main(parser: argparse.ArgumentParser, argv: list[str] | None, name: str, data_dir: str,
@@ -86,6 +89,6 @@ def experiment_main(parser: argparse.ArgumentParser, argv: list[str] | None, nam
         config = ExperimentConfig(release=release, output=output, family=experiment.family,
                                   clips_per_part=args.clips_per_part, **options)
         return run_experiment(name, data_dir, config, args.save_stimuli, experiment.analyse, experiment.metadata,
-                              experiment.csv_columns, experiment.plot)
+                              experiment.csv_columns, experiment.plot, experiment.settings)
 
     return run_cli(body)

@@ -7,10 +7,12 @@
     python -m jobs.receptive_fields     # a CPU dry run on a small synthetic release under ./fnn-ray-output/
 
 Each event shows one white (on) or black (off) dot at one grid cell on gray; each unit's mean response over every
-event's scoring window is averaged per (cell, polarity) on the workers. Output:
-``OUTPUT/receptive_fields/session=<s>/scan_idx=<i>/units.parquet`` (unit_id, readout_id, sta_on, sta_off as
-row-major [rows*cols] maps with row 0 at the top, rf_x, rf_y in normalised screen coordinates, ssi),
-``metadata.json`` (grid, dot parameters, windows of every clip), ``units.csv`` and PNG plots.
+event's scoring window is averaged per (cell, polarity) on the workers. Output: the dataset
+``OUTPUT/receptive_fields/`` (``scan-<s>-<i>.parquet``: session, scan_idx, unit_id, readout_id, sta_on, sta_off,
+sta_on_off as row-major [rows*cols] maps with row 0 at the top, ssi (the published index), rf_x, rf_y in
+normalised screen coordinates and ssi_rf_map, from the baseline-removed map) and under
+``OUTPUT/receptive_fields/_files/``: ``metadata.json`` (grid, dot parameters, index definitions, windows of every
+clip), ``units.csv`` and PNG plots.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import sys
 import numpy as np
 import pandas as pd
 
-from fnn_ray.analysis.receptive_fields import rf_table
+from fnn_ray.analysis.receptive_fields import INDEX_DEFINITIONS, RF_THRESHOLD, rf_table
 from fnn_ray.experiment import ScanMeans
 from fnn_ray.generators import family_from_name
 from fnn_ray.plots import rf_plots
@@ -29,7 +31,8 @@ from jobs.cli import count, parse_size
 from jobs.experiment_cli import Experiment, experiment_main, experiment_parser
 
 DATA_DIR = "receptive_fields"
-CSV_COLUMNS = ["session", "scan_idx", "unit_id", "rf_x", "rf_y", "ssi"]
+CSV_COLUMNS = ["session", "scan_idx", "unit_id", "ssi", "rf_x", "rf_y", "ssi_rf_map"]
+STA_COLUMNS = ("sta_on", "sta_off", "sta_on_off")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,15 +50,15 @@ def analyse(rows: int, cols: int, height: int, width: int):
         on = means.means[:, : rows * cols].reshape(u, rows, cols)
         off = means.means[:, rows * cols:].reshape(u, rows, cols)
         table = rf_table(on, off, height, width)
-        table.insert(0, "sta_off", list(off.reshape(u, -1).astype(np.float32)))
-        table.insert(0, "sta_on", list(on.reshape(u, -1).astype(np.float32)))
+        for name, sta in reversed(list(zip(STA_COLUMNS, (on, off, (on + off) / 2)))):
+            table.insert(0, name, list(sta.reshape(u, -1).astype(np.float32)))
         return table
     return run
 
 
 def maps(table: pd.DataFrame, rows: int, cols: int) -> pd.DataFrame:
-    """``table`` with ``sta_on`` / ``sta_off`` as ``[rows, cols]`` arrays (for plotting)."""
-    return table.assign(**{k: [np.asarray(v).reshape(rows, cols) for v in table[k]] for k in ("sta_on", "sta_off")})
+    """``table`` with the STA columns as ``[rows, cols]`` arrays (for plotting)."""
+    return table.assign(**{k: [np.asarray(v).reshape(rows, cols) for v in table[k]] for k in STA_COLUMNS})
 
 
 def build(args: argparse.Namespace, dry: bool, size: tuple[int, int]) -> Experiment:
@@ -66,7 +69,9 @@ def build(args: argparse.Namespace, dry: bool, size: tuple[int, int]) -> Experim
                               burnin_frames=args.burnin, latency_frames=args.latency)
     return Experiment(family, analyse(rows, cols, height, width), {"grid": [rows, cols], "height": height,
                                                                     "width": width}, CSV_COLUMNS,
-                      lambda table, directory: rf_plots(maps(table, rows, cols), height, width, directory))
+                      lambda table, directory, caption: rf_plots(maps(table, rows, cols), height, width, directory,
+                                                                 caption=caption),
+                      settings={"rf_map_threshold": RF_THRESHOLD, "definitions": INDEX_DEFINITIONS})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -57,9 +57,9 @@ def read_tables(output: str) -> tuple[dict[tuple[int, int], pd.DataFrame], str]:
     fs, root = storage.filesystem(output)
     tables = {}
     for session, scan_idx, _ in SCANS:
-        with fs.open(f"{root}/performance/session={session}/scan_idx={scan_idx}/units.parquet", "rb") as f:
-            tables[(session, scan_idx)] = pd.read_parquet(f)
-    return tables, fs.cat_file(f"{root}/performance/units.csv").decode()
+        with fs.open(f"{root}/performance/scan-{session}-{scan_idx}.parquet", "rb") as f:
+            tables[(session, scan_idx)] = pd.read_parquet(f).drop(columns=["session", "scan_idx"])
+    return tables, fs.cat_file(f"{root}/performance/_files/units.csv").decode()
 
 
 @pytest.fixture(scope="module")
@@ -135,22 +135,25 @@ def test_metrics_follow_the_definitions(clean, data):
     for session, scan_idx, units in SCANS:
         want = reference(data, session, scan_idx)
         got = tables[(session, scan_idx)]
-        assert list(got.columns) == ["unit_id", "readout_id", *METRICS] and len(got) == units
+        assert list(got.columns) == ["unit_id", "readout_id", *METRICS, "frames"] and len(got) == units
         np.testing.assert_array_equal(got.unit_id, want.unit_id)
         np.testing.assert_array_equal(got.readout_id, want.readout_id)
         for metric in METRICS:
             np.testing.assert_allclose(got[metric], want[metric], rtol=1e-6, atol=1e-6, err_msg=metric)
+        every = VIDEOS * (FRAMES - BURNIN)
+        assert evaluation.scan_frames[(session, scan_idx)] == every
         if (session, scan_idx) == (8, 5):  # unit 0 never recorded, unit 1 constant: NaN; the others correlate
             assert got.loc[:1, METRICS].isna().all().all() and np.isfinite(got.cc_abs[2:]).all()
+            assert got.frames[0] == 0 and (got.frames[1:] == every).all()  # unit 2 misses one repeat only
         else:
-            assert np.isfinite(got[METRICS].to_numpy()).all()
+            assert np.isfinite(got[METRICS].to_numpy()).all() and (got.frames == every).all()
         pd.testing.assert_frame_equal(got, evaluation.tables[(session, scan_idx)])
         rows = csv[(csv.session == session) & (csv.scan_idx == scan_idx)].reset_index(drop=True)
         np.testing.assert_array_equal(rows.unit_id, got.unit_id)
         np.testing.assert_allclose(rows[METRICS], got[METRICS], rtol=1e-12)
-    assert list(csv.columns) == ["session", "scan_idx", "unit_id", *METRICS]
+    assert list(csv.columns) == ["session", "scan_idx", "unit_id", *METRICS, "frames"]
     fs, root = storage.filesystem(output)
-    assert fs.cat_file(f"{root}/performance/plots/performance.png")[:4] == b"\x89PNG"
+    assert fs.cat_file(f"{root}/performance/_files/plots/performance.png")[:4] == b"\x89PNG"
 
 
 def test_small_noise_gives_cc_norm_near_one(clean):
@@ -208,6 +211,9 @@ def local_recordings(tmp_path_factory, data):
     ("scan not in release", "5-5", "scan 5-5 is not in release"),
     ("stimuli not uint8", "8-5/stimuli/b/0.npy", "stimuli must be uint8, got float32"),
     ("missing units", "8-5/units/a/1.npy", "is missing"),
+    ("NaN eye position", "8-5/perspectives/b/1.npy", "frame 5 is [nan, "),
+    ("NaN behaviour", "8-5/modulations/a/0.npy", "frame 0 is ["),
+    ("inf response", "8-5/units/b/0.npy", "frame 7, unit column 3 is inf"),
 ])
 def test_bad_input_exits_2_naming_the_file(local_recordings, data, tmp_path, capsys, defect, file, message):
     import shutil
@@ -225,6 +231,12 @@ def test_bad_input_exits_2_naming_the_file(local_recordings, data, tmp_path, cap
         (scan / "stimuli/b/0.npy").write_bytes(npy_bytes(np.zeros((FRAMES, *SIZE, 1), np.float32)))
     elif defect == "missing units":
         (scan / "units/a/1.npy").unlink()
+    else:
+        path = scan / file.split("/", 1)[1]
+        array = np.load(path)
+        array[{"NaN eye position": (5, 0), "NaN behaviour": (0, 1), "inf response": (7, 3)}[defect]] = (
+            np.inf if defect == "inf response" else np.nan)
+        path.write_bytes(npy_bytes(array))
     output = tmp_path / "output"
     code = evaluate_job.main(["--release", data[0], "--recordings", str(recordings), "--output", str(output),
                               "--burnin", str(BURNIN), "--no-progress"])
@@ -233,3 +245,56 @@ def test_bad_input_exits_2_naming_the_file(local_recordings, data, tmp_path, cap
     assert len(err) == 1 and err[0].startswith("error: ") and str(recordings / file) in err[0], err
     assert message in err[0]
     assert not output.exists()
+
+
+def test_impute_fills_by_linear_interpolation():
+    """The documented rule, against a frame-by-frame loop."""
+    from fnn_ray.recordings import impute_inputs
+
+    array = np.array([[np.nan, 1.0], [2.0, np.nan], [np.nan, np.nan], [8.0, 4.0], [np.nan, np.inf]], np.float32)
+    want = array.copy()
+    for c in range(2):
+        good = [t for t in range(5) if np.isfinite(array[t, c])]
+        for t in range(5):
+            if not np.isfinite(array[t, c]):
+                before, after = [g for g in good if g < t], [g for g in good if g > t]
+                if before and after:
+                    a, b = before[-1], after[0]
+                    want[t, c] = array[a, c] + (array[b, c] - array[a, c]) * (t - a) / (b - a)
+                else:
+                    want[t, c] = array[(before or after)[-1 if before else 0], c]
+    np.testing.assert_allclose(impute_inputs(array), want)
+    assert (impute_inputs(np.full((3, 2), np.nan, np.float32)) == 0).all()
+
+
+def test_impute_completes_and_counts_frames(ray_cluster, local_recordings, data, tmp_path, capsys):
+    """One NaN eye frame: with --impute the evaluation completes, records the rule and the count; a unit not
+    recorded in some frames of every repeat is scored on fewer frames (frames column, summary warning); the
+    result folder reads as one dataset, one row per unit, with pandas and pyarrow."""
+    import json
+    import shutil
+
+    import pyarrow.dataset as ds
+
+    recordings = tmp_path / "recordings"
+    shutil.copytree(local_recordings, recordings)
+    eye = np.load(recordings / "8-5/perspectives/a/0.npy")
+    eye[3] = np.nan
+    (recordings / "8-5/perspectives/a/0.npy").write_bytes(npy_bytes(eye))
+    for repeat in ("0", "1"):  # unit 4 not recorded in frames 4-8 of video b: 5 of the 16 frames after burn-in
+        units = np.load(recordings / f"8-5/units/b/{repeat}.npy")
+        units[4:9, 4] = np.nan
+        (recordings / f"8-5/units/b/{repeat}.npy").write_bytes(npy_bytes(units))
+    output = tmp_path / "output"
+    code = evaluate_job.main(["--release", data[0], "--recordings", str(recordings), "--output", str(output),
+                              "--burnin", str(BURNIN), "--no-progress", "--impute", "--actors", "1",
+                              "--cpus-per-actor", "1"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "WARNING: scan 8-5: 1 unit(s) scored on fewer than 90% of its 16 frames (e.g. unit_id" in out
+    result = str(output / "performance")
+    for table in (pd.read_parquet(result), ds.dataset(result, format="parquet").to_table().to_pandas()):
+        assert len(table) == 12 and table.unit_id.is_unique and set(table.session) == {8}
+        assert list(table.frames) == [16] * 4 + [11] + [16] * 7
+    metadata = json.loads((output / "performance/_files/metadata.json").read_text())
+    assert metadata["imputed"] == {"perspectives": 1, "modulations": 0} and "linear interpolation" in metadata["impute"]

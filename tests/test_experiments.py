@@ -7,13 +7,14 @@ import json
 
 import numpy as np
 import pandas as pd
+import pyarrow.dataset as ds
 import pytest
 
 from fnn_model.config import NetworkConfig
 from fnn_model.synthetic import make_release
 from fnn_ray.experiment import ExperimentConfig, run_experiment
 from fnn_ray.outputs import read_results
-from fnn_ray.generators import Dots, Monet
+from fnn_ray.generators import Dots, RigidMonet
 from fnn_ray.responses import read_responses
 from fnn_ray.sweep import SweepConfig, run_sweep
 from jobs import receptive_fields, tuning
@@ -48,21 +49,33 @@ def window_means(output: str, metadata: dict, key: str) -> dict:
     return out
 
 
+def assert_dataset(path, units: int) -> None:
+    """The result folder reads as one dataset, one row per unit, with exactly the two obvious calls."""
+    for table in (pd.read_parquet(path), ds.dataset(path, format="parquet").to_table().to_pandas()):
+        assert len(table) == units and not table.duplicated(["session", "scan_idx", "unit_id"]).any()
+
+
 def test_tuning_matches_sweep_of_saved_stimuli(ray_cluster, release, tmp_path):
     url, _ = release
     out, clips = str(tmp_path / "tuning"), str(tmp_path / "clips")
-    args = ["--release", url, "--output", out, "--directions", "8", "--trials", "2", "--block-frames", "6",
-            "--save-stimuli", clips, *SIZE]
+    args = ["--release", url, "--output", out, "--directions", "8", "--trials", "2", "--block-frames", "10",
+            "--pattern-width", "16", "--save-stimuli", clips, *SIZE]
     assert tuning.main(args) == 0
-    metadata = json.loads((tmp_path / "tuning/ori_dir_tuning/metadata.json").read_text())
+    files = tmp_path / "tuning/ori_dir_tuning/_files"
+    metadata = json.loads((files / "metadata.json").read_text())
     directions = metadata["directions_deg"]
     assert directions == [45.0 * k for k in range(8)] and len(metadata["clips"]) == 2
+    assert metadata["stimulus"]["family"] == "monet2" and metadata["stimulus"]["coherence"] == 1.5
+    assert metadata["fit"]["kappa_starts"] == [1.0] and "OSI, DSI" in metadata["definitions"]
     table = read_results(out, "ori_dir_tuning")
-    assert len(table) == sum(u for *_, u in SCANS) and table.fit_success.all()
-    csv = pd.read_csv(tmp_path / "tuning/ori_dir_tuning/units.csv")
+    assert len(table) == sum(u for *_, u in SCANS) and (table.fit_status != "nonfinite").all()
+    assert_dataset(tmp_path / "tuning/ori_dir_tuning", sum(u for *_, u in SCANS))
+    csv = pd.read_csv(files / "units.csv")
     assert list(csv.columns) == ["session", "scan_idx", "unit_id", "OSI", "DSI", "gOSI", "gDSI", "pref_ori",
-                                 "pref_dir"]
-    assert len(list((tmp_path / "tuning/ori_dir_tuning/plots").glob("*.png"))) >= 2
+                                 "pref_dir", "stimulus", "stimulus_params", "fit", "definitions"]
+    assert (csv.stimulus == "monet2").all() and json.loads(csv.fit[0])["kappa_starts"] == [1.0]
+    assert json.loads(csv.stimulus_params[0])["pattern_width"] == 16
+    assert len(list((files / "plots").glob("*.png"))) >= 2
 
     sweep = str(tmp_path / "sweep")
     assert run_sweep(SweepConfig(release=url, stimuli=clips, output=sweep, actors=2, cpus_per_actor=1,
@@ -86,9 +99,12 @@ def test_receptive_fields_match_sweep_of_saved_stimuli(ray_cluster, release, tmp
     out, clips = str(tmp_path / "rf"), str(tmp_path / "clips")
     args = ["--release", url, "--output", out, "--grid", "2x3", "--dot-frames", "3", "--save-stimuli", clips, *SIZE]
     assert receptive_fields.main(args) == 0
-    metadata = json.loads((tmp_path / "rf/receptive_fields/metadata.json").read_text())
-    assert metadata["grid"] == [2, 3]
+    metadata = json.loads((tmp_path / "rf/receptive_fields/_files/metadata.json").read_text())
+    assert metadata["grid"] == [2, 3] and "ssi" in metadata["definitions"]
     table = read_results(out, "receptive_fields")
+    assert_dataset(tmp_path / "rf/receptive_fields", sum(u for *_, u in SCANS))
+    np.testing.assert_allclose(np.stack(table.sta_on_off), (np.stack(table.sta_on) + np.stack(table.sta_off)) / 2,
+                               rtol=1e-6)
     sweep = str(tmp_path / "sweep")
     assert run_sweep(SweepConfig(release=url, stimuli=clips, output=sweep, actors=2, cpus_per_actor=1,
                                  clips_per_shard=1, progress=False, verbose=False)).ok
@@ -103,13 +119,14 @@ def test_receptive_fields_match_sweep_of_saved_stimuli(ray_cluster, release, tmp
 def test_faults_leave_tables_unchanged(ray_cluster, release, tmp_path):
     """A worker killed mid-experiment, and a driver stopped after one item then rerun: same tables as a clean run."""
     url, _ = release
-    family = Monet(directions=4, trials=3, block_frames=4, height=36, width=64, seed=1)
+    family = RigidMonet(directions=4, trials=3, block_frames=4, height=36, width=64, seed=1)
     common = dict(release=url, family=family, actors=2, cpus_per_actor=1, progress=False, verbose=False)
 
     def run(name: str, pool=None):
         config = ExperimentConfig(output=str(tmp_path / name), pool=pool, **common)
-        return run_experiment("tuning", "ori_dir_tuning", config, None, tuning.analyse(np.arange(4) * 90.0),
-                              {}, tuning.CSV_COLUMNS, lambda table, directory: [])
+        return run_experiment("tuning", "ori_dir_tuning", config, None,
+                              tuning.analyse(np.arange(4) * 90.0, tuning.FitConfig()), {}, tuning.CSV_COLUMNS,
+                              lambda table, directory, caption: [])
 
     def table(name: str) -> pd.DataFrame:
         t = read_results(str(tmp_path / name), "ori_dir_tuning").sort_values(["session", "scan_idx", "readout_id"])
@@ -133,6 +150,12 @@ def test_bad_experiment_input_is_a_setup_error(release, tmp_path, capsys):
     with pytest.raises(SystemExit, match="^2$"):  # the argument parser: one line, exit status 2
         tuning.main(["--release", url, "--output", str(tmp_path / "o"), "--directions", "0", *SIZE])
     assert capsys.readouterr().err == "error: argument --directions: must be >= 1, got 0\n"
+    with pytest.raises(SystemExit, match="^2$"):
+        tuning.main(["--release", url, "--output", str(tmp_path / "o"), "--trials", "0", *SIZE])
+    assert capsys.readouterr().err == "error: argument --trials: must be >= 1, got 0\n"
+    assert tuning.main(["--release", url, "--output", str(tmp_path / "o"), "--fit-starts", "1,99", "--pattern-width",
+                        "16", *SIZE]) == 2
+    assert "--fit-starts" in capsys.readouterr().err
     assert receptive_fields.main(["--release", url, "--output", str(tmp_path / "o"), "--grid", "0x3", *SIZE]) == 2
     assert not (tmp_path / "o").exists()
     with pytest.raises(ValueError, match="rows"):

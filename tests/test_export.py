@@ -19,6 +19,7 @@ from fnn_model.release import Release
 from fnn_model.synthetic import make_release
 from fnn_ray import storage
 from fnn_ray.ledger import LEDGER_DIR, Ledger
+from fnn_ray.locations import screen_locations
 from fnn_ray.manifest import Manifest
 from fnn_ray.stimuli import write_clips
 from fnn_ray.sweep import SweepConfig, run_sweep
@@ -203,14 +204,15 @@ def test_readout_export_matches_head_parameters(sweep, tmp_path):
     assert units.columns.tolist() == ["session", "scan_idx", "unit_id"]
     row = 0
     for session, scan_idx, count in SCANS:  # release order, whatever --scans says
-        params = dict(release.load_head(session, scan_idx).named_parameters())
+        head = release.load_head(session, scan_idx)
+        params, screen = dict(head.named_parameters()), screen_locations(head)  # published convention
         ids = release.units(session, scan_idx)
         for u in range(count):
             assert units.iloc[row].tolist() == [session, scan_idx, ids.unit_id.iloc[u]]
             for s in range(streams):
                 for c in range(channels):
                     assert weights[row, s * channels + c] == params[f"readout.feature.weights.{s}"][u, 0, c].item()
-            assert locations[row].tolist() == params["readout.position.mu"][u].tolist()
+            assert locations[row].tolist() == screen[u].tolist()
             row += 1
     assert row == 18
 

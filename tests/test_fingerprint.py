@@ -270,4 +270,5 @@ def test_tuning_with_another_generator_parameter(ray_cluster, data, tmp_path, ca
     assert run_tuning(data, fresh, "--seed", "1") == 0
     assert relative_files(output) == relative_files(fresh)
     for name in ("units.csv", "metadata.json"):
-        assert (output / "ori_dir_tuning" / name).read_bytes() == (fresh / "ori_dir_tuning" / name).read_bytes()
+        files = "ori_dir_tuning/_files"
+        assert (output / files / name).read_bytes() == (fresh / files / name).read_bytes()

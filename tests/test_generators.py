@@ -10,14 +10,15 @@ import numpy as np
 import pytest
 
 from fnn_ray import generators
-from fnn_ray.generators import Dots, Family, Gratings, Monet, Window, family_from_name
+from fnn_ray.generators import Dots, Family, Gratings, Monet2, RigidMonet, Window, family_from_name
 
 # small clips of every family, with non-default sizes and layouts, for the generic tests
 SMALL = [
-    Monet(height=36, width=64, directions=4, block_frames=8, ori_fraction=0.5, trials=2, max_spatial_freq=8.0),
+    Monet2(height=36, width=64, pattern_width=16, directions=3, block_frames=10, trials=2, latency_frames=3),
+    RigidMonet(height=36, width=64, directions=4, block_frames=8, ori_fraction=0.5, trials=2, max_spatial_freq=8.0),
     Gratings(height=40, width=50, directions=3, spatial_freqs=(1.0, 2.0), temporal_freqs=[1.0], gray_frames=3),
     Dots(height=30, width=45, rows=3, cols=4, dot_frames=2, gap_frames=1, trials=2, events_per_clip=7),
-    Monet(height=36, width=64, directions=2, block_frames=6, latency_frames=11, burnin_frames=0, max_spatial_freq=8.0),
+    RigidMonet(height=36, width=64, directions=2, block_frames=6, latency_frames=11, burnin_frames=0, max_spatial_freq=8.0),
     Dots(height=20, width=20, rows=2, cols=2, latency_frames=9, events_per_clip=3),
 ]
 
@@ -123,7 +124,7 @@ def test_window_to_json():
 
 # ------------------------------------------------------------------------------------ monet
 def test_monet_layout_and_order():
-    monet = Monet(trials=3, height=36, width=64, max_spatial_freq=8.0)
+    monet = RigidMonet(trials=3, height=36, width=64, max_spatial_freq=8.0)
     assert [c["direction_deg"] for c in monet.conditions] == [22.5 * k for k in range(16)]
     orders = []
     for trial in range(3):
@@ -135,11 +136,11 @@ def test_monet_layout_and_order():
         assert monet.num_frames(trial) == 10 + 16 * 30 + 5  # tail: the last window ends with the clip
         orders.append([w.condition for w in windows])
     assert orders[0] != orders[1] and orders[1] != orders[2]
-    assert orders[0] != [w.condition for w in Monet(seed=1, height=36, width=64, max_spatial_freq=8.0).windows(0)]
+    assert orders[0] != [w.condition for w in RigidMonet(seed=1, height=36, width=64, max_spatial_freq=8.0).windows(0)]
 
 
 def test_monet_drifts_along_labelled_direction():
-    monet = Monet()  # default: 16 directions, 144 x 256, 0.2 screen widths per second
+    monet = RigidMonet()  # default: 16 directions, 144 x 256, 0.2 screen widths per second
     clip = monet.frames(0).astype(float)
     assert np.all(clip[: monet.burnin_frames] == 128)
     step = 25  # a long displacement (~43 px) keeps the integer peak's angle error small
@@ -182,7 +183,7 @@ def radial_slope(frame: np.ndarray, low: float, high: float) -> float:
 
 
 def test_monet_structure_is_oriented_then_isotropic():
-    monet = Monet(ori_fraction=0.5)
+    monet = RigidMonet(ori_fraction=0.5)
     clip = monet.frames(0).astype(float)
     for w in monet.windows(0):
         onset = w.start - monet.latency_frames
@@ -200,7 +201,7 @@ def test_monet_structure_is_oriented_then_isotropic():
 
 
 def test_monet_contrast_scales_around_gray():
-    low = Monet(contrast=0.25, directions=2, height=36, width=64, max_spatial_freq=8.0).frames(0)
+    low = RigidMonet(contrast=0.25, directions=2, height=36, width=64, max_spatial_freq=8.0).frames(0)
     assert np.all(np.abs(low.astype(int) - 128) <= round(127 * 0.25))
 
 
@@ -299,20 +300,20 @@ def test_dots_clips_and_order():
 @pytest.mark.parametrize(
     "name, params, match",
     [
-        ("monet", {"directions": 0}, "directions=0"),
-        ("monet", {"trials": -1}, "trials=-1"),
-        ("monet", {"block_frames": 0}, "block_frames=0"),
-        ("monet", {"directions": 2.5}, "directions=2.5"),
-        ("monet", {"ori_fraction": 0.0}, "ori_fraction"),
-        ("monet", {"speed": 5.0}, "speed=5.0"),
-        ("monet", {"contrast": 1.5}, "contrast=1.5"),
-        ("monet", {"bandwidth_deg": -1.0}, "bandwidth_deg"),
-        ("monet", {"bandwidth_deg": 0.001}, "no spectral energy"),
-        ("monet", {"burnin_frames": -1}, "burnin_frames=-1"),
-        ("monet", {"latency_frames": -2}, "latency_frames=-2"),
-        ("monet", {"height": 0}, "height=0"),
-        ("monet", {"fps": 0.0}, "fps=0.0"),
-        ("monet", {"wobble": 1}, "unknown parameter.*wobble"),
+        ("rigid_monet", {"directions": 0}, "directions=0"),
+        ("rigid_monet", {"trials": -1}, "trials=-1"),
+        ("rigid_monet", {"block_frames": 0}, "block_frames=0"),
+        ("rigid_monet", {"directions": 2.5}, "directions=2.5"),
+        ("rigid_monet", {"ori_fraction": 0.0}, "ori_fraction"),
+        ("rigid_monet", {"speed": 5.0}, "speed=5.0"),
+        ("rigid_monet", {"contrast": 1.5}, "contrast=1.5"),
+        ("rigid_monet", {"bandwidth_deg": -1.0}, "bandwidth_deg"),
+        ("rigid_monet", {"bandwidth_deg": 0.001}, "no spectral energy"),
+        ("rigid_monet", {"burnin_frames": -1}, "burnin_frames=-1"),
+        ("rigid_monet", {"latency_frames": -2}, "latency_frames=-2"),
+        ("rigid_monet", {"height": 0}, "height=0"),
+        ("rigid_monet", {"fps": 0.0}, "fps=0.0"),
+        ("rigid_monet", {"wobble": 1}, "unknown parameter.*wobble"),
         ("gratings", {"spatial_freqs": []}, "spatial_freqs"),
         ("gratings", {"temporal_freqs": [20.0]}, "temporal_freqs"),
         ("gratings", {"gray_frames": -1}, "gray_frames=-1"),
@@ -340,5 +341,5 @@ def test_bad_clip_index_raises():
 
 
 def test_family_names():
-    assert set(generators.FAMILIES) == {"monet", "gratings", "dots"}
+    assert set(generators.FAMILIES) == {"monet2", "rigid_monet", "gratings", "dots"}
     assert isinstance(family_from_name("dots", rows=2), Dots) and family_from_name("dots", rows=2).rows == 2

@@ -33,10 +33,11 @@ def test_tuning_plots(tmp_path):
     table = pd.DataFrame({
         **SCANS, "gOSI": rng.uniform(0, 0.6, 60), "gDSI": rng.uniform(0, 0.6, 60), "pref_ori": mu % 180,
         "direction_responses": responses, "fit_mu": mu, "fit_phi": 1.0, "fit_kappa": kappa, "fit_scale": 1.0,
-        "fit_bias": 1.0,
+        "fit_bias": 1.0, "OSI": rng.uniform(0, 1, 60), "DSI": rng.uniform(0, 1, 60), "fit_status": "ok",
     })
     table.loc[3, "gOSI"] = np.nan  # a failed unit is skipped, not plotted
-    paths = tuning_plots(table, DIRECTIONS, tmp_path / "tuning", n_curves=6)
+    table.loc[4, ["fit_kappa", "fit_scale", "fit_status", "gOSI"]] = [40.0, 1e6, "kappa_bound", 0.9]  # drawn flagged
+    paths = tuning_plots(table, DIRECTIONS, tmp_path / "tuning", "stimulus test", n_curves=6)
     assert_pngs(paths, ["tuning_4-7.png", "tuning_8-5.png", "tuning_curves.png"])
 
 
@@ -44,8 +45,8 @@ def test_rf_plots(tmp_path):
     rng = np.random.default_rng(1)
     on, off = rng.normal(0.5, 0.05, (60, 9, 16)), rng.normal(0.5, 0.05, (60, 9, 16))
     on[:, 2:4, 3:6] += 1.0
-    table = pd.concat([pd.DataFrame({**SCANS, "sta_on": list(on), "sta_off": list(off)}),
-                       rf_table(on, off, 144, 256)], axis=1)
+    table = pd.concat([pd.DataFrame({**SCANS, "sta_on": list(on), "sta_off": list(off),
+                                     "sta_on_off": list((on + off) / 2)}), rf_table(on, off, 144, 256)], axis=1)
     paths = rf_plots(table, 144, 256, tmp_path, n_examples=3)
     assert_pngs(paths, ["rf_examples.png", "rf_centres_4-7.png", "rf_centres_8-5.png"])
 

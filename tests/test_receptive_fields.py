@@ -51,12 +51,12 @@ def gaussian_maps(n: int, seed: int):
 def test_matches_cell_loop(threshold):
     on, off = gaussian_maps(30, seed=0)
     table = rf_table(on, off, H, W, threshold=threshold)
-    assert list(table.columns) == ["rf_x", "rf_y", "ssi"] and len(table) == 30
+    assert list(table.columns) == ["ssi", "rf_x", "rf_y", "ssi_rf_map"] and len(table) == 30
     for u in range(30):
         x, y, ssi = reference(on[u], off[u], threshold)
         assert table.rf_x[u] == pytest.approx(x, abs=1e-10)
         assert table.rf_y[u] == pytest.approx(y, abs=1e-10)
-        assert table.ssi[u] == pytest.approx(ssi, rel=1e-8, nan_ok=True)
+        assert table.ssi_rf_map[u] == pytest.approx(ssi, rel=1e-8, nan_ok=True)
 
 
 def test_threshold_removes_noise_bias():
@@ -69,7 +69,7 @@ def test_threshold_removes_noise_bias():
     cut = rf_table(on, np.full_like(on, 0.5), H, W)
     plain = rf_table(on, np.full_like(on, 0.5), H, W, threshold=0.0)
     np.testing.assert_allclose(cut[["rf_x", "rf_y"]].to_numpy(), np.tile(want, (20, 1)), atol=0.02)
-    assert (plain.rf_x > want[0] + 0.05).all() and (plain.ssi < cut.ssi).all()
+    assert (plain.rf_x > want[0] + 0.05).all() and (plain.ssi_rf_map < cut.ssi_rf_map).all()
 
 
 def test_screen_orientation():
@@ -85,8 +85,10 @@ def test_screen_orientation():
 def test_smaller_field_has_larger_ssi():
     ys, xs = np.mgrid[0:R, 0:C]
     maps = np.stack([np.exp(-((ys - 4) ** 2 + (xs - 8) ** 2) / (2 * s**2)) for s in (0.8, 1.5, 3.0)])
-    ssi = rf_table(maps, np.zeros_like(maps), H, W).ssi.to_numpy()
-    assert ssi[0] > ssi[1] > ssi[2]
+    table = rf_table(maps, np.zeros_like(maps), H, W)
+    for name in ("ssi", "ssi_rf_map"):
+        ssi = table[name].to_numpy()
+        assert ssi[0] > ssi[1] > ssi[2], name
 
 
 def test_degenerate_maps_give_nan_without_warnings():
@@ -98,11 +100,37 @@ def test_degenerate_maps_give_nan_without_warnings():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         table = rf_table(on, np.zeros_like(on), H, W)
-    assert table.loc[[0, 1, 4]].isna().all().all()
+    assert table.loc[[0, 1, 4], ["rf_x", "rf_y", "ssi_rf_map"]].isna().all().all()
     assert table.loc[[2, 3], ["rf_x", "rf_y"]].notna().all().all()
-    assert table.loc[[2, 3], "ssi"].isna().all()
+    assert table.loc[[2, 3], "ssi_rf_map"].isna().all()
+    # the published index: NaN without mass (all zero) or with a NaN; finite on a constant map
+    assert table.loc[[0, 4], "ssi"].isna().all() and np.isfinite(table.loc[1, "ssi"])
 
 
 def test_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match="sta_on and sta_off"):
         rf_table(np.zeros((2, R, C)), np.zeros((2, R, C + 1)), H, W)
+
+
+def published_reference(sta: np.ndarray) -> float:
+    """IN_SILICO.md §6 for one unit, with numpy's weighted covariance: sta / sta.sum() over (row, col) /
+    max(R, C)."""
+    rows, cols = sta.shape
+    points = np.array([(r / max(rows, cols), c / max(rows, cols)) for r in range(rows) for c in range(cols)])
+    weights = sta.ravel() / sta.sum()
+    return -np.log(np.linalg.det(np.cov(points.T, aweights=weights, bias=True)))
+
+
+def test_published_ssi_is_the_raw_sta_density():
+    """ssi: the raw on_off STA (no baseline), against numpy's weighted covariance; 6.198 on a flat 5 x 9 map."""
+    on, off = gaussian_maps(20, seed=4)
+    table = rf_table(on, off, H, W)
+    for u in range(20):
+        assert table.ssi[u] == pytest.approx(published_reference((on[u] + off[u]) / 2), rel=1e-10)
+    flat = rf_table(np.ones((1, 5, 9)), np.ones((1, 5, 9)), H, W)
+    want = -np.log(np.var(np.arange(5)) / 81 * np.var(np.arange(9)) / 81)
+    assert flat.ssi[0] == pytest.approx(want, rel=1e-12) and flat.ssi[0] == pytest.approx(6.198, abs=1e-3)
+    # a baseline lowers the published index (it spreads the density) but not the baseline-removed one
+    shifted = rf_table(on + 1.0, off + 1.0, H, W)
+    assert (shifted.ssi < table.ssi).all()
+    np.testing.assert_allclose(shifted.ssi_rf_map, table.ssi_rf_map, rtol=1e-9)

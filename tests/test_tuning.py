@@ -63,40 +63,104 @@ def test_fit_recovers_noiseless_parameters_and_flips():
     assert ((fit["mu"] >= 0) & (fit["mu"] < 360) & (fit["phi"] >= 0.5)).all()
 
 
-def test_fit_reaches_scipy_optimum():
-    """Same bounds and start as IN_SILICO.md, fitted by scipy one unit at a time: our cost is never notably
-    higher (different local optima are allowed for a few noise curves)."""
+def independent_fit(y: np.ndarray, kappa_max: float = FitConfig().kappa_max, kappa_start: float = 1.0):
+    """IN_SILICO.md §6's fit written out with scipy (numerical Jacobian): the published start, bounds with
+    ``kappa <= kappa_max``, the phi flip; returns (OSI, DSI, mse, kappa) with OSI/DSI NaN on the kappa bound or
+    when scipy reports no convergence."""
     optimize = pytest.importorskip("scipy.optimize")
-    rng = np.random.default_rng(2)
-    noisy, _ = synthetic(100, seed=3, noise=0.2)
-    curves = np.concatenate([rng.gamma(2.0, 1.0, (100, 16)), np.abs(noisy)])
-    fit = fit_von_mises(curves, DIRECTIONS)
     theta = np.deg2rad(DIRECTIONS)
 
-    def residual(p, y):
-        return (p[1] * p[3] * np.exp(p[2] * (np.cos(theta - p[0]) - 1))
-                + (1 - p[1]) * p[3] * np.exp(p[2] * (np.cos(theta - p[0] - np.pi) - 1)) + p[4] - y)
+    def f(p, t):
+        return (p[1] * p[3] * np.exp(p[2] * (np.cos(t - p[0]) - 1))
+                + (1 - p[1]) * p[3] * np.exp(p[2] * (np.cos(t - p[0] - np.pi) - 1)) + p[4])
 
-    worse = 0
-    for y, ours in zip(curves, fit["mse"]):
-        b = max(y.min(), y.max() / 100)
-        start = [theta[np.argmax(y)], 0.5, 1.0, 2 * (y.max() - b), b]
-        ref = optimize.least_squares(residual, start, args=(y,),
-                                     bounds=([-np.inf, 0, 0, 0, 0], [np.inf, 1, np.inf, np.inf, np.inf]))
-        ref_mse = np.mean(ref.fun**2)
-        worse += ours > ref_mse * (1 + 1e-4) + 1e-12
-    assert worse <= 4, f"{worse} of {len(curves)} fits worse than scipy"
-    assert fit["success"].mean() > 0.97
+    b = max(y.min(), y.max() / 100)
+    start = [theta[np.argmax(y)], 0.5, kappa_start, 2 * (y.max() - b), b]
+    ref = optimize.least_squares(lambda p: f(p, theta) - y, start,
+                                 bounds=([-np.inf, 0, 0, 0, 0], [np.inf, 1, kappa_max, np.inf, np.inf]))
+    mu, phi, kappa, scale, bias = ref.x
+    if phi < 0.5:
+        mu, phi = mu + np.pi, 1 - phi
+    p = (mu, phi, kappa, scale, bias)
+    ori = mu % np.pi
+    r_pref = (f(p, ori) + f(p, ori + np.pi)) / 2
+    r_orth = (f(p, ori + np.pi / 2) + f(p, ori + 3 * np.pi / 2)) / 2
+    osi, dsi = (r_pref - r_orth) / (r_pref + r_orth), 1 - f(p, mu + np.pi) / f(p, mu)
+    if kappa >= kappa_max * (1 - 1e-3) or not ref.success:
+        osi = dsi = np.nan
+    return osi, dsi, np.mean(ref.fun**2), kappa
+
+
+def weakly_tuned(n: int, seed: int) -> np.ndarray:
+    """Curves around 1 with a small von Mises bump (amplitude 0-0.3) and noise of SD 0.1."""
+    rng = np.random.default_rng(seed)
+    params = zip(rng.uniform(0, 360, n), rng.uniform(0.5, 1, n), rng.uniform(0.5, 3, n), rng.uniform(0, 0.3, n))
+    curves = np.stack([curve(DIRECTIONS, mu, phi, kappa, amp, 1.0) for mu, phi, kappa, amp in params])
+    return curves + rng.normal(0, 0.1, curves.shape)
+
+
+def test_fit_matches_an_independent_single_start_fit_unit_by_unit():
+    """Tuned (noisy synthetic) and untuned (gamma noise) curves: every unit's OSI, DSI and mse equal those of a
+    plain scipy fit of the same model from the same start (the Jacobians differ, analytic vs numerical, so at
+    most 2 of 120 units may stop elsewhere, never at a notably higher cost)."""
+    rng = np.random.default_rng(2)
+    noisy, _ = synthetic(60, seed=3, noise=0.2)
+    curves = np.concatenate([rng.gamma(2.0, 1.0, (60, 16)), np.abs(noisy)])
+    table = tuning_table(curves, DIRECTIONS)
+    ref = np.array([independent_fit(y) for y in curves])
+    same = np.isclose(table["fit_mse"], ref[:, 2], rtol=1e-4, atol=1e-12)
+    assert (~same).sum() <= 2 and (table["fit_mse"] <= ref[:, 2] * (1 + 1e-4)).all()
+    # NaN where both are on the kappa bound
+    np.testing.assert_allclose(table.loc[same, "OSI"], ref[same, 0], atol=1e-4)
+    np.testing.assert_allclose(table.loc[same, "DSI"], ref[same, 1], atol=1e-4)
+    assert (table.loc[60:, "fit_status"] == "ok").mean() > 0.9 and (table["fit_status"] == "kappa_bound").any()
+
+
+@pytest.mark.slow
+def test_weakly_tuned_medians_match_the_single_start_fit():
+    """300 weakly tuned curves: median OSI/DSI within 0.005 of the independent single-start fit."""
+    curves = weakly_tuned(300, seed=0)
+    table = tuning_table(curves, DIRECTIONS)
+    ref = np.array([independent_fit(y) for y in curves])
+    assert abs(np.nanmedian(table["OSI"]) - np.nanmedian(ref[:, 0])) < 0.005
+    assert abs(np.nanmedian(table["DSI"]) - np.nanmedian(ref[:, 1])) < 0.005
+
+
+def test_projection_fit_reaches_the_same_optimum_on_tuned_curves():
+    """The vectorised method gives the default's OSI/DSI on tuned curves (weakly tuned ones may differ)."""
+    curves, _ = synthetic(60, seed=7, noise=0.05)
+    fast = tuning_table(curves, DIRECTIONS, FitConfig(method="projection"))
+    slow = tuning_table(curves, DIRECTIONS)
+    np.testing.assert_allclose(fast[["OSI", "DSI", "fit_mse"]], slow[["OSI", "DSI", "fit_mse"]], atol=1e-5)
+
+
+def test_kappa_bound_flags_spikes_and_leaves_their_indices_nan():
+    """A single-direction spike on a noise floor: kappa stops at the bound, the fit is flagged and OSI/DSI are
+    NaN (not about 1), gOSI/gDSI stay; a broad curve is ok."""
+    spike = np.r_[np.full(5, 1.0), 3.0, np.full(10, 1.0)] + np.random.default_rng(0).normal(0, 0.01, 16)
+    broad = curve(DIRECTIONS, 45.0, 0.8, 2.0, 1.0, 0.2)
+    for method in ("least_squares", "projection"):
+        table = tuning_table(np.stack([spike, broad]), DIRECTIONS, FitConfig(method=method))
+        assert list(table["fit_status"]) == ["kappa_bound", "ok"], method
+        assert table.loc[0, "fit_kappa"] <= FitConfig().kappa_max
+        assert np.isnan(table.loc[0, ["OSI", "DSI"]].astype(float)).all() and table.loc[0, "gOSI"] > 0
+        assert np.isfinite(table.loc[1, ["OSI", "DSI"]].astype(float)).all()
+    with pytest.raises(ValueError, match="kappa starts"):
+        FitConfig(kappa_starts=(50.0,))
+    with pytest.raises(ValueError, match="method"):
+        FitConfig(method="lm")
 
 
 def test_single_start_is_the_prescribed_start():
     """``kappa_starts=(1,)`` is IN_SILICO.md's single start; extra starts only ever lower the cost."""
     rng = np.random.default_rng(4)
     curves = rng.gamma(2.0, 1.0, (200, 16))
-    one = fit_von_mises(curves, DIRECTIONS, FitConfig(kappa_starts=(1.0,)))
-    two = fit_von_mises(curves, DIRECTIONS)
+    one = fit_von_mises(curves, DIRECTIONS, FitConfig(method="projection"))
+    two = fit_von_mises(curves, DIRECTIONS, FitConfig(method="projection", kappa_starts=(1.0, 20.0)))
     assert (two["mse"] <= one["mse"] * (1 + 1e-12)).all()
     assert (two["mse"] < one["mse"] * (1 - 1e-3)).any()
+    assert FitConfig().to_json()["kappa_starts"] == [1.0]
+    assert FitConfig(kappa_starts=(1.0, 20.0)).to_json()["kappa_starts"] == [1.0, 20.0]
 
 
 def test_table_indices_from_fitted_curve():
@@ -104,9 +168,9 @@ def test_table_indices_from_fitted_curve():
     table = tuning_table(curves, DIRECTIONS)
     fit = fit_von_mises(curves, DIRECTIONS)
     assert list(table.columns) == ["OSI", "DSI", "gOSI", "gDSI", "pref_ori", "pref_dir", "fit_mu", "fit_phi",
-                                   "fit_kappa", "fit_scale", "fit_bias", "fit_mse", "fit_success"]
+                                   "fit_kappa", "fit_scale", "fit_bias", "fit_mse", "fit_success", "fit_status"]
     assert table["fit_success"].dtype == bool
-    for u, row in table.iterrows():
+    for u, row in table[table.fit_status == "ok"].iterrows():
         params = (row.fit_mu, row.fit_phi, row.fit_kappa, row.fit_scale, row.fit_bias)
         assert row.fit_mu == pytest.approx(fit["mu"][u])
 
@@ -142,7 +206,7 @@ def test_bad_curves_give_nan_without_warnings():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         table = tuning_table(curves, DIRECTIONS)
-    assert not table.loc[:1, "fit_success"].any()
+    assert not table.loc[:1, "fit_success"].any() and (table.loc[:1, "fit_status"] == "nonfinite").all()
     assert table.loc[:1, ["OSI", "DSI", "gOSI", "gDSI", "pref_ori", "pref_dir", "fit_mse"]].isna().all().all()
     assert table.loc[2, ["OSI", "DSI", "gOSI", "gDSI"]].isna().all()
     assert table.loc[3, "gOSI"] == pytest.approx(0, abs=1e-12) and table.loc[3, "OSI"] == pytest.approx(0, abs=1e-9)

@@ -3,7 +3,17 @@ vectorised over units.
 
 Input: per unit, polarity and grid cell, the STA (mean window response over the dot events at that cell),
 ``sta_on [U, R, C]`` (white dots) and ``sta_off [U, R, C]`` (black dots), on a grid of ``R`` rows x ``C``
-columns of equal cells covering a ``height x width`` screen, row 0 at the TOP of the screen.
+columns of equal cells covering a ``height x width`` screen, row 0 at the TOP of the screen. The ``on_off`` STA
+is the mean response over the events of both polarities at a cell, ``(sta_on + sta_off) / 2`` (every cell shows
+each polarity equally often).
+
+The published spatial selectivity index (``IN_SILICO.md`` §6), column ``ssi``: ``-log det(Cov)`` of the RAW
+``on_off`` STA taken as a density over the cells, ``w = sta / sum(sta)`` (no baseline removal, no threshold),
+with cell coordinates ``(row, col) / max(R, C)``. A flat map gives a finite value (6.198 on a 5 x 9 grid); a
+smaller field gives a larger value. NaN when ``sum(sta) <= 0``, a value is not finite or ``det(Cov) <= 0``.
+
+A second, better-behaved estimate of the field's position and size, from the baseline-removed map below:
+``rf_x, rf_y`` and ``ssi_rf_map``.
 
 The map (our choice, the definitions leave it open): each polarity's STA minus its median over the cells
 (the typical response to a dot that misses the receptive field), clipped at 0, on and off added, and then
@@ -19,12 +29,12 @@ centres:
 * ``rf_x, rf_y``: the ``w``-weighted mean of the cell centres in normalised screen coordinates, ``(-1, -1)``
   the bottom-left corner, ``(1, 1)`` the top-right; the centre of column ``c`` is
   ``x = 2*(c + 0.5)/C - 1``, of row ``r`` is ``y = 1 - 2*(r + 0.5)/R``.
-* ``ssi = -log det(Cov)``: ``Cov`` the ``w``-weighted (population) covariance of the cell centres in pixels
-  divided by ``max(height, width)`` (so both axes share one scale; x spans ``width/max(H, W)``).
+* ``ssi_rf_map = -log det(Cov)``: ``Cov`` the ``w``-weighted (population) covariance of the cell centres in
+  pixels divided by ``max(height, width)`` (so both axes share one scale; x spans ``width/max(H, W)``).
 
 Degenerate maps give NaN, never an error: a map with a non-finite value or without mass (``sum(m) = 0``, e.g.
-a constant STA) gives NaN everywhere; a map whose mass lies on one cell or along one line of cells
-(``det(Cov)`` zero up to rounding) keeps its centre but gets ``ssi`` NaN.
+a constant STA) gives NaN centre and ``ssi_rf_map``; a map whose mass lies on one cell or along one line of
+cells (``det(Cov)`` zero up to rounding) keeps its centre but gets ``ssi_rf_map`` NaN.
 """
 
 from __future__ import annotations
@@ -32,10 +42,20 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-__all__ = ["RF_THRESHOLD", "rf_map", "cell_centres", "rf_table"]
+__all__ = ["RF_THRESHOLD", "INDEX_DEFINITIONS", "published_ssi", "rf_map", "cell_centres", "rf_table"]
 
 #: Default cut of :func:`rf_map`: a cell counts when its map value reaches this fraction of the unit's peak.
 RF_THRESHOLD = 0.2
+
+#: The columns of :func:`rf_table`, defined in words (for metadata).
+INDEX_DEFINITIONS = {
+    "ssi": "published SSI (IN_SILICO.md section 6): -log det Cov of the raw on_off STA as a density over the "
+           "cells, coordinates (row, col) / max(rows, cols), no baseline, no threshold",
+    "rf_x, rf_y": "centroid of the baseline-removed RF map (each polarity minus its median, clipped at 0, "
+                  "summed, cells below threshold x peak dropped), normalised screen coordinates, (-1, -1) "
+                  "bottom-left",
+    "ssi_rf_map": "-log det Cov of the same baseline-removed RF map, pixel coordinates / max(height, width)",
+}
 
 #: Relative threshold below which a variance or ``det(Cov)`` counts as zero (rounding of the moments).
 _DEGENERATE = 1e-9
@@ -68,6 +88,25 @@ def rf_map(sta_on: np.ndarray, sta_off: np.ndarray, threshold: float = RF_THRESH
     return np.where(np.isnan(total) | (total >= threshold * peak), total, 0.0)
 
 
+def published_ssi(sta: np.ndarray) -> np.ndarray:
+    """The published SSI of raw STA maps ``[U, R, C]`` -> ``[U]`` (see the module docstring)."""
+    sta = np.asarray(sta, dtype=np.float64)
+    n_units, rows, cols = sta.shape
+    r, c = np.mgrid[0:rows, 0:cols] / max(rows, cols)
+    flat = sta.reshape(n_units, -1)
+    features = np.stack([np.ones(rows * cols), r.ravel(), c.ravel(), r.ravel() ** 2, c.ravel() ** 2,
+                         (r * c).ravel()], axis=1)
+    mass, sr, sc, srr, scc, src = (np.nan_to_num(flat, nan=0.0, posinf=0.0, neginf=0.0) @ features).T
+    ok = np.all(np.isfinite(flat), axis=1) & (mass > 0)
+    mass = np.where(ok, mass, 1.0)
+    mr, mc = sr / mass, sc / mass
+    det = (srr / mass - mr**2) * (scc / mass - mc**2) - (src / mass - mr * mc) ** 2
+    out = np.full(n_units, np.nan)
+    good = ok & (det > 0)
+    out[good] = -np.log(det[good])
+    return out
+
+
 def cell_centres(rows: int, cols: int) -> tuple[np.ndarray, np.ndarray]:
     """Normalised screen coordinates ``(x [C], y [R])`` of the cell centres of a ``rows x cols`` grid:
     ``x`` grows to the right, ``y`` upwards, row 0 at the top (``y[0] = 1 - 1/rows``)."""
@@ -87,8 +126,8 @@ def rf_table(
         threshold: cut of the map, a fraction of its peak (:func:`rf_map`).
 
     Returns:
-        Columns ``rf_x, rf_y`` (normalised screen coordinates) and ``ssi`` (see the module docstring for the
-        map, the coordinates and the NaN cases).
+        Columns ``ssi`` (the published index), ``rf_x, rf_y`` (normalised screen coordinates) and
+        ``ssi_rf_map`` (see the module docstring for the maps, the coordinates and the NaN cases).
     """
     sta_on, sta_off = _check(sta_on, sta_off, height, width)
     n_units, rows, cols = sta_on.shape
@@ -118,4 +157,5 @@ def rf_table(
         chunk[ok, 0] = mx[ok] * 2.0 * scale / width
         chunk[ok, 1] = my[ok] * 2.0 * scale / height
         chunk[spread, 2] = -np.log(det[spread])
-    return pd.DataFrame({"rf_x": out[:, 0], "rf_y": out[:, 1], "ssi": out[:, 2]})
+    ssi = published_ssi((sta_on.astype(np.float64) + sta_off) / 2.0)
+    return pd.DataFrame({"ssi": ssi, "rf_x": out[:, 0], "rf_y": out[:, 1], "ssi_rf_map": out[:, 2]})

@@ -6,12 +6,19 @@ in or comes out is in DEGREES; radians are used only inside.
 
 * :func:`global_indices` -- gOSI and gDSI (no baseline subtraction).
 * :func:`von_mises` -- the bimodal von Mises curve ``f(theta)``.
-* :func:`fit_von_mises` -- bounded least-squares fit of ``f`` to every curve at once (numpy, all units of a
-  chunk together; 100,000 units x 16 directions in seconds).
+* :func:`fit_von_mises` -- bounded least-squares fit of ``f`` to every curve: by default the published
+  pipeline's fit (``scipy.optimize.least_squares`` on the 5 parameters, one unit at a time, about 5-15 ms per
+  unit); ``FitConfig(method="projection")`` fits all units of a chunk at once (numpy, 100,000 units x 16
+  directions in seconds) but, from the same start, may end in another local optimum on weakly tuned curves.
 * :func:`tuning_table` -- one row per unit: OSI, DSI (from the fitted curve), gOSI, gDSI, preferred
-  orientation and direction, the fit's parameters, mse and success.
+  orientation and direction, the fit's parameters, mse, success and status.
 
-How the fit works. ``f = A*phi*e1 + A*(1 - phi)*e2 + b`` with ``e1 = exp(kappa*(cos(theta - mu) - 1))`` and
+How the default fit works: ``scipy.optimize.least_squares`` (trust-region reflective, analytic Jacobian) on
+``(mu, phi, kappa, A, b)`` from the published start ``mu`` = direction of the largest response, ``phi = 0.5``,
+``kappa = 1``, ``b = max(r_min, r_max / 100)``, ``A = 2 (r_max - b)`` (clipped into the bounds), within the
+bounds below; converged = scipy's ``success``.
+
+How the projection fit works. ``f = A*phi*e1 + A*(1 - phi)*e2 + b`` with ``e1 = exp(kappa*(cos(theta - mu) - 1))`` and
 ``e2 = exp(kappa*(cos(theta - mu - pi) - 1))`` is linear in ``c = (A*phi, A*(1 - phi), b)``, and the bounds
 ``phi in [0, 1], A >= 0, b >= 0`` are exactly ``c >= 0``. So the fit is a separable problem (variable
 projection, Golub & Pereyra): for given ``(mu, kappa)`` the best ``c`` is a 3-variable non-negative least
@@ -21,20 +28,25 @@ valleys (``kappa`` against ``A`` and ``b`` at small ``kappa``), so it converges 
 
 Choices where ``IN_SILICO.md`` leaves room (documented here and in the function docstrings):
 
-* Start: ``mu`` = direction of the largest response and ``kappa = 1`` as prescribed; ``A, phi, b`` are not
-  iterated but solved exactly at every ``(mu, kappa)``, so their start values play no part.
-  :attr:`FitConfig.kappa_starts` adds a second start (``kappa = 20``); a unit keeps the lower cost.
+* Start: ``mu`` = direction of the largest response and ``kappa = 1``, the published pipeline's single start
+  (``IN_SILICO.md`` §6); in the projection fit ``A, phi, b`` are not iterated but solved exactly at every
+  ``(mu, kappa)``, so their start values play no part. :attr:`FitConfig.kappa_starts` may add starts (e.g.
+  ``(1, 20)``: a second start at a narrow peak finds lower-cost "spike" fits on weakly tuned curves and raises their
+  OSI/DSI, which the published tables did not do); a unit then keeps the lowest cost, and the table's metadata
+  records the starts.
 * ``A = 0`` (a flat fit) leaves ``phi`` undefined; it is reported as 0.5.
-* ``fit_success`` is True when the iteration converged (relative cost decrease or relative step below
-  :attr:`FitConfig.tol`, a near-exact fit, zero projected gradient, or a damping so large that no step lowers
-  the cost: a numerical stationary point) within :attr:`FitConfig.max_iter` iterations with finite parameters.
-  Parameters of an unconverged fit are still reported (the best point found); a curve with a non-finite value
-  gets NaN everywhere and ``fit_success`` False.
-* ``kappa`` has no upper bound. For a curve best fitted by a spike at one direction the optimum lies at
-  ``kappa -> inf`` (and, with ``mu`` off the sampled directions, ``A -> inf``): the iteration stops where the
-  cost stops falling (``fit_success`` True) with a very large ``kappa`` and possibly a huge ``A`` (on i.i.d.
-  noise curves up to ~1e9 and ~1e160). OSI and DSI of such fits are still defined; a value that overflows gives
-  NaN, never a warning.
+* ``kappa`` is bounded above by :attr:`FitConfig.kappa_max` (default 40: a peak whose full width at half
+  maximum, ``2 arccos(1 - ln 2 / kappa)``, is 21.3 degrees, narrower than the 22.5-degree spacing of 16
+  directions, so the sampled curve cannot tell it from a spike). Without the bound a curve best fitted by a
+  spike at one direction drives ``kappa`` (and ``A``) towards infinity and its OSI/DSI towards 1.
+* ``fit_success`` is True when the iteration converged (least squares: scipy's ``success``; projection:
+  relative cost decrease or relative step below :attr:`FitConfig.tol`, a near-exact fit, zero projected gradient, or
+  a damping so large that no step lowers the cost: a numerical stationary point) within :attr:`FitConfig.max_iter`
+  iterations with finite parameters. ``fit_status`` says what the fit is worth: ``"ok"``; ``"kappa_bound"``
+  (converged with ``kappa`` at its upper bound (within 0.1%): a spike narrower than the direction sampling);
+  ``"failed"`` (not converged; the parameters are the best point found); ``"nonfinite"`` (the curve has a non-finite
+  value: NaN parameters). OSI and DSI are NaN unless the status is ``"ok"`` (gOSI/gDSI do not depend on the fit and
+  stay).
 * After the fit ``mu`` is wrapped to ``[0, 360)`` degrees (after the ``phi < 0.5`` flip), so ``fit_mu`` equals
   ``pref_dir``.
 * A ratio whose denominator is not positive (gOSI/gDSI with ``sum_k r_k <= 0``, OSI with
@@ -48,34 +60,74 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-__all__ = ["FitConfig", "global_indices", "von_mises", "fit_von_mises", "tuning_table"]
+__all__ = ["FIT_METHODS", "FIT_STATUSES", "INDEX_DEFINITIONS", "FitConfig", "global_indices", "von_mises",
+           "fit_von_mises", "tuning_table"]
 
 #: The two-column supports of the 3-variable NNLS over the basis columns (e1, e2, 1).
 _PAIRS = ((0, 1), (0, 2), (1, 2))
 #: Lower bounds of the iterated parameters (mu in radians, kappa).
 _LOWER = np.array([-np.inf, 0.0])
+#: The columns of :func:`tuning_table`, defined in words (for metadata).
+INDEX_DEFINITIONS = {
+    "gOSI, gDSI": "|sum_k r_k exp(2i theta_k)| / sum_k r_k and |sum_k r_k exp(i theta_k)| / sum_k r_k over the "
+                  "mean response r_k per direction, no baseline (IN_SILICO.md section 3)",
+    "OSI, DSI": "from the fitted bimodal von Mises f: (R_pref - R_orth) / (R_pref + R_orth) and "
+                "1 - f(mu + 180) / f(mu); NaN unless fit_status is ok (IN_SILICO.md sections 3 and 6)",
+    "pref_dir, pref_ori": "fitted mu mod 360 and mod 180, degrees, 0 = rightward motion, counter-clockwise",
+}
+#: Fit statuses (``fit_status``), see the module docstring.
+FIT_STATUSES = ("ok", "kappa_bound", "failed", "nonfinite")
+
+
+#: The fit methods of :class:`FitConfig`.
+FIT_METHODS = ("least_squares", "projection")
+#: ``kappa`` within this fraction of ``kappa_max`` counts as on the bound.
+_ON_BOUND = 1e-3
 
 
 @dataclass(frozen=True)
 class FitConfig:
     """Settings of :func:`fit_von_mises`."""
 
+    method: str = "least_squares"
+    """``"least_squares"`` (the published fit, one unit at a time) or ``"projection"`` (vectorised; the module
+    docstring)."""
+
     max_iter: int = 100
-    """Iterations (accepted or rejected steps) before a unit's fit is given up (``success`` False)."""
+    """Projection: iterations (accepted or rejected steps) before a unit's fit is given up (``success``
+    False); least squares: scipy's default (100 x parameters function evaluations)."""
     tol: float = 1e-8
-    """Converged when an accepted step lowers the cost by less than ``tol`` relatively, moves ``(mu, kappa)``
-    by less than ``tol`` relatively, or leaves a residual norm below ``tol`` times the curve's norm."""
+    """Least squares: scipy's ``ftol``, ``xtol`` and ``gtol``. Projection: converged when an accepted step lowers the
+    cost by less than ``tol`` relatively, moves ``(mu, kappa)`` by less than ``tol`` relatively, or leaves a residual
+    norm below ``tol`` times the curve's norm."""
     damping_start: float = 1e-3
     """Initial Marquardt damping (relative to the diagonal of ``J^T J``)."""
     damping_max: float = 1e12
     """A unit whose damping grows past this is at a numerical stationary point (converged)."""
-    kappa_starts: tuple[float, ...] = (1.0, 20.0)
+    kappa_starts: tuple[float, ...] = (1.0,)
     """One fit per value, started from ``mu`` = direction of the largest response and this ``kappa``; a unit
-    keeps the fit with the lowest cost (the earlier start on ties), so an extra start can only lower the cost.
-    1 is the prescribed start; 20 (a narrow peak) escapes broad local optima the prescribed start sometimes
-    ends in. ``(1.0,)`` is the single prescribed start."""
+    keeps the fit with the lowest cost (the earlier start on ties). ``(1.0,)`` is the published single start;
+    more starts can only lower the cost (and raise OSI/DSI of weakly tuned curves)."""
+    kappa_max: float = 40.0
+    """Upper bound of ``kappa`` (see the module docstring); a fit that ends on it has ``fit_status``
+    ``"kappa_bound"`` and NaN OSI/DSI."""
     chunk: int = 16384
     """Units fitted together (memory: about 100 float64 per unit and direction)."""
+
+    def __post_init__(self) -> None:
+        if self.method not in FIT_METHODS:
+            raise ValueError(f"fit: method {self.method!r}, expected one of {', '.join(FIT_METHODS)}")
+        starts = tuple(float(k) for k in self.kappa_starts)
+        if not starts or not all(0 <= k <= self.kappa_max for k in starts):
+            raise ValueError(f"fit: kappa starts {list(starts)} must be a non-empty list in [0, kappa_max = "
+                             f"{self.kappa_max:g}]")
+        object.__setattr__(self, "kappa_starts", starts)
+
+    def to_json(self) -> dict:
+        """The settings that change the numbers, for metadata: starts, bound, iterations, tolerance."""
+        return {"model": "bimodal von Mises, least squares (IN_SILICO.md sections 3 and 6)", "method": self.method,
+                "kappa_starts": list(self.kappa_starts), "kappa_max": self.kappa_max, "max_iter": self.max_iter,
+                "tol": self.tol}
 
 
 def _check_curves(curves: np.ndarray, directions_deg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -240,6 +292,7 @@ def _fit_chunk(
     cost (sum of squares) ``[n]`` and success ``[n]``.
     """
     n = curves.shape[0]
+    upper = np.array([np.inf, config.kappa_max])
     q = np.stack([theta[np.argmax(curves, axis=1)], np.full(n, kappa)], axis=1)
     coef, resid, cost = _evaluate(theta, q, curves)
     damping = np.full(n, config.damping_start)
@@ -250,13 +303,14 @@ def _fit_chunk(
             break
         qi, yi, ci, lam = q[idx], curves[idx], cost[idx], damping[idx]
         hess, grad = _normal_equations(theta, qi, coef[idx], resid[idx])
-        fixed = (qi <= _LOWER) & (grad > 0)  # kappa = 0 with descent pointing below the bound: held
+        # kappa on a bound with descent pointing past it: held
+        fixed = ((qi <= _LOWER) & (grad > 0)) | ((qi >= upper) & (grad < 0))
         grad = np.where(fixed, 0.0, grad)
         hess = np.where(fixed[:, :, None] | fixed[:, None, :], 0.0, hess) + np.eye(2) * fixed[:, :, None]
         diag = np.diagonal(hess, axis1=1, axis2=2)
         diag = np.maximum(diag, 1e-12 * diag.max(axis=1, keepdims=True))
         step = -_matvec(_inverse(hess + np.eye(2) * (lam[:, None] * diag)[:, :, None]), grad)
-        trial = np.maximum(qi + step, _LOWER)
+        trial = np.clip(qi + step, _LOWER, upper)
         trial_coef, trial_resid, trial_cost = _evaluate(theta, trial, yi)
         accept = trial_cost < ci
         small_cost = (ci - trial_cost) <= config.tol * ci
@@ -273,14 +327,50 @@ def _fit_chunk(
     return q, coef, cost, done & np.all(np.isfinite(q), axis=1)
 
 
+def _model_jacobian(p: np.ndarray, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The curve ``[D]`` at ``p = (mu rad, phi, kappa, A, b)`` and its Jacobian ``[D, 5]``."""
+    mu, phi, kappa, scale, _ = p
+    cos, sin = np.cos(theta - mu), np.sin(theta - mu)
+    e1, e2 = np.exp(kappa * (cos - 1.0)), np.exp(-kappa * (cos + 1.0))
+    peak, anti = phi * e1, (1.0 - phi) * e2
+    jac = np.stack([scale * kappa * sin * (peak - anti), scale * (e1 - e2),
+                    scale * (peak * (cos - 1.0) - anti * (cos + 1.0)), peak + anti, np.ones_like(theta)], axis=1)
+    return scale * (peak + anti) + p[4], jac
+
+
+def _fit_least_squares(curves: np.ndarray, theta: np.ndarray, kappa: float, config: FitConfig
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The published fit of finite curves ``[n, D]``, one at a time, from the published start with ``kappa``;
+    returns what :func:`_fit_chunk` returns."""
+    from scipy.optimize import least_squares
+
+    lower, upper = np.array([-np.inf, 0.0, 0.0, 0.0, 0.0]), np.array([np.inf, 1.0, config.kappa_max, np.inf, np.inf])
+    n = curves.shape[0]
+    q, coef, cost, success = np.zeros((n, 2)), np.zeros((n, 3)), np.zeros(n), np.zeros(n, dtype=bool)
+    for u, y in enumerate(curves):
+        if y.min() == y.max():  # flat: the exact optimum A = 0, b = the value (scipy would stop near it)
+            q[u], coef[u], success[u] = (theta[0], kappa), (0.0, 0.0, max(y[0], 0.0)), True
+            cost[u] = np.sum((y - coef[u, 2]) ** 2)
+            continue
+        bias = max(y.min(), y.max() / 100.0)
+        start = np.clip([theta[np.argmax(y)], 0.5, kappa, 2.0 * (y.max() - bias), bias], lower, upper)
+        fit = least_squares(lambda p: _model_jacobian(p, theta)[0] - y, start,
+                            jac=lambda p: _model_jacobian(p, theta)[1], bounds=(lower, upper),
+                            ftol=config.tol, xtol=config.tol, gtol=config.tol)
+        mu, phi, kap, scale, b = fit.x
+        q[u], coef[u] = (mu, kap), (scale * phi, scale * (1.0 - phi), b)
+        cost[u], success[u] = np.sum(fit.fun**2), fit.success
+    return q, coef, cost, success & np.all(np.isfinite(q), axis=1)
+
+
 def fit_von_mises(
     curves: np.ndarray, directions_deg: np.ndarray, config: FitConfig = FitConfig()
 ) -> dict[str, np.ndarray]:
     """Bounded least-squares fit of the bimodal von Mises curve (:func:`von_mises`) to every tuning curve.
 
-    Bounds ``phi in [0, 1]``, ``kappa, scale, bias >= 0``. Start ``mu`` = direction of the largest response,
-    ``kappa`` = each of :attr:`FitConfig.kappa_starts` (the lowest cost kept); ``scale, phi, bias`` are solved
-    exactly at every step (see the module docstring). After the fit, ``phi < 0.5`` is flipped to
+    Bounds ``phi in [0, 1]``, ``0 <= kappa <= config.kappa_max``, ``scale, bias >= 0``. Start ``mu`` =
+    direction of the largest response, ``kappa`` = each of :attr:`FitConfig.kappa_starts` (the lowest cost
+    kept), see the module docstring for the rest. After the fit, ``phi < 0.5`` is flipped to
     ``mu + 180, 1 - phi`` (``mu`` is the dominant peak) and ``mu`` is wrapped to ``[0, 360)``.
 
     Args:
@@ -290,7 +380,8 @@ def fit_von_mises(
 
     Returns:
         ``[U]`` arrays: ``mu`` (degrees), ``phi``, ``kappa``, ``scale`` (A), ``bias`` (b), ``mse`` (mean squared
-        residual over the D points), ``success`` (bool). A curve with a non-finite value: NaN, success False.
+        residual over the D points), ``success`` (bool), ``status`` (str, :data:`FIT_STATUSES`). A curve with a
+        non-finite value: NaN, success False, status ``"nonfinite"``.
     """
     curves, theta = _check_curves(curves, directions_deg)
     n_units = curves.shape[0]
@@ -302,7 +393,8 @@ def fit_von_mises(
     for lo in range(0, finite.size, config.chunk):
         rows = finite[lo : lo + config.chunk]
         for kappa in config.kappa_starts:
-            fit_q, fit_coef, fit_cost, fit_success = _fit_chunk(curves[rows], theta, kappa, config)
+            fit = _fit_least_squares if config.method == "least_squares" else _fit_chunk
+            fit_q, fit_coef, fit_cost, fit_success = fit(curves[rows], theta, kappa, config)
             better = np.isnan(cost[rows]) | (fit_cost < cost[rows])
             take = rows[better]
             q[take], coef[take], cost[take], success[take] = (
@@ -313,6 +405,9 @@ def fit_von_mises(
     phi[np.isnan(scale)] = np.nan
     flip = phi < 0.5
     mu = np.where(flip, q[:, 0] + np.pi, q[:, 0])
+    status = np.full(n_units, "nonfinite", dtype=object)
+    status[finite] = np.where(~success[finite], "failed",
+                              np.where(q[finite, 1] >= config.kappa_max * (1 - _ON_BOUND), "kappa_bound", "ok"))
     return {
         "mu": np.rad2deg(np.mod(mu, 2 * np.pi)) % 360.0,
         "phi": np.where(flip, 1.0 - phi, phi),
@@ -321,6 +416,7 @@ def fit_von_mises(
         "bias": coef[:, 2],
         "mse": cost / curves.shape[1],
         "success": success,
+        "status": status,
     }
 
 
@@ -328,11 +424,12 @@ def tuning_table(curves: np.ndarray, directions_deg: np.ndarray, config: FitConf
     """Tuning properties of every unit, one row per curve in the input order.
 
     Columns: ``OSI, DSI, gOSI, gDSI, pref_ori, pref_dir`` (degrees), ``fit_mu`` (degrees, = ``pref_dir``),
-    ``fit_phi, fit_kappa, fit_scale, fit_bias, fit_mse, fit_success`` (bool). From the fitted curve ``f``:
-    ``pref_dir = mu mod 360``, ``pref_ori = mu mod 180``, ``R_pref = (f(pref_ori) + f(pref_ori + 180)) / 2``,
-    ``R_orth = (f(pref_ori + 90) + f(pref_ori + 270)) / 2``, ``OSI = (R_pref - R_orth) / (R_pref + R_orth)``,
-    ``DSI = 1 - f(mu + 180) / f(mu)``. A curve with a non-finite value gets NaN indices and
-    ``fit_success`` False; never raises for curve values.
+    ``fit_phi, fit_kappa, fit_scale, fit_bias, fit_mse, fit_success`` (bool), ``fit_status`` (str). From the fitted
+    curve ``f``: ``pref_dir = mu mod 360``, ``pref_ori = mu mod 180``, ``R_pref = (f(pref_ori) + f(pref_ori + 180))
+    / 2``, ``R_orth = (f(pref_ori + 90) + f(pref_ori + 270)) / 2``, ``OSI = (R_pref - R_orth) / (R_pref + R_orth)``,
+    ``DSI = 1 - f(mu + 180) / f(mu)``; OSI and DSI are NaN unless ``fit_status`` is ``"ok"`` (a fit on the
+    ``kappa`` bound, unconverged, or of a non-finite curve). A curve with a non-finite value also gets NaN
+    gOSI/gDSI; never raises for curve values.
 
     Args:
         curves: ``[U, D]`` tuning curves (mean response per direction).
@@ -352,7 +449,9 @@ def tuning_table(curves: np.ndarray, directions_deg: np.ndarray, config: FitConf
         r_orth = (curve_at(pref_ori + 90.0) + curve_at(pref_ori + 270.0)) / 2.0
         osi = _ratio(r_pref - r_orth, r_pref + r_orth)
         dsi = 1.0 - _ratio(curve_at(mu + 180.0), curve_at(mu))
-    fit_columns = ("mu", "phi", "kappa", "scale", "bias", "mse", "success")
+    flagged = fit["status"] != "ok"
+    osi[flagged], dsi[flagged] = np.nan, np.nan
+    fit_columns = ("mu", "phi", "kappa", "scale", "bias", "mse", "success", "status")
     return pd.DataFrame(
         {
             "OSI": osi,
