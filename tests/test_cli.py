@@ -165,8 +165,11 @@ def test_bad_setup_exits_2_with_one_error_line(data, tmp_path, case, capsys, mon
 
     monkeypatch.setattr("fnn_ray.pool.init_ray", no_ray)
     before = sorted(p.name for p in inputs.iterdir())
-    code = sweep_job.main(["--release", str(release), "--stimuli", str(stimuli), "--output", str(output),
-                           "--no-progress", *spec.get("args", [])])
+    try:
+        code = sweep_job.main(["--release", str(release), "--stimuli", str(stimuli), "--output", str(output),
+                               "--no-progress", *spec.get("args", [])])
+    except SystemExit as e:  # the argument parser's refusal (a count < 1): one line, exit status 2
+        code = e.code
     out, err = capsys.readouterr()
     _assert_refused(name, code, out, err, words)
     assert not os.path.lexists(output), f"{name}: {output} was created"
