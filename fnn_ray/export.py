@@ -59,6 +59,7 @@ import pyarrow.parquet as pq
 from fnn_ray import preflight, storage
 from fnn_ray.ledger import Commit, Ledger
 from fnn_ray.manifest import Manifest
+from fnn_ray.outputs import committed
 from fnn_ray.plan import Key, Scan
 from fnn_ray.responses import RESPONSES_DIR
 from fnn_ray.stimuli import Shard, dataset_files, list_shards, read_shard, regroup
@@ -84,8 +85,6 @@ BURNIN_FRAMES = 10
 BATCH_ROWS = 4096
 #: Read buffer of a part file: its column chunks stream through it instead of being read whole.
 READ_BUFFER = 1 << 22
-#: Missing items named in the error line (the count is always given).
-SHOWN_MISSING = 5
 
 
 @dataclass(frozen=True)
@@ -198,14 +197,9 @@ def _plan(output_url: str, scans: Sequence[Scan] | None, stimuli_url: str | None
         raise ValueError(f"stimulus dataset {storage.redact_url(stimuli)} gives {len(parts)} part(s) per scan, "
                          f"but the sweep planned {manifest.items_total} items for {len(manifest.scans)} scan(s): "
                          f"was it changed?")
-    commits = {c.key: c for c in Ledger(output_url, storage_options).committed_files(RESPONSES_DIR)}
     planned = [(s, i, part.shard_id) for s, i in chosen for part in parts]
-    missing = [key for key in planned if key not in commits]
-    if missing:
-        names = ", ".join(f"{s}-{i}/{item}" for s, i, item in missing[:SHOWN_MISSING])
-        more = f" and {len(missing) - SHOWN_MISSING} more" if len(missing) > SHOWN_MISSING else ""
-        raise ValueError(f"sweep {shown} is incomplete: {len(missing)} of {len(planned)} planned item(s) not "
-                         f"committed: {names}{more}; rerun the sweep to finish it")
+    found = committed(Ledger(output_url, storage_options), RESPONSES_DIR, planned, "sweep")
+    commits = {commit.key: commit for commit in found}
     return _Plan(chosen, manifest.units_per_scan, stimuli, clips, parts, commits)
 
 

@@ -246,7 +246,7 @@ def run_job(job: Job, config: JobConfig) -> JobSummary:
         items = [item for item in everything if item.key not in good]
         summary = JobSummary(
             job=job.name, output_url=job.output_url, data_dir=job.reducer.data_dir, scans=[s for s, _ in job.scans],
-            units=sum(u for _, u in job.scans), parts=len({i.item_id for i in everything}),
+            units=sum(u for _, u in job.scans), parts=len({i.part_id for i in everything}),
             items_total=len(everything), items_skipped=len(everything) - len(items), pending=len(items),
             repaired=[f"{storage.join(storage.redact_url(job.output_url), bad[k].split(' ', 1)[0])}: "
                       f"{bad[k].split(' ', 1)[1]}" for k in sorted(bad)],

@@ -3,8 +3,8 @@
 A worker commits an item in two steps: the reducer's file goes into place atomically
 (:func:`fnn_ray.storage.commit_bytes`), then a small JSON marker records what was written::
 
-    <output>/_ledger/session=<s>/scan_idx=<i>/<item_id>.json
-        {"item": [s, i, item_id], "file": "responses/session=.../part-<id>.parquet", "bytes": N, "rows": R,
+    <output>/_ledger/session=<s>/scan_idx=<i>/<part_id>.json
+        {"item": [s, i, part_id], "file": "responses/session=.../part-<id>.parquet", "bytes": N, "rows": R,
          "committed": "2026-12-03T08:00:00+00:00"}
 
 An item is committed when its marker exists AND its file still has the recorded size and a Parquet footer
@@ -61,8 +61,8 @@ class Commit:
     @classmethod
     def from_json(cls, text: str | bytes) -> Commit:
         d = json.loads(text)
-        s, i, item_id = d["item"]
-        return cls((int(s), int(i), str(item_id)), str(d["file"]), int(d["bytes"]), int(d["rows"]),
+        s, i, part_id = d["item"]
+        return cls((int(s), int(i), str(part_id)), str(d["file"]), int(d["bytes"]), int(d["rows"]),
                    str(d.get("committed", "")))
 
 
@@ -75,8 +75,8 @@ class Ledger:
         self.root = self.root.rstrip("/")
 
     def _marker(self, key: Key) -> str:
-        s, i, item_id = key
-        return posixpath.join(self.root, LEDGER_DIR, f"session={int(s)}", f"scan_idx={int(i)}", f"{item_id}.json")
+        s, i, part_id = key
+        return posixpath.join(self.root, LEDGER_DIR, f"session={int(s)}", f"scan_idx={int(i)}", f"{part_id}.json")
 
     def path(self, file: str) -> str:
         """The store path of ``file`` (relative to the output URL)."""

@@ -68,7 +68,7 @@ class Manifest:
     ``job``: what ran (``sweep``, ``tuning``, ...); ``inputs``: what it ran on (stimulus URL or generator
     parameters; a rerun of other inputs into the same output is refused); ``scans`` are ``(session, scan_idx)``
     pairs with ``units[k]`` units each; ``clips`` / ``frames`` are the stimulus totals; ``items_done`` holds the
-    committed ``(session, scan_idx, item_id)`` triples (reconciled with the ledger at the start and end of every
+    committed ``(session, scan_idx, part_id)`` triples (reconciled with the ledger at the start and end of every
     run); ``started`` / ``updated`` are ISO-8601 UTC timestamps; ``config`` is a short, secret-free summary of
     the run's settings; ``fingerprint`` is what determines the numbers (:mod:`fnn_ray.fingerprint`; digests and
     setting values, no URLs or credentials).

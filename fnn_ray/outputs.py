@@ -1,8 +1,9 @@
 """Committed results: the one reader of a job's item files (it checks that every item is committed) and the
 writers of a job's final outputs (committed atomically; a rerun rewrites them identically).
 
-* :func:`committed_tables`: ``(key, table)`` of every item of a job, ValueError naming the first item that is
-  not committed; commits of other items in the output are left out;
+* :func:`committed`: the commits of a set of planned items, ValueError naming how many and which are not
+  committed; commits of other items in the output are left out;
+* :func:`committed_tables`: ``(key, table)`` of every item of a job (its items checked by :func:`committed`);
 * :func:`write_file`, :func:`write_table`, :func:`csv_bytes`, :func:`files_url`: a job's final files;
 * :func:`read_results`: an analysis table of every scan (``ori_dir_tuning``, ``receptive_fields``, ``performance``).
 
@@ -19,7 +20,7 @@ as ordinary columns.
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -28,30 +29,42 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from fnn_ray import storage
-from fnn_ray.ledger import Ledger, parquet_bytes
+from fnn_ray.ledger import Commit, Ledger, parquet_bytes
 from fnn_ray.plan import Key, Scan, build_items
 
 if TYPE_CHECKING:
     from fnn_ray.job import Job
 
-__all__ = ["FILES_DIR", "committed_tables", "csv_bytes", "files_url", "read_results", "write_file", "write_table"]
+__all__ = ["FILES_DIR", "committed", "committed_tables", "csv_bytes", "files_url", "read_results", "write_file",
+           "write_table"]
 
 #: The folder of a result's figures, CSV and metadata, beside its Parquet files (dataset readers skip ``_``).
 FILES_DIR = "_files"
+#: How many missing items an error names.
+SHOWN_MISSING = 5
+
+
+def committed(ledger: Ledger, data_dir: str, planned: Sequence[Key], job: str) -> list[Commit]:
+    """The commits of the ``planned`` items of a ``job`` (its name, e.g. ``"sweep"``; their files under
+    ``data_dir``), in plan order; ValueError (one line, before anything is read) naming how many and which of them
+    are not committed."""
+    commits = {c.key: c for c in ledger.committed_files(data_dir)}
+    missing = [key for key in planned if key not in commits]
+    if missing:
+        names = ", ".join(f"{s}-{i}/{part}" for s, i, part in missing[:SHOWN_MISSING])
+        more = f" and {len(missing) - SHOWN_MISSING} more" if len(missing) > SHOWN_MISSING else ""
+        shown = storage.redact_url(ledger.output_url)
+        raise ValueError(f"{job} {shown} is incomplete: {len(missing)} of {len(planned)} planned item(s) not "
+                         f"committed: {names}{more}; rerun the {job} to finish it")
+    return [commits[key] for key in planned]
 
 
 def committed_tables(job: Job, storage_options: Mapping[str, Any] | None = None) -> Iterator[tuple[Key, pa.Table]]:
-    """``(key, table)`` of every committed item of ``job`` in commit order; ValueError (before any table is read)
-    naming the first item of the job that is not committed."""
-    planned = {item.key for item in build_items(job.scans, job.parts)}
+    """``(key, table)`` of every item of ``job`` in plan order; ValueError (before any table is read) when some
+    item is not committed (see :func:`committed`)."""
     ledger = Ledger(job.output_url, storage_options)
-    commits = [c for c in ledger.committed_files(job.reducer.data_dir) if c.key in planned]
-    missing = planned - {c.key for c in commits}
-    if missing:
-        key = min(missing)
-        raise ValueError(f"item {key[0]}-{key[1]}/{key[2]} is not committed under "
-                         f"{storage.redact_url(job.output_url)}: run the job to the end first")
-    for commit in commits:
+    planned = [item.key for item in build_items(job.scans, job.parts)]
+    for commit in committed(ledger, job.reducer.data_dir, planned, job.name):
         with ledger.fs.open(ledger.path(commit.file), "rb") as f:
             yield commit.key, pq.read_table(f)
 

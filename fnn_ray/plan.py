@@ -118,8 +118,8 @@ class WorkItem:
         return (self.session, self.scan_idx)
 
     @property
-    def item_id(self) -> str:
-        """The part's id (unique within a source)."""
+    def part_id(self) -> str:
+        """The part's id (unique within a source; names the item's files and ledger entry)."""
         return self.part.part_id
 
     @property
@@ -134,8 +134,8 @@ class WorkItem:
 
     @property
     def key(self) -> tuple[int, int, str]:
-        """``(session, scan_idx, item_id)``: unique over a run; the form used by ``skip`` sets."""
-        return (self.session, self.scan_idx, self.item_id)
+        """``(session, scan_idx, part_id)``: unique over a run; the form used by ``skip`` sets."""
+        return (self.session, self.scan_idx, self.part_id)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, WorkItem):
@@ -146,7 +146,7 @@ class WorkItem:
         return hash(self.key)
 
     def __repr__(self) -> str:
-        return f"WorkItem({self.session}-{self.scan_idx}, {self.item_id!r}, units={self.units}, frames={self.frames})"
+        return f"WorkItem({self.session}-{self.scan_idx}, {self.part_id!r}, units={self.units}, frames={self.frames})"
 
 
 def build_items(

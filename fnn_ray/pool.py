@@ -36,6 +36,9 @@ __all__ = ["IN_FLIGHT", "LocalPool", "Outcome", "Pool", "RayPool", "WorkerLost",
 
 #: In-flight items per worker: one computing, one being read or written.
 IN_FLIGHT = 2
+#: torch's OpenMP threads sleep between parallel regions instead of spinning (``PASSIVE``, unless this process has
+#: its own setting): spinning threads of CPU workers that share cores starve each other (docs/performance.md).
+WAIT_POLICY = "OMP_WAIT_POLICY"
 
 #: What :meth:`Pool.wait` returns: (worker, item, its result or the exception it raised). The item is None for a
 #: :class:`WorkerLost` of a worker that had nothing in flight.
@@ -241,8 +244,9 @@ class RayPool(Tracked):
         self.start_timeout_s = start_timeout_s
         self.handles: dict[str, Any] = {}
         env = {k: os.environ[k] for k in self.PROPAGATED_ENV if os.environ.get(k)}
-        extra = {"runtime_env": {"env_vars": env}} if env else {}
-        self._remote = ray.remote(Worker).options(max_concurrency=2, max_restarts=0, **self.resources, **extra)
+        env[WAIT_POLICY] = os.environ.get(WAIT_POLICY) or "PASSIVE"
+        self._remote = ray.remote(Worker).options(max_concurrency=2, max_restarts=0, **self.resources,
+                                                  runtime_env={"env_vars": env})
         node = ray.get_runtime_context().get_node_id()  # a new cluster -> a new key (old handles are dead)
         self._key = json.dumps([node, options.release_url, options.dtype, options.clips_per_batch, options.max_heads,
                                 options.device, options.threads, sorted(self.resources.items()),

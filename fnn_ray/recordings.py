@@ -291,7 +291,7 @@ def list_scan(url: str, units: int, burnin: int = 0,
     ids: dict[str, str] = {}
     for part in parts.values():
         if part.part_id in ids:
-            raise ValueError(f"{shown}: videos {ids[part.part_id]!r} and {part.video!r} both make the item id "
+            raise ValueError(f"{shown}: videos {ids[part.part_id]!r} and {part.video!r} both make the part id "
                              f"{part.part_id!r}; rename one")
         ids[part.part_id] = part.video
     return list(parts.values())

@@ -46,7 +46,7 @@ class Reducer(ABC):
 
     def file(self, item: WorkItem) -> str:
         """Where ``item``'s table is committed, relative to the output URL."""
-        return f"{self.data_dir}/session={item.session}/scan_idx={item.scan_idx}/{item.item_id}.parquet"
+        return f"{self.data_dir}/session={item.session}/scan_idx={item.scan_idx}/{item.part_id}.parquet"
 
     @abstractmethod
     def reduce(self, item: WorkItem, units: Units, results: Iterable[tuple[Clip, np.ndarray]]) -> pa.Table:

@@ -3,7 +3,7 @@
 Layout (``<output>`` is the run's output URL; ``manifest.json`` sits next to ``responses/``, which is why the
 Parquet dataset has its own directory)::
 
-    <output>/responses/session=<s>/scan_idx=<i>/<item_id>.parquet      # item_id: e.g. part-00000.000000-000008
+    <output>/responses/session=<s>/scan_idx=<i>/<part_id>.parquet      # part_id: e.g. part-00000.000000-000008
     <output>/responses/session=<s>/scan_idx=<i>/_staging/...   # in-flight writes (ignored by pyarrow.dataset)
     <output>/_ledger/...                                       # the commits (fnn_ray.ledger)
 

@@ -132,8 +132,8 @@ class ItemResult:
 
 
 def item_label(item: WorkItem) -> str:
-    """``"{session}-{scan_idx}/{item_id}"``: how items are named in messages."""
-    return f"{item.session}-{item.scan_idx}/{item.item_id}"
+    """``"{session}-{scan_idx}/{part_id}"``: how items are named in messages."""
+    return f"{item.session}-{item.scan_idx}/{item.part_id}"
 
 
 def batch_clips(clips: Sequence[Clip], clips_per_batch: int) -> list[list[int]]:

@@ -4,7 +4,7 @@ frames).
 
     python -m jobs.bench [--quick] [--json out.json] [--device cpu|cuda] [--dtypes float32,bfloat16]
                          [--scans K] [--units U] [--batches 1,2,4,8] [--repeats 3] [--no-sweep]
-                         [--training [--training-frames F] [--checkpoint-frames C]]
+                         [--training [--training-frames F] [--checkpoint-frames C]] [--shared-cores]
 
 Rows: a) baseline = `Network.predict`, frame by frame, batch 1, one scan at a time, float32; b) engine = clips x
 scans in one batch, in each of `--dtypes` (a curve over total batch sizes; the best is reported); c) sweep =
@@ -18,6 +18,11 @@ saves for backward (per sample-frame), the training path with activation checkpo
 `--checkpoint-frames` frames (`checkpoint_saved_ratio`, `checkpoint_time_ratio`), and the training path in the
 mixed-precision dtype of `--dtypes` (bfloat16 autocast: `autocast_vs_float32`; `autocast_gradient_error`, the
 relative error of all gradients together, and `autocast_gradient_error_max`, that of the worst tensor).
+With `--shared-cores` (CPU): the engine in separate processes, each with one torch thread per core, alone and two
+at once (two CPU workers on one node, a worker beside a busy driver), with torch's OpenMP threads spinning between
+parallel regions (`OMP_WAIT_POLICY=ACTIVE`) and sleeping (`PASSIVE`, what the jobs and their workers set):
+`shared_cores[policy]["alone" | "shared"]`, scan-frames/s of all processes together (each its fastest of
+`--repeats`), and `shared_cores["passive_vs_active_shared"]`, `["passive_vs_active_alone"]`.
 Each row gives scan-frames/s, achieved GFLOP/s (conv + matmul FLOPs counted by torch's FlopCounterMode), the
 fraction of this machine's measured matmul peak in the row's dtype and peak memory (per row: the GPU allocator's
 peak, or the process's peak resident set; the sweep's is its worker's). The JSON holds every figure plus the
@@ -33,6 +38,8 @@ import argparse
 import json
 import os
 import platform
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -429,6 +436,43 @@ def print_training(result: dict) -> None:
     print(line)
 
 
+def engine_rate(release_url: str, scan: tuple[int, int], clips: int, frames: int, repeats: int) -> float:
+    """Scan-frames/s of the engine on `clips` random clips of `frames` frames of one scan, CPU float32, the fastest
+    of `repeats` (the child process of :func:`bench_shared_cores`)."""
+    release = Release.open(release_url)
+    engine = load_engine(release, [scan], torch.device("cpu"), torch.float32)
+    inputs = random_clips(clips, frames, 144, 256, seed=1)
+    seconds, _ = best_time(lambda: engine.predict(inputs, [scan]), repeats, torch.device("cpu"),
+                           Memory(torch.device("cpu")))
+    return clips * frames / seconds
+
+
+def bench_shared_cores(release_url: str, scan: tuple[int, int], clips: int, frames: int, repeats: int
+                       ) -> dict[str, object]:
+    """The engine in 1 and in 2 processes at once, each with one torch thread per core, under each OpenMP wait
+    policy: ``{policy: {"alone": rate, "shared": summed rate}}`` plus the PASSIVE/ACTIVE ratios."""
+    code = ("import sys; from jobs.bench import engine_rate; a = sys.argv[1:]; "
+            "print(engine_rate(a[0], (int(a[1]), int(a[2])), *map(int, a[3:])))")
+    args = [sys.executable, "-c", code, release_url, *map(str, (*scan, clips, frames, repeats))]
+    threads = str(os.cpu_count() or 1)
+    result: dict[str, object] = {"threads_per_process": int(threads)}
+    for policy in ("ACTIVE", "PASSIVE"):
+        env = dict(os.environ, OMP_WAIT_POLICY=policy, OMP_NUM_THREADS=threads)
+        rates = {}
+        for name, n in (("alone", 1), ("shared", 2)):
+            children = [subprocess.Popen(args, env=env, stdout=subprocess.PIPE, text=True) for _ in range(n)]
+            outs = [child.communicate()[0] for child in children]
+            if any(child.returncode for child in children):
+                raise RuntimeError(f"a --shared-cores child failed ({policy}, {name})")
+            rates[name] = sum(float(out.strip().splitlines()[-1]) for out in outs)
+        result[policy] = rates
+        print(f"{'shared cores ' + policy:<34} alone {rates['alone']:8.1f}  two at once {rates['shared']:8.1f} "
+              f"scan-frames/s")
+    for name in ("alone", "shared"):
+        result[f"passive_vs_active_{name}"] = result["PASSIVE"][name] / result["ACTIVE"][name]  # type: ignore[index]
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m jobs.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -455,6 +499,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--checkpoint-frames", type=int, default=None,
                         help="also time the training step with activation checkpointing every this many frames "
                              "(default: half the training window; 0: off)")
+    parser.add_argument("--shared-cores", action="store_true",
+                        help="also time the engine in two processes at once, OpenMP threads spinning vs sleeping")
     parser.add_argument("--error-release", default=None,
                         help="also report the bfloat16 error on this release's weights (default: the golden release "
                              "at $FNN_GOLDEN or ../shared/golden, when there)")
@@ -521,6 +567,9 @@ def main(argv: list[str] | None = None) -> dict:
                                       checkpoint or None, next((d for d in dtypes.values() if d != torch.float32),
                                                                None))
             print_training(training)
+        shared = None
+        if args.shared_cores:
+            shared = bench_shared_cores(release_url, scan_keys[0], batches[-1], frames, args.repeats)
 
     def best_of(dtype: str) -> Row | None:
         return max((r for r in curve if r.dtype == dtype), key=lambda r: r.scan_frames_per_s, default=None)
@@ -552,6 +601,7 @@ def main(argv: list[str] | None = None) -> dict:
         "tuning_vs_engine": tuning.scan_frames_per_s / best.scan_frames_per_s if tuning else None,
         "tuning_analysis_s": tuning_analysis_s,
         "training": training,
+        "shared_cores": shared,
         "bfloat16_max_rel_error": bf16_error,
         "bfloat16_error_release": error_release,
         "bfloat16_max_rel_error_on_that_release": release_error,

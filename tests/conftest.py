@@ -21,6 +21,10 @@ from pathlib import Path
 
 import pytest
 
+# before torch loads (its OpenMP reads this once): threads that sleep instead of spinning, as the jobs set it, so
+# the test process, its Ray workers and its job subprocesses do not starve each other on a small machine
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 pytest_plugins = ["faultproxy"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -25,7 +25,7 @@ GATE_TIMEOUT_S = 300.0
 
 @dataclasses.dataclass
 class Faults:
-    """Shared by the workers of one pool. ``crash_on``: the label (``"session-scan_idx/item_id"``) of the item
+    """Shared by the workers of one pool. ``crash_on``: the label (``"session-scan_idx/part_id"``) of the item
     whose first run kills its worker once the item is computed, before it is committed (a lost node); ``gate``:
     every item but the first ``free`` waits for this event before it is committed."""
 

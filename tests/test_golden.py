@@ -1,7 +1,14 @@
-"""Parity with the original implementation on the golden release (../shared/golden, or $FNN_GOLDEN)."""
+"""Parity with the original implementation on the golden release (../shared/golden, or $FNN_GOLDEN).
+
+Each (case, scan) output is computed once: the `predict` path runs one scan of a case, the engine the case's other
+scans at once, and the `intermediates` case (one scan) runs stage by stage. The full-size network dominates the
+suite's time here, so this module computes on every core (the session's Ray workers are idle meanwhile).
+"""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -37,9 +44,17 @@ def release(golden_dir: Path) -> Release:
     return Release.open(str(golden_dir / "release"))
 
 
-#: The `predict` path runs one scan per case (each case's core is computed once there), the scans taken in turn so
-#: that every scan is covered; the engine test covers every scan of every case at once (`intermediates`: 4-7).
-CASE_SCANS = [(case, (4, 7) if case == "intermediates" else SCANS[i % len(SCANS)]) for i, case in enumerate(CASES)]
+@pytest.fixture(scope="module", autouse=True)
+def every_core() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)
+    yield
+    torch.set_num_threads(threads)
+
+
+#: The `predict` path runs one scan per case, the scans taken in turn so that every scan is covered; the engine
+#: runs the case's other scans at once (so a case's output for a scan is computed once).
+CASE_SCANS = [(case, SCANS[i % len(SCANS)]) for i, case in enumerate(CASES) if case != "intermediates"]
 
 pytestmark = pytest.mark.slow
 
@@ -74,10 +89,12 @@ def engine_inputs(data: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray |
     return np.ascontiguousarray(clips), vectors[0], vectors[1], batched
 
 
-@pytest.mark.parametrize("case", CASES)
-def test_engine_matches_reference_for_all_scans_at_once(release: Release, golden_dir: Path, case: str) -> None:
+@pytest.mark.parametrize(("case", "predicted"), CASE_SCANS, ids=[case for case, _ in CASE_SCANS])
+def test_engine_matches_reference_for_the_other_scans_at_once(release: Release, golden_dir: Path, case: str,
+                                                              predicted: tuple[int, int]) -> None:
     data = load_case(golden_dir, case)
-    scans = [tuple(s) for s in data["scans"].tolist()]
+    scans = [tuple(s) for s in data["scans"].tolist() if tuple(s) != predicted]
+    assert len(scans) >= 2  # several heads on one core at once
     engine = Engine(release.load_core())
     for scan in scans:
         engine.add_head(scan, release.load_head(*scan))
@@ -90,7 +107,8 @@ def test_engine_matches_reference_for_all_scans_at_once(release: Release, golden
 
 
 def test_intermediate_stages_match(release: Release, golden_dir: Path) -> None:
-    """Each top-level stage (perspective, modulation, core, per-stream readout) matches frame by frame."""
+    """Each top-level stage (perspective, modulation, core, per-stream readout) and the rates match frame by
+    frame."""
     data = load_case(golden_dir, "intermediates")
     net = release.load_network(4, 7)
     net.reset()
@@ -102,8 +120,9 @@ def test_intermediate_stages_match(release: Release, golden_dir: Path) -> None:
             image, features = net.head.encode(stimulus, eye, behaviour)
             core = net.core(image, features)
             readout = net.readout(core)
+            rates = net.head.rates(core)
             for name, got in (("perspective", image), ("modulation", features), ("core", core),
-                              ("readout", readout)):
+                              ("readout", readout), ("expected", rates)):
                 expected = data[f"{name}_4_7"][t]
                 scale = np.abs(expected).max()
                 error = np.abs(got[0].numpy() - expected).max() / scale

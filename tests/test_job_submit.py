@@ -1,17 +1,17 @@
 """A sweep submitted with ``ray job submit`` to a real head node, exactly as the README and docs/cluster.md show it,
-on a machine where another Ray already runs on Ray's default ports.
+on a machine where Ray's default ports are taken and another Ray runs.
 
-The module first makes sure Ray's default ports (6379, 8265, 52365, 10001) are taken: it starts a second Ray
-there (``ray start --head --block`` with its own temp dir) unless something holds them already. Then it starts
-the cluster under test as the README does: ``ray start --head --block`` in the background with its own
+The module first makes sure Ray's default ports (6379, 8265, 52365, 10001) are taken (a listener of its own on
+each one nobody holds) and starts a second Ray (``ray start --head --block``, its own temp dir and ports). Then
+it starts the cluster under test as the README does: ``ray start --head --block`` in the background with its own
 ``--temp-dir`` and every port it would otherwise take by default chosen free, token authentication on with a
-token file of its own; it waits until ``ray job list`` answers, submits ``python -m jobs.sweep ...``
-from the repository root with ``--working-dir .``, reads the response dataset back, stops a second job with
-``ray job stop`` while it computes (its log must end with our summary naming SIGTERM, its status STOPPED), and
-finally stops the cluster as the README does: SIGTERM to the ``ray start`` process, which stops that node's
-processes and no other (the default-port Ray is checked to be still up). Whatever happens, every process this
-module started is killed at the end by process group and descent (never ``ray stop``, which would stop every Ray
-on the machine).
+token file of its own; it waits until ``ray job list`` answers, submits ``python -m jobs.sweep ...`` from the
+repository root with ``--working-dir .``, reads the response dataset back, stops a second job with ``ray job
+stop`` while it computes (its log must end with our summary naming SIGTERM, its status STOPPED), and finally
+stops the cluster as the README does: SIGTERM to the ``ray start`` process, which stops that node's processes and
+no other (the second Ray is checked to be still up, the default ports still taken). Whatever happens, every
+process this module started is killed at the end by process group and descent (never ``ray stop``, which would
+stop every Ray on the machine).
 """
 
 from __future__ import annotations
@@ -179,13 +179,13 @@ class Node:
 @dataclass(frozen=True)
 class Head:
     """The cluster under test: its dashboard ``address``, the environment a client needs to reach it, its token,
-    its node and the Ray on the default ports beside it (None when someone else's Ray holds them)."""
+    its node and the other Ray beside it."""
 
     address: str
     client_env: dict[str, str]
     token: str
     node: Node
-    neighbour: Node | None
+    neighbour: Node
 
 
 def _wait_for_job_server(address: str, env: dict[str, str], temp_dir: Path, timeout_s: float) -> None:
@@ -203,29 +203,47 @@ def _wait_for_job_server(address: str, env: dict[str, str], temp_dir: Path, time
     _wait_for(answers, f"the job server at {address} answering (is ray[default] installed?)", timeout_s, tail)
 
 
-@pytest.fixture(scope="module")
-def neighbour() -> Iterator[Node | None]:
-    """Another Ray on this machine on Ray's default ports: started here unless they are all taken already (a
-    Ray of someone else holding one of them may stop it from starting; then the others must be taken too)."""
-    root = Path(tempfile.mkdtemp(prefix="fnnray-n-", dir="/tmp"))  # short: Ray's socket paths must stay < 108 B
+def _own_ports() -> tuple[list[str], int]:
+    """`ray start` flags giving every port it would otherwise take by default a free one, and the dashboard's."""
+    dashboard = _free_port()
+    return ["--node-ip-address", "127.0.0.1", "--port", str(_free_port()), "--dashboard-host", "127.0.0.1",
+            "--dashboard-port", str(dashboard), "--dashboard-agent-listen-port", str(_free_port()),
+            "--ray-client-server-port", str(_free_port())], dashboard
+
+
+def _start(root: Path) -> tuple[Node, dict[str, str], int]:
+    """A head node on ports of its own (README), with a token file of its own: (node, its env, dashboard port)."""
     token_file = root / "auth_token"
     token_file.write_text(secrets.token_hex(32))
     token_file.chmod(0o600)
+    env = _ray_env(token_file)
+    env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # single-node mode: Ray keeps 127.0.0.1 as the node address
+    ports, dashboard = _own_ports()
+    return Node.start(root, env, ports), env, dashboard
+
+
+@pytest.fixture(scope="module")
+def neighbour() -> Iterator[Node]:
+    """Ray's default ports taken and another Ray running on this machine. Each default port nobody holds is held
+    by a listener of this fixture (a Ray started on the defaults here would race the session's own local Ray for
+    some of them: its agent port, for one); the other Ray runs on ports of its own."""
+    root = Path(tempfile.mkdtemp(prefix="fnnray-n-", dir="/tmp"))  # short: Ray's socket paths must stay < 108 B
+    listeners = []
     node = None
     try:
-        if not all(_taken(port) for port in DEFAULT_PORTS):
-            try:
-                node = Node.start(root, _ray_env(token_file), [])
-            except AssertionError:  # some default port taken by someone else's Ray: the others must be too
-                node = None
-        assert all(_taken(port) for port in DEFAULT_PORTS), \
-            f"Ray's default ports are not all taken: {[p for p in DEFAULT_PORTS if not _taken(p)]} free"
-        print(f"\nRay's default ports {DEFAULT_PORTS}: " + ("held by a Ray this test started" if node else
-                                                            "held by other Rays on this machine"))
+        for port in DEFAULT_PORTS:
+            if not _taken(port):
+                listener = socket.socket()
+                listener.bind(("", port))
+                listener.listen()
+                listeners.append(listener)
+        node, _, _ = _start(root)
         yield node
     finally:
         if node is not None:
             node.kill()
+        for listener in listeners:
+            listener.close()
         shutil.rmtree(root, ignore_errors=True)
 
 
@@ -233,22 +251,12 @@ def neighbour() -> Iterator[Node | None]:
 def head(neighbour):
     """The cluster under test, started as the README does; all its processes killed whatever the tests do."""
     root = Path(tempfile.mkdtemp(prefix="fnnray-", dir="/tmp"))
-    token = secrets.token_hex(32)
-    token_file = root / "auth_token"
-    token_file.write_text(token)
-    token_file.chmod(0o600)
-    env = _ray_env(token_file)
-    env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # single-node mode: Ray keeps 127.0.0.1 as the node address
-    dashboard = _free_port()
-    ports = ["--node-ip-address", "127.0.0.1", "--port", str(_free_port()), "--dashboard-host", "127.0.0.1",
-             "--dashboard-port", str(dashboard), "--dashboard-agent-listen-port", str(_free_port()),
-             "--ray-client-server-port", str(_free_port())]
-    node = Node.start(root, env, ports)
+    node, env, dashboard = _start(root)
     try:
         address = f"http://127.0.0.1:{dashboard}"
         client_env = {k: v for k, v in env.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
         _wait_for_job_server(address, client_env, node.temp_dir, timeout_s=180)
-        yield Head(address, client_env, token, node, neighbour)
+        yield Head(address, client_env, (root / "auth_token").read_text(), node, neighbour)
     finally:
         node.kill()
         shutil.rmtree(root, ignore_errors=True)
@@ -343,12 +351,11 @@ def test_stopping_the_cluster_stops_it_alone(head):
     """The README's `kill $HEAD_PID`: the head's `ray start --block` stops its node's processes, no others."""
     members = _members(head.node.process.pid)
     assert len(members) > 3, members  # gcs, raylet, dashboard, ... of this cluster
-    neighbours = _members(head.neighbour.process.pid) if head.neighbour else set()
+    neighbours = _members(head.neighbour.process.pid)
     head.node.process.send_signal(signal.SIGTERM)
     head.node.process.wait(timeout=120)
     _wait_for(lambda: not (_members(head.node.process.pid) | (members & set(_processes()))), "the cluster gone", 60,
               lambda: f"left: {_members(head.node.process.pid) | (members & set(_processes()))}")
-    if head.neighbour is not None:
-        assert head.neighbour.process.poll() is None, "the other Ray was stopped too"
-        assert neighbours <= set(_processes()), "processes of the other Ray were stopped"
+    assert head.neighbour.process.poll() is None, "the other Ray was stopped too"
+    assert neighbours <= set(_processes()), "processes of the other Ray were stopped"
     assert all(_taken(port) for port in DEFAULT_PORTS)

@@ -27,11 +27,11 @@ def make_item(U=5, lengths=(4, 6, 3), seed=0, shuffle=True):
     return clip_ids, resp, unit_ids, readout_ids
 
 
-def write_item(output_url, session, scan_idx, item_id, clip_ids, resp, unit_ids, readout_ids, storage_options=None):
+def write_item(output_url, session, scan_idx, part_id, clip_ids, resp, unit_ids, readout_ids, storage_options=None):
     """Commit one item's responses as a sweep's worker does (its reducer's table, then the ledger); its URL."""
-    file = f"{responses.RESPONSES_DIR}/session={session}/scan_idx={scan_idx}/{item_id}.parquet"
+    file = f"{responses.RESPONSES_DIR}/session={session}/scan_idx={scan_idx}/{part_id}.parquet"
     table = responses.response_table(clip_ids, resp, unit_ids, readout_ids)
-    Ledger(output_url, storage_options).commit_table((session, scan_idx, item_id), file, table)
+    Ledger(output_url, storage_options).commit_table((session, scan_idx, part_id), file, table)
     return storage.join(output_url, file)
 
 
@@ -78,8 +78,8 @@ def test_several_items_and_scans_via_pyarrow_dataset_and_pandas(tmp_url):
         (4, 7, "b.000000-000002"): make_item(U=5, lengths=(2, 2), seed=2),
         (8, 5, "a.000000-000003"): make_item(U=3, seed=3),
     }
-    for (s, i, item_id), item in items.items():
-        write_item(out, s, i, item_id, *item)
+    for (s, i, part_id), item in items.items():
+        write_item(out, s, i, part_id, *item)
     assert committed(out) == set(items)
     expected = sorted(r for (s, i, _), item in items.items() for r in expected_rows(s, i, *item))
     n_rows = len(expected)

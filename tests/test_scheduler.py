@@ -73,7 +73,7 @@ def test_work_item_properties_and_cost():
     shard = make_shards(1)[0]
     item = WorkItem(8, 5, 9941, shard)
     assert item.scan == (8, 5)
-    assert item.item_id == shard.shard_id
+    assert item.part_id == shard.shard_id
     assert item.frames == 600
     assert item.key == (8, 5, shard.shard_id)
     assert item.cost == pytest.approx(600 * (CORE_COST + 9941 * UNIT_COST))

@@ -229,12 +229,17 @@ def test_a_cut_in_the_middle_of_a_read_is_ridden_out(store_proxy, s3_url):
     fs.pipe_file(f"{root}/big.bin", payload)
     store_proxy.delay_per_chunk_s = 0.05  # the read takes about a second ...
     store_proxy.reset_counts()
-    cut = threading.Timer(0.3, store_proxy.outage, args=(1.0, "reset"))  # ... and is cut a third of the way in
-    cut.start()
+
+    def cut() -> None:  # ... and is cut once a quarter of it has come (however slow this machine is)
+        wait_for(lambda: store_proxy.bytes_to_client >= 4 * CHUNK, "a quarter of the read", poll_s=0.01)
+        store_proxy.outage(1.0, "reset")
+
+    cutter = threading.Thread(target=cut, daemon=True)
+    cutter.start()
     t0 = time.monotonic()
     assert storage.retry(fs.cat_file, f"{root}/big.bin", budget_s=20, what="read") == payload
-    cut.join()
-    assert time.monotonic() - t0 > 1.3
+    cutter.join()
+    assert time.monotonic() - t0 > 1.0  # the outage was ridden out, not missed
     assert store_proxy.bytes_to_client > len(payload)  # part of it came twice
 
 

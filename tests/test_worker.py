@@ -37,7 +37,7 @@ def task(data, output) -> Task:
 def committed(output: str, items) -> dict:
     """item key -> its committed part file as a table (rows in file order)."""
     return {item.key: pq.read_table(f"{output}/responses/session={item.session}/scan_idx={item.scan_idx}/"
-                                    f"{item.item_id}.parquet") for item in items}
+                                    f"{item.part_id}.parquet") for item in items}
 
 
 def test_concurrent_calls_match_sequential(data, tmp_path):
