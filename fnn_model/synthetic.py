@@ -32,12 +32,31 @@ def _perturb(module: torch.nn.Module, generator: torch.Generator) -> None:
                 p.copy_(0.5 * noise)
 
 
-def make_core(config: NetworkConfig, seed: int = 0) -> Core:
-    """A core with seeded random weights (eval mode)."""
+def make_core(config: NetworkConfig, seed: int = 0, input_gain: float = 1.0, biases: bool = True,
+              shared_streams: bool = False) -> Core:
+    """A core with seeded random weights (eval mode).
+
+    The options make a core for planted-teacher tests (`fnn_ray.training.synthetic_data.write_example`); the
+    defaults leave the random core as it always was. `input_gain` scales the first conv's raw weights (the default
+    core barely follows the stimulus: its output varies ~0.01 over time against ~0.16 over channels);
+    `biases=False` zeroes every bias (the output settles from a reset state in ~12 frames instead of ~25);
+    `shared_streams` gives every stream stream 0's weights (then each stream alone computes the stream mean)."""
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     core = Core(config)
     _perturb(core, generator)
+    with torch.no_grad():
+        params = dict(core.named_parameters())
+        for name, p in params.items():
+            if input_gain != 1.0 and name.startswith("feedforward.inputs.0.weights."):
+                p.mul_(input_gain)
+            if not biases and ".biases." in name:
+                p.zero_()
+        if shared_streams:
+            for name, p in params.items():
+                prefix, _, index = name.rpartition(".")
+                if index.isdigit() and int(index) > 0 and f"{prefix}.0" in params:
+                    p.copy_(params[f"{prefix}.0"])
     return core.eval()
 
 
@@ -73,10 +92,12 @@ def make_release(
     config: NetworkConfig | None = None,
     seed: int = 0,
     storage_options: Mapping[str, object] | None = None,
+    core_options: Mapping[str, object] | None = None,
 ) -> None:
-    """Write a random release of `(session, scan_idx, units)` scans to `url` (a directory or `.zip`)."""
+    """Write a random release of `(session, scan_idx, units)` scans to `url` (a directory or `.zip`).
+    `core_options`: keyword arguments of `make_core` (default: none, the usual random core)."""
     config = config or NetworkConfig()
-    core = make_core(config, seed)
+    core = make_core(config, seed, **(core_options or {}))
     heads, unit_tables = {}, []
     rng = np.random.default_rng(seed)
     for session, scan_idx, units in scans:

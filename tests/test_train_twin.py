@@ -39,12 +39,14 @@ from jobs import train_twin
 
 REPO = Path(__file__).resolve().parent.parent
 ANIMAL, SCAN, SIZE = "m1", (4, 7), (36, 64)
-#: The planted run: units, trials, frames per trial, evaluation videos x repeats.
-PLANTED = dict(units=16, trials=12, frames=48, videos=3, repeats=8)
-PLANTED_TRAINING = dict(epochs=8, warmup=1, window=16, batch=4, train_batches=25, val_batches=4, burn_in=4, lr=0.2,
-                        clip=1e9)
+#: The planted run: units, trials, frames per trial, evaluation videos x repeats, teacher feature scale.
+PLANTED = dict(units=16, trials=12, frames=48, videos=3, repeats=8, feature_scale=4.0)
+#: burn-in 12 of 24-frame windows: the planted core settles from its reset state in ~12 frames (docs/training.md);
+#: lr 0.01 without clipping: higher rates make the jittered training mode diverge (sigma and the monitor pose blow up)
+PLANTED_TRAINING = dict(epochs=8, warmup=1, window=24, batch=4, train_batches=25, val_batches=4, burn_in=12,
+                        lr=0.01, clip=1e9)
 if os.environ.get("FNN_TRAINING_ACCEPTANCE") == "1":  # the acceptance figures: a longer run (not in CI)
-    PLANTED_TRAINING.update(epochs=40, train_batches=50, lr=0.1)
+    PLANTED_TRAINING.update(epochs=40, train_batches=50)
 #: The resume runs: small, so that a kill lands mid-run.
 SMALL = dict(epochs=3, warmup=1, window=12, batch=2, train_batches=4, val_batches=1, burn_in=2, lr=0.1, clip=1e9)
 
@@ -70,7 +72,8 @@ def example(tmp_path_factory):
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("twin-example")
     ex = write_example(str(root), PLANTED["units"], PLANTED["trials"], PLANTED["frames"], SIZE, PLANTED["videos"],
-                       PLANTED["repeats"], seed=0, foundation_scan=SCAN)
+                       PLANTED["repeats"], seed=0, foundation_scan=SCAN, feature_scale=PLANTED["feature_scale"],
+                       planted=True)
     data = {}
     for animal in ("m1", "m2"):
         data[animal] = str(root / f"prepared-{animal}")
@@ -123,7 +126,12 @@ def test_planted_readout(planted, example):
                     for k in ("stimuli", "perspectives", "modulations", "units")))
     objective = PoissonObjective(burn_in=PLANTED_TRAINING["burn_in"])
     ours, teachers = evaluate_objective(student, batch, objective), evaluate_objective(ex.teacher, batch, objective)
-    print(f"planted: validation objective {ours:.5f}, teacher {teachers:.5f}, ratio {ours / teachers:.4f}")
+    # "within 2%" of the full Poisson negative log-likelihood: the objective leaves out mean(log y!), which is the
+    # same for both and makes the objective's zero arbitrary (at rate e it is ~0); with it the ratio is meaningful
+    log_factorial = float(torch.lgamma(batch.units[:, PLANTED_TRAINING["burn_in"]:] + 1).mean())
+    ratio = (ours + log_factorial) / (teachers + log_factorial)
+    print(f"planted: validation objective {ours:.5f}, teacher {teachers:.5f}, mean log y! {log_factorial:.5f}, "
+          f"NLL ratio {ratio:.4f}")
     # readout positions of the strongest half (the teacher's largest feature-weight norms)
     strength = sum(w.detach()[:, 0].norm(dim=1) for w in ex.teacher.readout.feature.weights)
     strong = torch.argsort(strength, descending=True)[: PLANTED["units"] // 2]
@@ -134,7 +142,7 @@ def test_planted_readout(planted, example):
     untrained = evaluate_objective(fresh, batch, objective)
     assert ours < untrained  # it learned; the figures need the longer run of test_planted_acceptance
     if os.environ.get("FNN_TRAINING_ACCEPTANCE") == "1":
-        assert ours <= teachers * 1.02 + 1e-9
+        assert ratio <= 1.02
         assert median_error < 0.1
         assert cc_norm >= 0.9
 

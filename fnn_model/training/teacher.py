@@ -26,17 +26,20 @@ def planted_positions(units: int, seed: int = 0, extent: float = 0.8) -> torch.T
 
 
 def make_teacher(release: Release, foundation_scan: tuple[int, int], units: int, seed: int = 0,
-                 feature_scale: float = 1.0, log_rate: float = 0.0) -> Twin:
+                 feature_scale: float = 1.0, log_rate: float = 0.0, head_seed: int | None = None) -> Twin:
     """A teacher twin: `release`'s frozen core and the foundation scan's `modulation.lstm`, a fresh perspective and
     modulation MLP, planted positions (`tanh(mu)` = `planted_positions(units, seed)`), random feature weights
-    `N(0, feature_scale^2 / C)` per stream and biases `log_rate` (the log of a unit's typical rate). Eval mode."""
-    teacher = build_twin(release, foundation_scan, units, seed=seed)
+    `N(0, feature_scale^2 / C)` per stream (the same on every stream) and biases `log_rate` (the log of a unit's
+    typical rate). Eval mode. `head_seed` (default `seed`): the seed of `build_twin`'s fresh perspective and
+    modulation MLP; the trainer's `--seed` makes them the student's initial ones, so only the readout is to learn."""
+    teacher = build_twin(release, foundation_scan, units, seed=seed if head_seed is None else head_seed)
     generator = torch.Generator().manual_seed(seed)
     readout = teacher.readout
     with torch.no_grad():
         readout.position.mu.copy_(torch.atanh(planted_positions(units, seed)))
+        weights = torch.randn(readout.feature.weights[0].shape, generator=generator)
         for w in readout.feature.weights:
-            w.copy_(torch.randn(w.shape, generator=generator) * feature_scale / readout.channels**0.5)
+            w.copy_(weights * feature_scale / readout.channels**0.5)
         for b in readout.biases:
             b.fill_(log_rate)
     return teacher.eval()
