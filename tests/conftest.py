@@ -195,7 +195,8 @@ def s3_gets(monkeypatch) -> list[int]:
 
 
 def pytest_collection_modifyitems(config, items):
-    """Every test that needs Ray (its start alone takes seconds on a loaded machine) is ``slow``."""
+    """Every test that needs Ray (its start alone takes seconds on a loaded machine) or rides out a store outage
+    (the fault proxy's outages last seconds) is ``slow``."""
     for item in items:
-        if {"ray_cluster", "ray_session"} & set(getattr(item, "fixturenames", ())):
+        if {"ray_cluster", "ray_session", "store_proxy"} & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)

@@ -116,6 +116,7 @@ def test_stale_lease_of_a_killed_run_is_taken_over(kind, tmp_url):
         child.wait()
 
 
+@pytest.mark.slow  # processes of their own
 @pytest.mark.parametrize("kind", KINDS)
 def test_racing_processes_exactly_one_wins(kind, tmp_url):
     url = tmp_url(kind, "out")

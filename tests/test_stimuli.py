@@ -554,6 +554,7 @@ def test_unreachable_endpoint_names_url_without_credentials():
     assert "top-secret-value" not in str(e.value) and "AKIAEXAMPLE" not in str(e.value)
 
 
+@pytest.mark.slow  # a process of its own
 def test_shard_read_in_another_process_via_env(s3, s3_url):
     """A worker process (like a Ray actor) gets only the pickled Shard and reaches S3 through the env vars."""
     import subprocess
