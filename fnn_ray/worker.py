@@ -224,12 +224,14 @@ class Worker:
         """Where this worker runs: ``{"device", "threads", "pid", "node", "gpu_ids"}`` (proves the core loaded)."""
         import torch
 
+        gpu_ids, node = [], ""
         try:
             import ray
 
-            gpu_ids, node = [str(g) for g in ray.get_gpu_ids()], ray.get_runtime_context().get_node_id()
-        except Exception:  # not inside Ray
-            gpu_ids, node = [], ""
+            if ray.is_initialized():  # an in-process worker must not start a Ray (Ray's calls would, by themselves)
+                gpu_ids, node = [str(g) for g in ray.get_gpu_ids()], ray.get_runtime_context().get_node_id()
+        except ImportError:
+            pass
         threads = self._on_compute_thread(torch.get_num_threads)
         return {"device": str(self.engine.device), "threads": threads, "pid": os.getpid(), "node": node,
                 "gpu_ids": gpu_ids}

@@ -40,6 +40,27 @@ def committed(output: str, items) -> dict:
                                     f"{item.part_id}.parquet") for item in items}
 
 
+def test_an_in_process_worker_starts_no_ray(data, monkeypatch):
+    """Outside Ray (a LocalPool) the worker reports no node and no GPUs without calling Ray, whose calls would start
+    a whole local cluster by themselves."""
+    import ray
+
+    calls: list[str] = []
+
+    def would_start_a_ray(name: str):
+        def call(*args, **kwargs):
+            calls.append(name)
+            raise RuntimeError(f"ray.{name} outside Ray")
+        return call
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # as in a process where no Ray runs
+    for name in ("get_gpu_ids", "get_runtime_context", "init"):
+        monkeypatch.setattr(ray, name, would_start_a_ray(name))
+    info = Worker(WorkerOptions(data[0], device="cpu", threads=1)).ready()
+    assert calls == []
+    assert (info["node"], info["gpu_ids"], info["device"], info["threads"]) == ("", [], "cpu", 1)
+
+
 def test_concurrent_calls_match_sequential(data, tmp_path):
     release, items, _ = data
     worker = Worker(WorkerOptions(release, clips_per_batch=2, max_heads=1, device="cpu", threads=1))
