@@ -98,11 +98,11 @@ def test_wait_gets_the_lease_when_the_holder_releases(kind, tmp_url):
 def test_stale_lease_of_a_killed_run_is_taken_over(kind, tmp_url):
     url = tmp_url(kind, "out")
     child = _python(f"""
-        import time
+        import threading
         from fnn_ray.lease import OutputLease
         OutputLease({url!r}, ttl_s=2.0, heartbeat_s=0.3, run_id="doomed").acquire()
         print("held", flush=True)
-        time.sleep(120)
+        threading.Event().wait()  # holds the lease until killed
     """)
     try:
         assert child.stdout.readline().strip() == "held", child.stderr.read()
