@@ -196,14 +196,15 @@ class Release:
     def _path(self, name: str) -> str:
         return posixpath.join(self.root, name) if self.root else name
 
-    def _read(self, name: str) -> bytes:
+    def read_file(self, name: str) -> bytes:
+        """The bytes of the release's file `name` (e.g. `params_core.pt`); ReleaseError when it is missing."""
         try:
             return self.fs.cat_file(self._path(name))
         except FileNotFoundError:
             raise ReleaseError(f"release {self.url}: missing file {name}") from None
 
     def _read_csv(self, name: str, columns: list[str]) -> pd.DataFrame:
-        table = pd.read_csv(io.BytesIO(self._read(name)))
+        table = pd.read_csv(io.BytesIO(self.read_file(name)))
         absent = [c for c in columns if c not in table.columns]
         if absent:
             raise ReleaseError(f"{name} in {self.url}: missing column(s) {absent}; expected columns {columns}")
@@ -312,7 +313,7 @@ class Release:
         """The shared core (loaded once per `Release`, eval mode, CPU)."""
         if self._core is None:
             core = Core(self.config)
-            state = load_tensors(self._read(CORE_FILE), f"{CORE_FILE} in {self.url}")
+            state = load_tensors(self.read_file(CORE_FILE), f"{CORE_FILE} in {self.url}")
             check_state(state, _expected(core, CORE_PREFIX), f"{CORE_FILE} in {self.url}")
             core.load_state_dict({k[len(CORE_PREFIX):]: v for k, v in state.items()}, strict=True)
             self._core = core.eval()
@@ -323,7 +324,7 @@ class Release:
         info = self.scan(session, scan_idx)
         head = ScanHead(self.config, info.units)
         name = head_file(session, scan_idx)
-        state = load_tensors(self._read(name), f"{name} in {self.url}")
+        state = load_tensors(self.read_file(name), f"{name} in {self.url}")
         check_state(state, _expected(head), f"{name} in {self.url}")
         head.load_state_dict(state, strict=True)
         return head.eval()

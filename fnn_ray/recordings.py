@@ -54,7 +54,7 @@ from fnn_ray.sources import Source
 from fnn_ray.stimuli import Clip
 
 __all__ = ["IMPUTE_RULE", "KINDS", "RecordingSource", "RepeatsReducer", "VideoRepeats", "check_values", "impute_inputs",
-           "list_scan", "npy_bytes", "read_stats",
+           "list_scan", "load_npy", "natural_key", "npy_bytes", "npy_header", "read_npy_headers", "read_stats",
            "scan_folders", "stats_table", "write_repeat"]
 
 
@@ -74,7 +74,7 @@ def _hidden(name: str) -> bool:
     return name.startswith(("_", "."))
 
 
-def _natural(name: str) -> tuple[int, int, str]:
+def natural_key(name: str) -> tuple[int, int, str]:
     """Sort key: numeric names in numeric order first, then the others by name."""
     return (0, int(name), name) if name.isdigit() else (1, 0, name)
 
@@ -129,7 +129,7 @@ def npy_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def _header(data: bytes, where: str) -> tuple[tuple[int, ...], np.dtype, int] | int:
+def npy_header(data: bytes, where: str) -> tuple[tuple[int, ...], np.dtype, int] | int:
     """``(shape, dtype, data offset)`` of a ``.npy`` file from its first bytes, or the number of bytes needed
     when ``data`` is too short. ValueError naming ``where`` for anything that is not a plain ``.npy`` array."""
     fmt = np.lib.format
@@ -148,7 +148,7 @@ def _header(data: bytes, where: str) -> tuple[tuple[int, ...], np.dtype, int] | 
     return tuple(int(n) for n in shape), dtype, needed
 
 
-def _load(data: bytes, where: str) -> np.ndarray:
+def load_npy(data: bytes, where: str) -> np.ndarray:
     """A ``.npy`` file's array (never unpickled)."""
     try:
         array = np.load(io.BytesIO(data), allow_pickle=False)
@@ -240,7 +240,7 @@ def _repeats(files: Mapping[str, Mapping[str, Mapping[str, Any]]], shown: str) -
                              f"({storage.join(shown, having, video, repeat + '.npy')} exists)")
     if not repeats:
         raise FileNotFoundError(f"recordings folder {shown} holds no stimuli/<video>/<repeat>.npy files")
-    return sorted(repeats, key=lambda vr: (_natural(vr[0]), _natural(vr[1])))
+    return sorted(repeats, key=lambda vr: (natural_key(vr[0]), natural_key(vr[1])))
 
 
 def list_scan(url: str, units: int, burnin: int = 0,
@@ -260,7 +260,7 @@ def list_scan(url: str, units: int, burnin: int = 0,
     repeats = _repeats(files, shown)
     kinds = [kind for kind in KINDS if files[kind]]
     keys = [(kind, video, repeat) for kind in kinds for video, repeat in repeats]
-    headers = _read_headers(fs, [files[k][v][r][0] for k, v, r in keys],
+    headers = read_npy_headers(fs, [files[k][v][r][0] for k, v, r in keys],
                             [storage.join(shown, k, v, f"{r}.npy") for k, v, r in keys])
     frames: dict[tuple[str, str], dict[str, int]] = {}
     for (kind, video, repeat), (shape, dtype, offset) in zip(keys, headers):
@@ -297,7 +297,7 @@ def list_scan(url: str, units: int, burnin: int = 0,
     return list(parts.values())
 
 
-def _read_headers(fs: AbstractFileSystem, paths: list[str], names: list[str]
+def read_npy_headers(fs: AbstractFileSystem, paths: list[str], names: list[str]
                   ) -> list[tuple[tuple[int, ...], np.dtype, int]]:
     """The ``.npy`` headers of ``paths`` (ranged reads of their first bytes; ``names`` name them in errors)."""
     if not paths:
@@ -305,9 +305,9 @@ def _read_headers(fs: AbstractFileSystem, paths: list[str], names: list[str]
     starts = fs.cat_ranges(paths, [0] * len(paths), [_HEADER_BYTES] * len(paths), on_error="raise")
     out = []
     for path, where, data in zip(paths, names, starts):
-        header = _header(bytes(data), where)
+        header = npy_header(bytes(data), where)
         if isinstance(header, int):  # a long header: read as much as it says it needs
-            header = _header(bytes(fs.cat_file(path, start=0, end=header)), where)
+            header = npy_header(bytes(fs.cat_file(path, start=0, end=header)), where)
             if isinstance(header, int):
                 raise ValueError(f"{where}: truncated .npy header")
         out.append(header)
@@ -377,7 +377,7 @@ def check_values(parts: Iterable[VideoRepeats], impute: bool = False,
         for kind in kinds:
             for repeat in part.repeats:
                 where = storage.redact_url(part.file(kind, repeat))
-                array = _load(fs.cat_file(posixpath.join(root, kind, part.video, f"{repeat}.npy")), where)
+                array = load_npy(fs.cat_file(posixpath.join(root, kind, part.video, f"{repeat}.npy")), where)
                 counts[kind] = counts.get(kind, 0) + _values(array, kind, where, impute)
     return {kind: n for kind, n in counts.items() if kind in _OPTIONAL}
 
@@ -396,7 +396,7 @@ def _read_arrays(part: VideoRepeats, kinds: Sequence[str], storage_options: Mapp
     out = {}
     for (kind, repeat), path in wanted.items():
         where = storage.redact_url(part.file(kind, repeat))
-        array = _load(data[path], where)
+        array = load_npy(data[path], where)
         if stats is not None:
             stats["bytes_read"] = stats.get("bytes_read", 0) + len(data[path])
         out[(kind, repeat)] = array

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from fnn_ray import storage
-from fnn_ray.recordings import VideoRepeats, _header, _load, _natural, _read_headers, list_scan, npy_bytes
+from fnn_ray.recordings import VideoRepeats, npy_header, load_npy, natural_key, read_npy_headers, list_scan, npy_bytes
 
 __all__ = ["FRAME_KINDS", "KINDS", "TrainingLayout", "Trial", "list_training", "write_trial"]
 
@@ -98,7 +98,7 @@ def _listing(fs: Any, root: str, shown: str) -> dict[str, dict[str, tuple[str, i
                                     f"one {kind}/<trial>.npy per trial")
     trials = set(files["stimuli"])
     for kind in KINDS:
-        for name in sorted(trials ^ set(files[kind]), key=_natural)[:1]:
+        for name in sorted(trials ^ set(files[kind]), key=natural_key)[:1]:
             lacking, having = (kind, "stimuli") if name in trials else ("stimuli", kind)
             raise FileNotFoundError(f"{storage.join(shown, TRAINING_DIR, lacking, name + '.npy')} is missing "
                                     f"({storage.join(shown, TRAINING_DIR, having, name + '.npy')} exists)")
@@ -106,7 +106,7 @@ def _listing(fs: Any, root: str, shown: str) -> dict[str, dict[str, tuple[str, i
 
 
 def _scalar(data: bytes, where: str, kind: str) -> bool | int:
-    array = _load(data, where)
+    array = load_npy(data, where)
     if array.size != 1:
         raise ValueError(f"{where}: {kind} must hold one value, got shape {list(array.shape)}")
     value = array.reshape(()).item()
@@ -145,7 +145,7 @@ def _unit_ids(fs: Any, root: str, shown: str, units: int) -> tuple[int, ...]:
     if not fs.exists(path):
         return tuple(range(units))
     where = storage.join(shown, UNIT_IDS)
-    ids = _load(fs.cat_file(path), where)
+    ids = load_npy(fs.cat_file(path), where)
     if not np.issubdtype(ids.dtype, np.integer) or ids.shape != (units,):
         raise ValueError(f"{where}: expected int [U] = [{units}] unit ids, got {ids.dtype} {list(ids.shape)}")
     if len(np.unique(ids)) != units:
@@ -165,7 +165,7 @@ def list_training(url: str, size: tuple[int, int] = (144, 256),
     fs, root = storage.filesystem(url, storage_options)
     root = root.rstrip("/")
     listing = _listing(fs, root, shown)
-    names = sorted(listing["stimuli"], key=_natural)
+    names = sorted(listing["stimuli"], key=natural_key)
 
     def where(kind: str, name: str) -> str:
         return storage.join(shown, TRAINING_DIR, kind, f"{name}.npy")
@@ -178,7 +178,7 @@ def list_training(url: str, size: tuple[int, int] = (144, 256),
     units = None
     for kind in FRAME_KINDS:
         paths = [listing[kind][n][0] for n in names]
-        headers = _read_headers(fs, paths, [where(kind, n) for n in names])
+        headers = read_npy_headers(fs, paths, [where(kind, n) for n in names])
         for name, (shape, dtype, offset) in zip(names, headers):
             w = where(kind, name)
             actual, expected = listing[kind][name][1], offset + int(np.prod(shape)) * dtype.itemsize
@@ -218,7 +218,7 @@ def list_training(url: str, size: tuple[int, int] = (144, 256),
 def _eval_size(fs: Any, part: VideoRepeats, storage_options: Mapping[str, Any] | None) -> tuple[int, int]:
     """The frame size of an evaluation video (from its first repeat's header)."""
     efs, path = storage.filesystem(part.file("stimuli", part.repeats[0]), storage_options)
-    shape, _, _ = _header(efs.cat_file(path, start=0, end=1024), storage.redact_url(part.file("stimuli", "")))
+    shape, _, _ = npy_header(efs.cat_file(path, start=0, end=1024), storage.redact_url(part.file("stimuli", "")))
     return int(shape[1]), int(shape[2])
 
 

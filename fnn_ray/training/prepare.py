@@ -43,7 +43,7 @@ import numpy as np
 
 from fnn_ray import storage
 from fnn_ray.preflight import check_output
-from fnn_ray.recordings import _load
+from fnn_ray.recordings import load_npy
 from fnn_ray.training.layout import FRAME_KINDS, TrainingLayout, list_training
 
 __all__ = ["FORMAT", "PrepareConfig", "PrepareSummary", "STATS_FILE", "prepare", "read_stats"]
@@ -163,7 +163,7 @@ def _first_bad(x: np.ndarray) -> tuple[int, int, float]:
 def _read(fs: Any, layout: TrainingLayout, kind: str, trial: str) -> np.ndarray:
     url = layout.files[kind][trial]
     _, path = storage.filesystem(url)
-    return _load(fs.cat_file(path), layout.shown(kind, trial))
+    return load_npy(fs.cat_file(path), layout.shown(kind, trial))
 
 
 def _stream(config: PrepareConfig, layout: TrainingLayout, staging: str) -> dict[str, Any]:

@@ -70,7 +70,7 @@ def write_twin_release(url: str, foundation_url: str, twins: Sequence[TwinResult
     from fnn_model.release import CONFIG_FILE, CORE_FILE, Release, check_state, config_to_json, head_file
 
     foundation = Release.open(foundation_url, storage_options=release_options)
-    core = foundation._read(CORE_FILE)
+    core = foundation.read_file(CORE_FILE)
     files: dict[str, bytes] = {CORE_FILE: core, CONFIG_FILE: config_to_json(foundation.config).encode()}
     scans, units = [], []
     for twin in twins:
