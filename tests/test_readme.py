@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from fnn_ray.responses import read_responses
 from test_cli import REPO_ROOT, TAG, _kill_tagged
 
 pytestmark = pytest.mark.slow
@@ -47,13 +48,29 @@ def _run(args: list[str], cwd: Path, timeout: float = 1800.0) -> subprocess.Comp
 
 
 @pytest.fixture(scope="module")
-def dry_run(tmp_path_factory) -> Path:
-    """A directory holding the dry runs' ``fnn-ray-output/``."""
+def dry_runs(tmp_path_factory) -> tuple[Path, dict[str, str]]:
+    """A directory holding the dry runs' ``fnn-ray-output/``, and what each dry run printed."""
     root = tmp_path_factory.mktemp("readme")
+    printed = {}
     for job in ("jobs.sweep", "jobs.tuning"):
         done = _run(["-m", job], root)
         assert done.returncode == 0, f"{job}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-    return root
+        printed[job] = done.stdout
+    return root, printed
+
+
+@pytest.fixture(scope="module")
+def dry_run(dry_runs) -> Path:
+    return dry_runs[0]
+
+
+def test_the_sweep_dry_run_says_where_its_responses_are(dry_runs):
+    root, printed = dry_runs
+    out = root / "fnn-ray-output"
+    assert str(out / "responses") in printed["jobs.sweep"] and "pyarrow" in printed["jobs.sweep"]
+    table = read_responses(str(out))
+    assert len(table) > 0 and set(table.column("session").to_pylist()) == {4, 8, 9}
+    assert (out / "manifest.json").is_file()
 
 
 def test_the_docs_have_python_blocks():
