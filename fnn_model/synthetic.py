@@ -68,8 +68,9 @@ def whiten_output(core: Core, clips: np.ndarray, scale: float = 0.25, burn_in: i
     """Make the core's output well-conditioned on `clips` (uint8 `[N, T, H, W]`, resized to the retina, zero
     modulation features, frames after `burn_in`): the last 1x1 conv (`recurrent.out`) is followed by the ZCA
     transform `scale * cov^-1/2 (y - mean)`, folded into its weights, gains and biases, so every output channel is
-    centred with covariance `scale^2 I` over frames and positions (stream 0's statistics, applied to every stream).
-    The raw output's mean (~0.17 per channel) and a ~100x eigenvalue spread make a readout's features learn slowly."""
+    centred with covariance `scale^2 I` over frames and positions. Every stream's last conv becomes stream 0's
+    whitened one (meant for `shared_streams`). The raw output's mean (~0.17 per channel) and ~100x eigenvalue
+    spread make a readout's features learn slowly."""
     config, out = core.config, core.recurrent.out
     channels = config.recurrent.out_channels
     size = (config.perspective.retina_height, config.perspective.retina_width)
