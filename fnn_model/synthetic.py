@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from fnn_model.config import NetworkConfig
 from fnn_model.network import Core, ScanHead
 from fnn_model.release import write_release
+from fnn_model.wconv import EPS
 
 
 def _perturb(module: torch.nn.Module, generator: torch.Generator) -> None:
@@ -33,14 +34,15 @@ def _perturb(module: torch.nn.Module, generator: torch.Generator) -> None:
 
 
 def make_core(config: NetworkConfig, seed: int = 0, input_gain: float = 1.0, biases: bool = True,
-              shared_streams: bool = False) -> Core:
+              shared_streams: bool = False, whiten: np.ndarray | None = None, whiten_scale: float = 0.25) -> Core:
     """A core with seeded random weights (eval mode).
 
     The options make a core for planted-teacher tests (`fnn_ray.training.synthetic_data.write_example`); the
     defaults leave the random core as it always was. `input_gain` scales the first conv's raw weights (the default
     core barely follows the stimulus: its output varies ~0.01 over time against ~0.16 over channels);
     `biases=False` zeroes every bias (the output settles from a reset state in ~12 frames instead of ~25);
-    `shared_streams` gives every stream stream 0's weights (then each stream alone computes the stream mean)."""
+    `shared_streams` gives every stream stream 0's weights (then each stream alone computes the stream mean);
+    `whiten` (uint8 clips `[N, T, H, W]`): `whiten_output` on them, after the other options."""
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     core = Core(config)
@@ -57,7 +59,42 @@ def make_core(config: NetworkConfig, seed: int = 0, input_gain: float = 1.0, bia
                 prefix, _, index = name.rpartition(".")
                 if index.isdigit() and int(index) > 0 and f"{prefix}.0" in params:
                     p.copy_(params[f"{prefix}.0"])
+    if whiten is not None:
+        whiten_output(core, whiten, whiten_scale)
     return core.eval()
+
+
+def whiten_output(core: Core, clips: np.ndarray, scale: float = 0.25, burn_in: int = 12) -> None:
+    """Make the core's output well-conditioned on `clips` (uint8 `[N, T, H, W]`, resized to the retina, zero
+    modulation features, frames after `burn_in`): the last 1x1 conv (`recurrent.out`) is followed by the ZCA
+    transform `scale * cov^-1/2 (y - mean)`, folded into its weights, gains and biases, so every output channel is
+    centred with covariance `scale^2 I` over frames and positions. Every stream's last conv becomes stream 0's
+    whitened one (meant for `shared_streams`). The raw output's mean (~0.17 per channel) and ~100x eigenvalue
+    spread make a readout's features learn slowly."""
+    config, out = core.config, core.recurrent.out
+    channels = config.recurrent.out_channels
+    size = (config.perspective.retina_height, config.perspective.retina_width)
+    frames = torch.from_numpy(clips).float() / 255
+    modulation = frames.new_zeros(len(clips), config.streams * config.modulation.lstm_features)
+    core.reset_state()
+    with torch.inference_mode():
+        y = torch.stack([core(F.interpolate(frames[:, t, None], size=size, mode="bilinear", align_corners=False)
+                              .repeat(1, config.stimuli, 1, 1), modulation)[:, :channels]
+                         for t in range(frames.shape[1])], 1)[:, burn_in:].double()  # [N, T', O, h, w]
+    core.reset_state()
+    mean = y.mean(dim=(0, 1, 3, 4))
+    centred = (y - mean[:, None, None]).transpose(0, 2).reshape(channels, -1)
+    values, vectors = torch.linalg.eigh(centred @ centred.T / centred.shape[1])
+    transform = scale * vectors @ torch.diag(values.clamp(min=1e-12) ** -0.5) @ vectors.T  # [O, O]
+    with torch.no_grad():
+        kernels, bias = out.effective()
+        kernel = transform @ kernels[0][:channels].double().reshape(channels, -1)
+        bias = transform @ ((bias[:channels].double() if bias is not None else 0) - mean)
+        for s in range(config.streams):
+            out.weights[s].copy_(kernel.reshape(out.weights[s].shape))
+            out.gains[s].copy_(torch.sqrt(kernel.square().sum(1) + EPS).reshape(out.gains[s].shape))
+            out.biases[s].copy_(bias.reshape(out.biases[s].shape))
+    out.reset_state()
 
 
 def make_head(config: NetworkConfig, units: int, seed: int = 0) -> ScanHead:

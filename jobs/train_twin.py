@@ -62,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--clip", type=float, default=0.01,
                         help="adaptive gradient clipping relative to each parameter's norm (default 0.01, the "
                              "published value; large values turn it off)")
+    parser.add_argument("--readout-clip", type=float, default=None,
+                        help="the clip of the readout's per-unit tensors alone (default: --clip; not in the "
+                             "published recipe: zero-initialised features barely grow under a relative clip)")
+    parser.add_argument("--position-lr", type=float, default=1.0,
+                        help="learning-rate scale of the readout positions mu and sigma (default 1, the published "
+                             "recipe)")
     parser.add_argument("--window", type=int, default=100, help="frames per training window (default 100)")
     parser.add_argument("--batch", type=int, default=4, help="windows per step and rank (default 4)")
     parser.add_argument("--train-batches", type=int, default=500, help="steps per epoch (default 500)")
@@ -125,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--foundation-scan {args.foundation_scan!r}: expected one SESSION-SCAN_IDX")
         settings = dict(epochs=args.epochs, warmup=args.warmup, lr=args.lr, clip=args.clip, window=args.window,
                         batch=args.batch, train_batches=args.train_batches, val_batches=args.val_batches,
-                        burn_in=args.burn_in, seed=args.seed, checkpoint_frames=args.checkpoint_frames)
+                        burn_in=args.burn_in, seed=args.seed, checkpoint_frames=args.checkpoint_frames,
+                        readout_clip=args.readout_clip, position_lr=args.position_lr)
         if all(given):
             release, data, animal, output = args.release, args.data, args.animal, args.output
         else:

@@ -81,3 +81,29 @@ def test_cached_weights_follow_parameter_changes() -> None:
     fresh.load_state_dict(net.state_dict())
     np.testing.assert_array_equal(changed, fresh.eval().predict(clip))
     assert not np.allclose(changed, other.predict(clip))
+
+
+def test_whitened_core_output_is_centred_and_white() -> None:
+    """`whiten_output` folds a ZCA transform into the core's last conv: on its clips the output channels are
+    centred with covariance `scale^2 I` (every stream, shared weights)."""
+    from fnn_model.synthetic import whiten_output
+    import torch.nn.functional as F
+
+    config = NetworkConfig.tiny()
+    core = make_core(config, 2, input_gain=10.0, biases=False, shared_streams=True)
+    clips = random_clips(3, 10, 36, 64, seed=4)
+    whiten_output(core, clips, scale=0.5, burn_in=4)
+    frames = torch.from_numpy(clips).float() / 255
+    size = (config.perspective.retina_height, config.perspective.retina_width)
+    modulation = torch.zeros(3, config.streams * config.modulation.lstm_features)
+    core.reset_state()
+    with torch.inference_mode():
+        y = torch.stack([core(F.interpolate(frames[:, t, None], size=size, mode="bilinear", align_corners=False),
+                              modulation) for t in range(10)], 1)[:, 4:].double()
+    channels = config.recurrent.out_channels
+    for s in range(config.streams):
+        out = y[:, :, s * channels:(s + 1) * channels].transpose(0, 2).reshape(channels, -1)
+        torch.testing.assert_close(out.mean(1), torch.zeros(channels, dtype=torch.double), atol=1e-4, rtol=0)
+        centred = out - out.mean(1, keepdim=True)
+        torch.testing.assert_close(centred @ centred.T / centred.shape[1], 0.25 * torch.eye(channels,
+                                   dtype=torch.double), atol=1e-3, rtol=0)

@@ -40,12 +40,14 @@ from jobs import train_twin
 REPO = Path(__file__).resolve().parent.parent
 ANIMAL, SCAN, SIZE = "m1", (4, 7), (36, 64)
 #: The planted run: units, trials, frames per trial, evaluation videos x repeats, teacher feature scale.
-PLANTED = dict(units=16, trials=12, frames=48, videos=3, repeats=8, feature_scale=4.0)
+PLANTED = dict(units=16, trials=24, frames=48, videos=3, repeats=8, feature_scale=4.0)
 #: burn-in 12 of 24-frame windows: the planted core settles from its reset state in ~12 frames (docs/training.md);
-#: lr 0.01 without clipping: higher rates make the jittered training mode diverge (sigma and the monitor pose blow up)
+#: clip 0.01 (the published value) for the perspective and modulation MLP, the readout unclipped (its features start
+#: at zero), lr 0.05 (at 0.1 high-rate units diverge: the bias' curvature is the rate) and the positions at a fifth
+#: of it (their curvature is ~100x the features')
 PLANTED_TRAINING = dict(epochs=8, warmup=1, window=24, batch=4, train_batches=25, val_batches=4, burn_in=12,
-                        lr=0.01, clip=1e9)
-if os.environ.get("FNN_TRAINING_ACCEPTANCE") == "1":  # the issue's acceptance figures: a longer run (not in CI)
+                        lr=0.05, clip=0.01, readout_clip=1e9, position_lr=0.2)
+if os.environ.get("FNN_TRAINING_ACCEPTANCE") == "1":  # the NLL ratio of the issue: a longer run (not in CI)
     PLANTED_TRAINING.update(epochs=40, train_batches=50)
 #: The resume runs: small, so that a kill lands mid-run.
 SMALL = dict(epochs=3, warmup=1, window=12, batch=2, train_batches=4, val_batches=1, burn_in=2, lr=0.1, clip=1e9)
@@ -140,11 +142,11 @@ def test_planted_readout(planted, example):
     cc_norm = float(np.nanmedian(summary.evaluation["4-7"][SCAN].cc_norm.to_numpy()))
     print(f"planted: median position error (strongest half) {median_error:.3f}, median CC_norm {cc_norm:.3f}")
     untrained = evaluate_objective(fresh, batch, objective)
-    assert ours < untrained  # it learned; the issue's figures need the longer run of test_planted_acceptance
-    if os.environ.get("FNN_TRAINING_ACCEPTANCE") == "1":
+    assert ours < untrained
+    assert median_error < 0.1  # the CI-size run: 0.066
+    assert cc_norm >= 0.9  # the CI-size run: 0.914
+    if os.environ.get("FNN_TRAINING_ACCEPTANCE") == "1":  # the CI-size run reaches 1.186 (docs/training.md)
         assert ratio <= 1.02
-        assert median_error < 0.1
-        assert cc_norm >= 0.9
 
 
 @pytest.mark.slow

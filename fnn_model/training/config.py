@@ -10,7 +10,10 @@ class OptimizerConfig:
     """SGD with Nesterov momentum, weight decay on weights only, per-unit gradient scaling and adaptive clipping.
 
     `clip` and `clip_eps`: a gradient slice is rescaled to at most `clip * max(|p_slice|, clip_eps)` (see
-    `fnn_model.training.optim`).
+    `fnn_model.training.optim`). Two options beyond the public recipe (their defaults keep it):
+    `readout_clip` (None: `clip`) is the clip of the readout's per-unit tensors alone (the zero-initialised features
+    barely grow under a clip relative to their norm); `position_lr` (1: the same) scales the learning rate of the
+    readout positions `mu` and `sigma` (their curvature is ~100x the features' when the features are strong).
     """
 
     lr: float = 0.1
@@ -19,6 +22,8 @@ class OptimizerConfig:
     weight_decay: float = 1e-4
     clip: float = 0.01
     clip_eps: float = 1e-3
+    readout_clip: float | None = None
+    position_lr: float = 1.0
 
 
 @dataclass(frozen=True)

@@ -26,9 +26,10 @@ def planted_positions(units: int, seed: int = 0, extent: float = 0.8) -> torch.T
 
 
 def make_teacher(release: Release, foundation_scan: tuple[int, int], units: int, seed: int = 0,
-                 feature_scale: float = 1.0, log_rate: float = 0.0, head_seed: int | None = None) -> Twin:
+                 feature_scale: float = 1.0, log_rate: float = 0.0, head_seed: int | None = None,
+                 extent: float = 0.8) -> Twin:
     """A teacher twin: `release`'s frozen core and the foundation scan's `modulation.lstm`, a fresh perspective and
-    modulation MLP, planted positions (`tanh(mu)` = `planted_positions(units, seed)`), random feature weights
+    modulation MLP, planted positions (`tanh(mu)` = `planted_positions(units, seed, extent)`), random feature weights
     `N(0, feature_scale^2 / C)` per stream (the same on every stream) and biases `log_rate` (the log of a unit's
     typical rate). Eval mode. `head_seed` (default `seed`): the seed of `build_twin`'s fresh perspective and
     modulation MLP; the trainer's `--seed` makes them the student's initial ones, so only the readout is to learn."""
@@ -36,7 +37,7 @@ def make_teacher(release: Release, foundation_scan: tuple[int, int], units: int,
     generator = torch.Generator().manual_seed(seed)
     readout = teacher.readout
     with torch.no_grad():
-        readout.position.mu.copy_(torch.atanh(planted_positions(units, seed)))
+        readout.position.mu.copy_(torch.atanh(planted_positions(units, seed, extent)))
         weights = torch.randn(readout.feature.weights[0].shape, generator=generator)
         for w in readout.feature.weights:
             w.copy_(weights * feature_scale / readout.channels**0.5)

@@ -33,7 +33,9 @@ class TrainingSettings:
     """What decides a twin's training (the command line's flags): ``epochs`` (``warmup`` of them warm-up, default
     ``max(1, epochs // 10)``), peak ``lr``, adaptive ``clip``, windows of ``window`` frames, ``batch`` windows per
     step and rank, ``train_batches`` steps and ``val_batches`` validation batches per epoch, ``burn_in`` frames not
-    scored, ``seed``; ``checkpoint_frames``: activation checkpointing (memory only: not part of the result)."""
+    scored, ``seed``; ``checkpoint_frames``: activation checkpointing (memory only: not part of the result).
+    Beyond the public recipe (defaults keep it): ``readout_clip``, the clip of the readout alone (None: ``clip``),
+    and ``position_lr``, the learning-rate scale of the readout positions (``OptimizerConfig``)."""
 
     epochs: int = 100
     warmup: int | None = None
@@ -46,6 +48,8 @@ class TrainingSettings:
     burn_in: int = 10
     seed: int = 0
     checkpoint_frames: int | None = None
+    readout_clip: float | None = None
+    position_lr: float = 1.0
 
     def __post_init__(self) -> None:
         for name, least in (("epochs", 1), ("window", 2), ("batch", 1), ("train_batches", 1), ("val_batches", 1),
@@ -59,8 +63,8 @@ class TrainingSettings:
         if not 0 <= warmup < self.epochs:
             raise ValueError(f"--warmup must be in 0..{self.epochs - 1} epochs, got {warmup}")
         object.__setattr__(self, "warmup", warmup)
-        for name in ("lr", "clip"):
-            if getattr(self, name) <= 0:
+        for name in ("lr", "clip", "readout_clip", "position_lr"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ValueError(f"--{name} must be > 0, got {getattr(self, name)}")
 
     def record(self) -> dict[str, Any]:
@@ -134,7 +138,9 @@ def train_twin_loop(config: Mapping[str, Any]) -> None:
     release = Release.open(run.release_url, storage_options=run.release_options)
     twin = build_twin(release, run.foundation_scan, run.units, seed=settings.seed).to(device)
     frozen = twin.frozen_state_hash()
-    optimizer = build_optimizer(twin, OptimizerConfig(lr=settings.lr, clip=settings.clip))
+    optimizer = build_optimizer(twin, OptimizerConfig(lr=settings.lr, clip=settings.clip,
+                                                      readout_clip=settings.readout_clip,
+                                                      position_lr=settings.position_lr))
     schedule = WarmupCosine(settings.lr, ScheduleConfig(warmup=settings.warmup,
                                                         cosine=settings.epochs - settings.warmup))
     objective = PoissonObjective(burn_in=settings.burn_in)

@@ -112,16 +112,20 @@ def write_example(root: str, units: int = 12, trials: int = 6, frames: int = 40,
 
     ``planted=True``: the design of the planted-readout acceptance (docs/training.md): a foundation core that
     follows the stimulus (first conv x10, no biases: a short start transient) with identical streams (a stream
-    alone computes the stream mean, so training mode can match the teacher), the teacher's perspective and
-    modulation MLP the student's initial ones (``build_twin(seed=0)``, the trainer's default ``--seed``), and
-    drifting gratings held 8 frames. Default False: the generic dry-run example, as before."""
+    alone computes the stream mean, so training mode can match the teacher) and a whitened output (centred, equal
+    variance in every direction on other gratings: features learn at one rate), the teacher's perspective and
+    modulation MLP the student's initial ones (``build_twin(seed=0)``, the trainer's default ``--seed``), planted
+    positions within ``(-0.4, 0.4)^2`` (about a core-grid cell from the initial ``mu = 0``: the loss has its
+    basin within about a cell of the planted position) and drifting gratings held 8 frames. Default False: the
+    generic dry-run example, as before."""
     foundation = storage.join(root, "foundation")
-    core = dict(input_gain=10.0, biases=False, shared_streams=True) if planted else None
+    core = dict(input_gain=10.0, biases=False, shared_streams=True,
+                whiten=_movies(8, 48, size, seed + 104729, 8, "gratings")) if planted else None
     make_release(foundation, [(*foundation_scan, 8)], NetworkConfig.tiny(), seed=seed,
                  storage_options=storage_options, core_options=core)
     release = Release.open(foundation, storage_options=storage_options)
     teacher = make_teacher(release, foundation_scan, units, seed=seed + 1, feature_scale=feature_scale,
-                           log_rate=log_rate, head_seed=0 if planted else None)
+                           log_rate=log_rate, head_seed=0 if planted else None, extent=0.4 if planted else 0.8)
     recordings = storage.join(root, "recordings")
     write_recordings(recordings, teacher, trials, frames, size, videos=videos, repeats=repeats, seed=seed,
                      storage_options=storage_options, stimulus="gratings" if planted else "images",
