@@ -114,36 +114,12 @@ def test_adaptive_clipping_matches_the_rule(rows: bool) -> None:
                                              rows).numpy(), clip_reference(vector * 10, vector, 0.01, 1e-3, rows))
 
 
-def test_readout_clip_and_position_lr(twin) -> None:
-    """The two options beyond the public recipe: the readout's own clip, the positions' learning-rate scale."""
+@pytest.mark.parametrize("readout_clip, position_lr", [(None, 1.0), (1e9, 0.25)], ids=["public", "options"])
+def test_step_scales_per_unit_gradients_then_clips(twin, readout_clip, position_lr) -> None:
+    """One step: per-unit gradients x U, adaptive clipping (the readout's own clip when `readout_clip` is set), the
+    positions' learning rate x `position_lr` (the options beyond the public recipe; their defaults keep it)."""
     optimizer = build_optimizer(twin, OptimizerConfig(lr=0.5, momentum=0.0, weight_decay=0.0, clip=0.05,
-                                                      readout_clip=1e9, position_lr=0.25))
-    rng = np.random.default_rng(4)
-    before = {n: p.detach().clone() for n, p in twin.named_trainable_parameters()}
-    grads = {}
-    with torch.no_grad():
-        for name, p in twin.named_trainable_parameters():
-            p.add_(torch.from_numpy(rng.normal(size=tuple(p.shape))).float())
-            grads[name] = torch.from_numpy(rng.normal(size=tuple(p.shape)) * 0.01).float()
-            p.grad = grads[name].clone()
-    start = {n: p.detach().clone() for n, p in twin.named_trainable_parameters()}
-    optimizer.step()
-    for name, p in twin.named_trainable_parameters():
-        per_unit = name.startswith("readout.")
-        g = grads[name].double().numpy() * (UNITS if per_unit else 1)
-        clip, rows = (1e9 if per_unit else 0.05), per_unit or ".weights." in name
-        lr = 0.5 * (0.25 if name.startswith("readout.position.") else 1)
-        expected = start[name].double().numpy() - lr * clip_reference(g, start[name].double().numpy(), clip, 1e-3,
-                                                                        rows)
-        np.testing.assert_allclose(p.detach().double().numpy(), expected, rtol=1e-5, atol=1e-6, err_msg=name)
-    with torch.no_grad():
-        for name, p in twin.named_trainable_parameters():
-            p.copy_(before[name])
-            p.grad = None
-
-
-def test_step_scales_per_unit_gradients_then_clips(twin) -> None:
-    optimizer = build_optimizer(twin, OptimizerConfig(lr=0.5, momentum=0.0, weight_decay=0.0, clip=0.05))
+                                                      readout_clip=readout_clip, position_lr=position_lr))
     rng = np.random.default_rng(3)
     before = {n: p.detach().clone() for n, p in twin.named_trainable_parameters()}
     grads = {}
@@ -157,9 +133,11 @@ def test_step_scales_per_unit_gradients_then_clips(twin) -> None:
     for name, p in twin.named_trainable_parameters():
         per_unit = name.startswith("readout.")
         g = grads[name].double().numpy() * (UNITS if per_unit else 1)
+        clip = readout_clip if per_unit and readout_clip is not None else 0.05
         rows = per_unit or ".weights." in name
-        expected = start[name].double().numpy() - 0.5 * clip_reference(g, start[name].double().numpy(), 0.05, 1e-3,
-                                                                         rows)
+        lr = 0.5 * (position_lr if name.startswith("readout.position.") else 1.0)
+        expected = start[name].double().numpy() - lr * clip_reference(g, start[name].double().numpy(), clip, 1e-3,
+                                                                        rows)
         np.testing.assert_allclose(p.detach().double().numpy(), expected, rtol=1e-5, atol=1e-6, err_msg=name)
     with torch.no_grad():
         for name, p in twin.named_trainable_parameters():
