@@ -31,6 +31,8 @@ from fnn_ray.plan import WorkItem
 from fnn_ray.ray_token import use_private_token
 from fnn_ray.worker import ItemResult, Task, Worker, WorkerOptions
 
+log = logging.getLogger(__name__)
+
 __all__ = ["IN_FLIGHT", "LocalPool", "Outcome", "Pool", "RayPool", "WorkerLost", "cluster_plan", "init_ray",
            "shutdown_ray"]
 
@@ -125,10 +127,18 @@ class Tracked:
 
 
 # ------------------------------------------------------------------------------------------------------ Ray
+#: Tries at starting a private local Ray: Ray gives its raylet a fixed 30 s to register, which a loaded machine can
+#: miss ("The current node timed out during startup"); the half-started node's processes are stopped before the
+#: next try.
+LOCAL_STARTS = 3
+_NOT_STARTED = "timed out during startup"
+
+
 def init_ray(address: str | None = None, **kwargs: Any) -> bool:
     """Connect to the Ray cluster at ``address`` (or ``RAY_ADDRESS``), else start a private local Ray on
-    127.0.0.1 with no dashboard. Returns True when this call started a local instance (the caller shuts it down).
-    No-op (False) when Ray is initialised already."""
+    127.0.0.1 with no dashboard (up to ``LOCAL_STARTS`` tries; RuntimeError, one line, when none comes up).
+    Returns True when this call started a local instance (the caller shuts it down). No-op (False) when Ray is
+    initialised already."""
     import ray
 
     if ray.is_initialized():
@@ -148,8 +158,7 @@ def init_ray(address: str | None = None, **kwargs: Any) -> bool:
     constants = ray._private.ray_constants
     cluster, constants.ENABLE_RAY_CLUSTER = constants.ENABLE_RAY_CLUSTER, False
     try:
-        with _signals_kept():
-            ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", **kwargs)
+        _start_local(ray, kwargs)
     finally:
         constants.ENABLE_RAY_CLUSTER = cluster
         if saved is None:
@@ -157,6 +166,47 @@ def init_ray(address: str | None = None, **kwargs: Any) -> bool:
         else:
             os.environ[switch] = saved
     return True
+
+
+def _start_local(ray: Any, kwargs: dict[str, Any]) -> None:
+    """``ray.init`` of a private instance, tried up to ``LOCAL_STARTS`` times while Ray's start times out."""
+    for start in range(1, LOCAL_STARTS + 1):
+        before = _descendants(os.getpid())
+        try:
+            with _signals_kept():
+                ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", **kwargs)
+            return
+        except Exception as e:
+            if _NOT_STARTED not in str(e):
+                raise
+            for pid in _descendants(os.getpid()) - before:  # the half-started node's processes
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+            if start == LOCAL_STARTS:
+                raise RuntimeError(f"a private local Ray did not come up in {LOCAL_STARTS} tries ({e}): is the "
+                                   f"machine overloaded? Rerun, or join a running cluster with --address") from e
+            log.warning("Ray did not come up in time (try %d of %d); starting it again", start, LOCAL_STARTS)
+
+
+def _descendants(pid: int) -> set[int]:
+    """The processes below ``pid`` (children, their children, ...), from ``/proc``; empty where there is none."""
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc") if os.path.isdir("/proc") else ():
+        if entry.name.isdigit():
+            try:
+                with open(f"/proc/{entry.name}/stat") as f:
+                    parent = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(parent, []).append(int(entry.name))
+    found: set[int] = set()
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), ()):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
 
 
 @contextlib.contextmanager

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from faults import wait_for
 
+from fnn_ray import pool
 from fnn_ray.plan import WorkItem
 from fnn_ray.pool import LocalPool
 from fnn_ray.simpool import SimPool, SimWorker, SpeedProfile
@@ -34,6 +35,44 @@ def test_private_local_ray_is_on_loopback():
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1] == "['127.0.0.1'] 127.0.0.1"
     assert "Token authentication is enabled" not in proc.stderr  # our private instance's start is quiet
+
+
+class SlowRay:
+    """Stands in for ``ray`` whose first ``fail`` starts time out as on a loaded machine: each leaves a process
+    behind, as a half-started node does (Ray's own start is exercised by the test above)."""
+
+    def __init__(self, fail: int) -> None:
+        self.fail, self.calls, self.left = fail, 0, []
+
+    def is_initialized(self) -> bool:
+        return False
+
+    def init(self, **kwargs) -> None:
+        self.calls += 1
+        if self.calls <= self.fail:
+            self.left.append(subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"]))
+            raise Exception("The current node timed out during startup. This could happen because some of the "
+                            "raylet failed to startup or the GCS has become overloaded.")
+
+
+@pytest.mark.parametrize("fail", [1, pool.LOCAL_STARTS], ids=["then-up", "never-up"])
+def test_a_local_ray_that_times_out_is_started_again(monkeypatch, caplog, fail):
+    import ray
+
+    fake = SlowRay(fail)
+    for name in ("init", "is_initialized"):
+        monkeypatch.setattr(ray, name, getattr(fake, name))
+    monkeypatch.setattr(pool, "use_private_token", lambda: None)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    if fail < pool.LOCAL_STARTS:
+        assert pool.init_ray() is True
+    else:
+        with pytest.raises(RuntimeError, match=f"did not come up in {pool.LOCAL_STARTS} tries .*--address"):
+            pool.init_ray()
+    assert fake.calls == min(fail + 1, pool.LOCAL_STARTS)
+    for process in fake.left:  # every failed start's processes were stopped before the next one
+        wait_for(lambda: process.poll() is not None, "a failed start's process to be stopped")
+    assert sum("starting it again" in r.getMessage() for r in caplog.records) == min(fail, pool.LOCAL_STARTS - 1)
 
 
 # ------------------------------------------------------------------------------------------ the Pool contract
