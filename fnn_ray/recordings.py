@@ -261,7 +261,7 @@ def list_scan(url: str, units: int, burnin: int = 0,
     kinds = [kind for kind in KINDS if files[kind]]
     keys = [(kind, video, repeat) for kind in kinds for video, repeat in repeats]
     headers = read_npy_headers(fs, [files[k][v][r][0] for k, v, r in keys],
-                            [storage.join(shown, k, v, f"{r}.npy") for k, v, r in keys])
+                               [storage.join(shown, k, v, f"{r}.npy") for k, v, r in keys])
     frames: dict[tuple[str, str], dict[str, int]] = {}
     for (kind, video, repeat), (shape, dtype, offset) in zip(keys, headers):
         where = storage.join(shown, kind, video, f"{repeat}.npy")
@@ -298,7 +298,7 @@ def list_scan(url: str, units: int, burnin: int = 0,
 
 
 def read_npy_headers(fs: AbstractFileSystem, paths: list[str], names: list[str]
-                  ) -> list[tuple[tuple[int, ...], np.dtype, int]]:
+                     ) -> list[tuple[tuple[int, ...], np.dtype, int]]:
     """The ``.npy`` headers of ``paths`` (ranged reads of their first bytes; ``names`` name them in errors)."""
     if not paths:
         return []

@@ -27,7 +27,8 @@ from typing import Any
 import numpy as np
 
 from fnn_ray import storage
-from fnn_ray.recordings import VideoRepeats, npy_header, load_npy, natural_key, read_npy_headers, list_scan, npy_bytes
+from fnn_ray.recordings import (VideoRepeats, list_scan, load_npy, natural_key, npy_bytes, npy_header,
+                                read_npy_headers)
 
 __all__ = ["FRAME_KINDS", "KINDS", "TrainingLayout", "Trial", "list_training", "write_trial"]
 
