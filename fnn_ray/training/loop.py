@@ -65,7 +65,7 @@ class TrainingSettings:
         object.__setattr__(self, "warmup", warmup)
         for name in ("lr", "clip", "readout_clip", "position_lr"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
-                raise ValueError(f"--{name} must be > 0, got {getattr(self, name)}")
+                raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
 
     def record(self) -> dict[str, Any]:
         """The fields that decide the result."""
