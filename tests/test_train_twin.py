@@ -1,14 +1,14 @@
 """jobs.train_twin end to end on a real local Ray and Ray Train (CPU, gloo), tiny network.
 
 * planted readout: a teacher twin (planted positions, random features) on the frozen tiny core writes Poisson
-  recordings; they are prepared and one twin is trained (a module fixture shared by the checks); the frozen tensors
-  are unchanged, the validation objective is compared with the teacher's on the same fixed windows, positions
-  with the planted ones, and jobs.evaluate runs on new repeats;
+  recordings; they are prepared and one twin is trained by two CPU workers (gloo; a module fixture shared by the
+  checks); the frozen tensors are unchanged, the validation objective is compared with the teacher's on the same
+  fixed windows, positions with the planted ones, and jobs.evaluate runs on new repeats;
 * the release opens with ``Release`` and jobs.sweep / jobs.tuning run on it; the twin is trained as scan 4-7, the
   foundation's own scan, and an output of another animal is refused (the collision rule);
 * resume: the driver (on the moto S3 server) and a Ray Train worker are SIGKILLed mid-run, the rerun / Ray Train's
   restart finishes and the head equals an uninterrupted run's;
-* two CPU workers; bad setups (one line, exit 2, nothing written); the plan of 13 twins over G GPUs.
+* bad setups (one line, exit 2, nothing written); the plan of 13 twins over G GPUs.
 """
 
 from __future__ import annotations
@@ -40,15 +40,17 @@ from jobs import train_twin
 REPO = Path(__file__).resolve().parent.parent
 ANIMAL, SCAN, SIZE = "m1", (4, 7), (36, 64)
 #: The planted run: units, trials, frames per trial, evaluation videos x repeats, teacher feature scale.
-PLANTED = dict(units=16, trials=24, frames=48, videos=3, repeats=8, feature_scale=4.0)
+PLANTED = dict(units=16, trials=48, frames=48, videos=3, repeats=8, feature_scale=3.0)
 #: burn-in 12 of 24-frame windows: the planted core settles from its reset state in ~12 frames (docs/training.md);
 #: clip 0.01 (the published value) for the perspective and modulation MLP, the readout unclipped (its features start
-#: at zero), lr 0.05 (at 0.1 high-rate units diverge: the bias' curvature is the rate) and the positions at a fifth
-#: of it (their curvature is ~100x the features')
+#: at zero), lr 0.08 (higher makes units of high rate diverge: the bias' curvature is the rate) and the positions
+#: at a fifth of it (their curvature is ~100x the features')
 PLANTED_TRAINING = dict(epochs=8, warmup=1, window=24, batch=4, train_batches=25, val_batches=4, burn_in=12,
-                        lr=0.05, clip=0.01, readout_clip=1e9, position_lr=0.2)
-if os.environ.get("FNN_TRAINING_ACCEPTANCE") == "1":  # the NLL ratio of the issue: a longer run (not in CI)
-    PLANTED_TRAINING.update(epochs=40, train_batches=50)
+                        lr=0.08, clip=0.01, readout_clip=1e9, position_lr=0.2)
+#: Two ranks (gloo): each trains the stream it draws, and the tensors the streams share (readout positions,
+#: perspective, modulation MLP) get the gradient of both ranks' batches (docs/training.md: one rank, even with twice
+#: the steps, stays ~5% above the teacher)
+PLANTED_WORKERS = 2
 #: The resume runs: small, so that a kill lands mid-run.
 SMALL = dict(epochs=3, warmup=1, window=12, batch=2, train_batches=4, val_batches=1, burn_in=2, lr=0.1, clip=1e9)
 
@@ -93,7 +95,8 @@ def config(example, output: str, **kw) -> TrainConfig:
 @pytest.fixture(scope="module")
 def planted(ray_cluster, example, tmp_path_factory):
     output = str(tmp_path_factory.mktemp("planted") / "out")
-    summary = run_training(config(example, output, evaluate=True, settings=TrainingSettings(**PLANTED_TRAINING)))
+    summary = run_training(config(example, output, evaluate=True, workers=PLANTED_WORKERS,
+                                  settings=TrainingSettings(**PLANTED_TRAINING)))
     assert summary.ok, summary
     return output, summary
 
@@ -143,10 +146,9 @@ def test_planted_readout(planted, example):
     print(f"planted: median position error (strongest half) {median_error:.3f}, median CC_norm {cc_norm:.3f}")
     untrained = evaluate_objective(fresh, batch, objective)
     assert ours < untrained
-    assert median_error < 0.1  # the CI-size run: 0.066
-    assert cc_norm >= 0.9  # the CI-size run: 0.914
-    if os.environ.get("FNN_TRAINING_ACCEPTANCE") == "1":  # the CI-size run reaches 1.186 (docs/training.md)
-        assert ratio <= 1.02
+    assert ratio <= 1.02
+    assert median_error < 0.1
+    assert cc_norm >= 0.9
 
 
 @pytest.mark.slow
@@ -154,6 +156,7 @@ def test_metrics_and_curves(planted):
     output, _ = planted
     metrics = pd.read_csv(Path(output) / "twins" / "4-7" / "metrics.csv")
     assert metrics.epoch.tolist() == list(range(1, PLANTED_TRAINING["epochs"] + 1))
+    assert metrics.ranks.tolist() == [PLANTED_WORKERS] * PLANTED_TRAINING["epochs"]
     assert metrics.val.iloc[-1] < metrics.val.iloc[0]
     assert (Path(output) / "twins" / "4-7" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -333,15 +336,3 @@ def test_resume_after_a_worker_is_killed(example, reference, tmp_path):
             run.kill()
     assert run.returncode == 0, out
     _assert_same_head(_head(output), reference)
-
-
-@pytest.mark.slow
-def test_two_workers(ray_cluster, example, tmp_path, reference):
-    output = str(tmp_path / "out")
-    summary = run_training(config(example, output, workers=2, settings=TrainingSettings(**SMALL)))
-    assert summary.ok, summary
-    metrics = pd.read_csv(Path(output) / "twins" / "4-7" / "metrics.csv")
-    assert metrics.ranks.tolist() == [2] * SMALL["epochs"]
-    head = _head(output)
-    assert any(not torch.equal(head[k], reference[k]) for k in head)  # two ranks' batches: another trajectory
-    assert Release.open(storage.join(output, "release")).load_head(*SCAN) is not None
