@@ -20,7 +20,7 @@ Transient store errors (the store unreachable, a connection cut, a timeout, thro
 from data errors (a missing key, a bad file, a denied request) by :func:`is_transient`; :func:`retry` calls an
 operation again with exponential backoff and full jitter until a time budget is spent, then raises
 :class:`StoreUnavailable`. Through s3fs a store that refuses or resets connections surfaces (after botocore's
-own retries, a few seconds per call) as ``botocore.exceptions.EndpointConnectionError`` caused by an
+own retries, ``BOTOCORE_RETRIES``: under a second per call) as ``botocore.exceptions.EndpointConnectionError`` caused by an
 ``aiohttp.ClientConnectorError`` / ``ClientOSError`` and a ``ConnectionRefusedError`` /
 ``ConnectionResetError``; s3fs turns S3 error codes into ``OSError`` subclasses with the ``ClientError`` as
 ``__cause__``. A cut connection does not poison s3fs's cached filesystem instance: the next call after the
@@ -72,6 +72,12 @@ T = TypeVar("T")
 #: Name of the staging directory used by :func:`commit_bytes` (the leading '_' makes pyarrow.dataset skip it).
 STAGING_DIR = "_staging"
 
+#: botocore's own retries of one S3 call (unless ``storage_options["config_kwargs"]["retries"]`` says otherwise):
+#: a few quick tries, so that a store that is gone fails a call in about a second and :class:`Retry` keeps the time
+#: budget (``--store-timeout``); botocore's default (legacy mode, 5 attempts) spends ~12 s per call on a refused
+#: connection before any budget is looked at.
+BOTOCORE_RETRIES = {"mode": "standard", "max_attempts": 3}
+
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
 _USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*://)[^/@\s]*@")
 
@@ -99,6 +105,9 @@ def _s3_options(storage_options: Mapping[str, Any] | None) -> dict[str, Any]:
             client_kwargs["region_name"] = region
     if client_kwargs:
         opts["client_kwargs"] = client_kwargs
+    config_kwargs = dict(opts.get("config_kwargs") or {})
+    config_kwargs.setdefault("retries", BOTOCORE_RETRIES)
+    opts["config_kwargs"] = config_kwargs
     opts.setdefault("use_listings_cache", False)
     return opts
 
@@ -287,8 +296,8 @@ class Retry:
 
     The n-th wait (n = 0, 1, ...) is uniform in ``[0, min(cap_s, base_s * 2**n)]``, cut to the budget left;
     one more attempt is made when the budget runs out during a wait. A call in progress is never interrupted,
-    so the total time can exceed ``budget_s`` by one call (through s3fs with botocore's default retries,
-    a call to an unreachable store takes a few seconds before it fails).
+    so the total time can exceed ``budget_s`` by one call (through s3fs with ``BOTOCORE_RETRIES``, a call to an
+    unreachable store takes under a second before it fails).
     """
 
     budget_s: float

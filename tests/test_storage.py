@@ -48,6 +48,11 @@ def test_filesystem_s3_endpoint_and_region_from_env(monkeypatch):
     assert fs.endpoint_url is None and fs.client_kwargs["endpoint_url"] == "http://127.0.0.1:4"
     # listings are not cached (other processes write to the same prefixes)
     assert fs.dircache.use_listings_cache is False
+    # botocore tries a call a few times only (fnn_ray's Retry keeps --store-timeout), unless the options say otherwise
+    assert fs.config_kwargs["retries"] == storage.BOTOCORE_RETRIES
+    mine = {"retries": {"total_max_attempts": 1}, "connect_timeout": 1}
+    fs, _ = storage.filesystem("s3://bucket/x", {"config_kwargs": mine})
+    assert fs.config_kwargs == mine
 
 
 def test_filesystem_does_not_mutate_storage_options():
