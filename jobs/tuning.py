@@ -10,7 +10,8 @@
 The stimulus (default Monet2 with the published parameters, IN_SILICO.md section 6; ``rigid_monet`` is this
 project's earlier rigidly drifting pink noise) is generated on the workers (seeded; 0 deg = motion to the right,
 90 = up); each unit's mean response over every coherent segment's scoring window is averaged per direction on the
-workers. The von Mises fit is the published single start unless ``--fit-starts`` adds starts. Output: the
+workers. The von Mises fit is the published single start unless ``--fit-starts`` adds starts; it runs on the
+driver after the last item, units spread over one process per core. Output: the
 dataset ``OUTPUT/ori_dir_tuning/`` (``scan-<s>-<i>.parquet``: session, scan_idx, unit_id, readout_id, OSI, DSI,
 gOSI, gDSI, pref_ori, pref_dir, the von Mises fit and its fit_status, direction_responses) and under
 ``OUTPUT/ori_dir_tuning/_files/``: ``metadata.json`` (directions, stimulus family and parameters, fit settings,

@@ -1,4 +1,5 @@
-"""SIGTERM (what ``ray job stop``, ``timeout``, Slurm and Kubernetes send) at each phase of a job, in a real process.
+"""SIGTERM (what ``ray job stop``, ``timeout``, Slurm and Kubernetes send) at each phase of a job, and SIGINT (Ctrl-C)
+while computing, in a real process.
 
 * planning: the job waits for another run's lease on its output (``--wait-for-lock``; the wait is logged);
 * computing: at least two items are committed, the driver waits on its workers (inside ``ray.wait``, where Ray
@@ -6,8 +7,9 @@
 * merging: every item is committed and the lease released; the experiment job reads its partial results back
   through a slowed store (a fault proxy in front of moto) when the signal comes.
 
-Each time: exit status 143, the summary line names SIGTERM, no traceback, no process of the run left. After the
-computing case the rerun's responses equal those of an uninterrupted run; after the others the rerun completes.
+Each time: exit status 143 (SIGINT: 130), the summary line names the signal, no traceback, no process of the run
+left. After the computing case the rerun's responses equal those of an uninterrupted run; after the others the
+rerun completes. The uninterrupted run and the reruns run in this process, on the session's Ray.
 """
 
 from __future__ import annotations
@@ -30,8 +32,10 @@ from fnn_ray.ledger import Ledger
 from fnn_ray.manifest import Manifest
 from fnn_ray.responses import read_responses
 from fnn_ray.stimuli import write_clips
+from jobs import sweep as sweep_job
+from jobs import tuning as tuning_job
 from jobs.make_synthetic import synthetic_clips
-from test_cli import REPO_ROOT, SORT_KEYS, TAG, _kill_tagged, _tagged_pids
+from test_cli import REPO_ROOT, TAG, _kill_tagged, _tagged_pids
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the run's processes in /proc")]
@@ -40,6 +44,8 @@ SCANS = [(8, 5, 20), (9, 6, 15)]
 HEIGHT, WIDTH = 36, 64
 #: Clips and frames of the sweep: items (one clip each) long enough that the driver mostly waits on its workers.
 CLIPS, FRAMES = 6, 40
+SORT_KEYS = [("session", "ascending"), ("scan_idx", "ascending"), ("clip_id", "ascending"),
+             ("readout_id", "ascending")]
 
 
 def _env(tag: str) -> dict[str, str]:
@@ -57,9 +63,10 @@ def _wait_for(condition: Callable[[], bool], child: subprocess.Popen, log: Path,
         time.sleep(0.1)
 
 
-def _interrupt(module: str, args: list[str], cwd: Path, when: Callable[[subprocess.Popen, Path], None]) -> str:
+def _interrupt(module: str, args: list[str], cwd: Path, when: Callable[[subprocess.Popen, Path], None],
+               sig: signal.Signals = signal.SIGTERM) -> str:
     """Start ``python -m module *args``, call ``when(child, log)`` (returns once the phase is reached), send
-    SIGTERM; check exit 143, the SIGTERM summary, no traceback and no process left; return the log."""
+    ``sig``; check exit 128 + sig, the summary naming it, no traceback and no process left; return the log."""
     log, tag = cwd / f"run-{uuid.uuid4().hex[:8]}.log", uuid.uuid4().hex
     try:
         with open(log, "w") as f:
@@ -67,7 +74,7 @@ def _interrupt(module: str, args: list[str], cwd: Path, when: Callable[[subproce
                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
         try:
             when(child, log)
-            child.send_signal(signal.SIGTERM)
+            child.send_signal(sig)
             signalled = time.monotonic()
             code = child.wait(timeout=120)
             print(f"\n{module}: exit {code} {time.monotonic() - signalled:.1f} s after SIGTERM")
@@ -82,23 +89,13 @@ def _interrupt(module: str, args: list[str], cwd: Path, when: Callable[[subproce
     finally:
         _kill_tagged(tag)
     text = log.read_text()
-    assert code == 143, f"exit {code}:\n{text}"
-    assert "stopped by SIGTERM" in text and "SIGINT" not in text, text
+    other = "SIGINT" if sig == signal.SIGTERM else "SIGTERM"
+    assert code == 128 + sig, f"exit {code}:\n{text}"
+    assert f"stopped by {sig.name}" in text and other not in text, text
     assert "rerun the same command" in text
     assert "Traceback" not in text, text
     assert not left, f"processes of the run left: {left}"
     return text
-
-
-def _run(module: str, args: list[str], cwd: Path) -> str:
-    tag = uuid.uuid4().hex
-    try:
-        done = subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=_env(tag), capture_output=True,
-                              text=True, timeout=600, stdin=subprocess.DEVNULL)
-    finally:
-        _kill_tagged(tag)
-    assert done.returncode == 0, f"stdout:\n{done.stdout}\nstderr:\n{done.stderr}"
-    return done.stdout
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +116,15 @@ def _rows(output: Path) -> list[dict]:
     return read_responses(str(output)).sort_by(SORT_KEYS).to_pylist()
 
 
-def test_sigterm_while_planning(data, tmp_path):
+@pytest.fixture(scope="module")
+def clean(ray_cluster, data, tmp_path_factory) -> list[dict]:
+    """The sweep's responses from one uninterrupted run, sorted."""
+    output = tmp_path_factory.mktemp("clean") / "out"
+    assert sweep_job.main(_sweep_args(data, output)) == 0
+    return _rows(output)
+
+
+def test_sigterm_while_planning(ray_cluster, data, tmp_path):
     output = tmp_path / "out"
     holder = OutputLease(str(output)).acquire()  # another run holds the output: the job waits while planning
     try:
@@ -130,26 +135,26 @@ def test_sigterm_while_planning(data, tmp_path):
         holder.release()
     assert "worker(s) on" not in text
     assert not Ledger(str(output)).commits()
-    _run("jobs.sweep", _sweep_args(data, output), tmp_path)
+    assert sweep_job.main(_sweep_args(data, output)) == 0
     assert len(Ledger(str(output)).commits()) == CLIPS * len(SCANS)
 
 
-def test_sigterm_while_computing_then_rerun_equals_a_clean_run(data, tmp_path):
-    clean, output = tmp_path / "clean", tmp_path / "out"
-    _run("jobs.sweep", _sweep_args(data, clean), tmp_path)
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_while_computing_then_rerun_equals_a_clean_run(data, clean, tmp_path, sig):
+    output = tmp_path / "out"
 
     def computing(child: subprocess.Popen, log: Path) -> None:
         _wait_for(lambda: len(Ledger(str(output)).commits()) >= 2, child, log, "2 items were committed")
 
-    text = _interrupt("jobs.sweep", _sweep_args(data, output), tmp_path, computing)
+    text = _interrupt("jobs.sweep", _sweep_args(data, output), tmp_path, computing, sig)
     committed = len(Ledger(str(output)).commits())
     assert committed < CLIPS * len(SCANS), "the run finished before the signal"
     assert f"{committed} of {CLIPS * len(SCANS)} item(s) are committed" in text, text
-    _run("jobs.sweep", _sweep_args(data, output), tmp_path)
-    assert _rows(output) == _rows(clean)
+    assert sweep_job.main(_sweep_args(data, output)) == 0
+    assert _rows(output) == clean
 
 
-def test_sigterm_while_merging(data, store_proxy, s3, s3_url, tmp_path):
+def test_sigterm_while_merging(ray_cluster, data, store_proxy, s3, s3_url, tmp_path, capsys):
     direct = s3.storage_options  # the test's own view of the store, not through the (slowed) proxy
     args = ["--release", str(data["release"]), "--output", s3_url, "--stimulus", "gratings", "--directions", "8",
             "--trials", "1", "--block-frames", "12", "--size", f"{HEIGHT}x{WIDTH}", "--actors", "1",
@@ -172,5 +177,6 @@ def test_sigterm_while_merging(data, store_proxy, s3, s3_url, tmp_path):
     assert "analysed" not in text
     assert not Ledger(s3_url, direct).fs.exists(f"{s3_url[len('s3://'):]}/ori_dir_tuning/units.csv")
     store_proxy.delay_per_chunk_s = 0.0
-    rerun = _run("jobs.tuning", args, tmp_path)
-    assert "analysed" in rerun
+    capsys.readouterr()
+    assert tuning_job.main(args) == 0
+    assert "analysed" in capsys.readouterr().out

@@ -8,7 +8,8 @@ import warnings
 import numpy as np
 import pytest
 
-from fnn_ray.analysis.tuning import FitConfig, fit_von_mises, global_indices, tuning_table
+from fnn_ray.analysis.tuning import (UNITS_PER_PROCESS, FitConfig, _processes, fit_von_mises, global_indices,
+                                    tuning_table)
 
 DIRECTIONS = np.arange(16) * 22.5
 
@@ -212,6 +213,22 @@ def test_bad_curves_give_nan_without_warnings():
     assert table.loc[3, "gOSI"] == pytest.approx(0, abs=1e-12) and table.loc[3, "OSI"] == pytest.approx(0, abs=1e-9)
     assert table.loc[2:, "fit_success"].all()
     assert table.loc[4, "pref_dir"] == pytest.approx(45.0, abs=1e-4)
+
+
+def test_fit_in_processes_equals_the_fit_in_this_process():
+    """Two fitting processes (spawned) give every unit exactly the fit of one, in input order, with a second
+    start and a non-finite curve among them."""
+    noisy, _ = synthetic(2 * UNITS_PER_PROCESS + 3, seed=5, noise=0.1)
+    curves = np.abs(noisy)
+    curves[7, 3] = np.nan
+    config = dict(kappa_starts=(1.0, 20.0))
+    assert _processes(FitConfig(processes=2), len(curves)) == 2 and _processes(FitConfig(processes=2), 100) == 1
+    alone = tuning_table(curves, DIRECTIONS, FitConfig(processes=1, **config))
+    side_by_side = tuning_table(curves, DIRECTIONS, FitConfig(processes=2, **config))
+    assert alone.equals(side_by_side)
+    assert alone["fit_status"].iloc[7] == "nonfinite" and (alone["fit_status"] == "ok").mean() > 0.9
+    with pytest.raises(ValueError, match="processes 0"):
+        FitConfig(processes=0)
 
 
 def test_rejects_mismatched_shapes():

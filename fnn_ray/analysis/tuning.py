@@ -7,8 +7,9 @@ in or comes out is in DEGREES; radians are used only inside.
 * :func:`global_indices` -- gOSI and gDSI (no baseline subtraction).
 * :func:`von_mises` -- the bimodal von Mises curve ``f(theta)``.
 * :func:`fit_von_mises` -- bounded least-squares fit of ``f`` to every curve: by default the published
-  pipeline's fit (``scipy.optimize.least_squares`` on the 5 parameters, one unit at a time, about 5-15 ms per
-  unit); ``FitConfig(method="projection")`` fits all units of a chunk at once (numpy, 100,000 units x 16
+  pipeline's fit (``scipy.optimize.least_squares`` on the 5 parameters, one unit at a time: about 5-15 ms per
+  tuned unit, up to ~0.2 s per weakly tuned one that runs out of evaluations; units are spread over processes,
+  one per core); ``FitConfig(method="projection")`` fits all units of a chunk at once (numpy, 100,000 units x 16
   directions in seconds) but, from the same start, may end in another local optimum on weakly tuned curves.
 * :func:`tuning_table` -- one row per unit: OSI, DSI (from the fitted curve), gOSI, gDSI, preferred
   orientation and direction, the fit's parameters, mse, success and status.
@@ -55,6 +56,9 @@ Choices where ``IN_SILICO.md`` leaves room (documented here and in the function 
 
 from __future__ import annotations
 
+import multiprocessing.pool
+import os
+import signal
 from dataclasses import dataclass
 
 import numpy as np
@@ -75,6 +79,10 @@ INDEX_DEFINITIONS = {
                 "1 - f(mu + 180) / f(mu); NaN unless fit_status is ok (IN_SILICO.md sections 3 and 6)",
     "pref_dir, pref_ori": "fitted mu mod 360 and mod 180, degrees, 0 = rightward motion, counter-clockwise",
 }
+#: Least squares: units per process at least (a process costs ~1-3 s to start; a unit ~5-200 ms to fit).
+UNITS_PER_PROCESS = 64
+#: Least squares: units per task at most, so that a stopped job's processes are never busy for long.
+UNITS_PER_TASK = 256
 #: Fit statuses (``fit_status``), see the module docstring.
 FIT_STATUSES = ("ok", "kappa_bound", "failed", "nonfinite")
 
@@ -113,11 +121,17 @@ class FitConfig:
     ``"kappa_bound"`` and NaN OSI/DSI."""
     chunk: int = 16384
     """Units fitted together (memory: about 100 float64 per unit and direction)."""
+    processes: int | None = None
+    """Least squares: processes fitting units side by side (``None``: one per CPU core this process may use), at
+    most one per :data:`UNITS_PER_PROCESS` units; every unit's fit is the same whatever the count. Not recorded in
+    metadata."""
 
     def __post_init__(self) -> None:
         if self.method not in FIT_METHODS:
             raise ValueError(f"fit: method {self.method!r}, expected one of {', '.join(FIT_METHODS)}")
         starts = tuple(float(k) for k in self.kappa_starts)
+        if self.processes is not None and self.processes < 1:
+            raise ValueError(f"fit: processes {self.processes} must be at least 1")
         if not starts or not all(0 <= k <= self.kappa_max for k in starts):
             raise ValueError(f"fit: kappa starts {list(starts)} must be a non-empty list in [0, kappa_max = "
                              f"{self.kappa_max:g}]")
@@ -363,6 +377,30 @@ def _fit_least_squares(curves: np.ndarray, theta: np.ndarray, kappa: float, conf
     return q, coef, cost, success & np.all(np.isfinite(q), axis=1)
 
 
+def _processes(config: FitConfig, units: int) -> int:
+    """Processes for a least-squares fit of ``units`` curves (1: in this process)."""
+    if config.method != "least_squares":
+        return 1
+    cores = config.processes or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                                 else os.cpu_count() or 1)
+    return max(1, min(cores, units // UNITS_PER_PROCESS))
+
+
+def _ignore_sigint() -> None:
+    """A fitting process leaves Ctrl-C to its parent, which stops it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _fit_in(pool: multiprocessing.pool.Pool, processes: int, curves: np.ndarray, theta: np.ndarray, kappa: float,
+            config: FitConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`_fit_least_squares` of ``curves [n, D]`` in tasks of ``pool``, the results in input order."""
+    n = curves.shape[0]
+    tasks = min(n, max(4 * processes, -(-n // UNITS_PER_TASK)))
+    parts = pool.starmap(_fit_least_squares, [(part, theta, kappa, config)
+                                              for part in np.array_split(curves, tasks)], chunksize=1)
+    return tuple(np.concatenate(arrays) for arrays in zip(*parts))
+
+
 def fit_von_mises(
     curves: np.ndarray, directions_deg: np.ndarray, config: FitConfig = FitConfig()
 ) -> dict[str, np.ndarray]:
@@ -390,16 +428,28 @@ def fit_von_mises(
     cost = np.full(n_units, np.nan)
     success = np.zeros(n_units, dtype=bool)
     finite = np.flatnonzero(np.all(np.isfinite(curves), axis=1))
-    for lo in range(0, finite.size, config.chunk):
-        rows = finite[lo : lo + config.chunk]
-        for kappa in config.kappa_starts:
-            fit = _fit_least_squares if config.method == "least_squares" else _fit_chunk
-            fit_q, fit_coef, fit_cost, fit_success = fit(curves[rows], theta, kappa, config)
-            better = np.isnan(cost[rows]) | (fit_cost < cost[rows])
-            take = rows[better]
-            q[take], coef[take], cost[take], success[take] = (
-                fit_q[better], fit_coef[better], fit_cost[better], fit_success[better]
-            )
+    processes = _processes(config, finite.size)
+    pool = (multiprocessing.get_context("spawn").Pool(processes, initializer=_ignore_sigint) if processes > 1
+            else None)
+    try:
+        for lo in range(0, finite.size, config.chunk):
+            rows = finite[lo : lo + config.chunk]
+            for kappa in config.kappa_starts:
+                if pool is not None:
+                    fit = _fit_in(pool, processes, curves[rows], theta, kappa, config)
+                else:
+                    fit = (_fit_least_squares if config.method == "least_squares" else _fit_chunk)(
+                        curves[rows], theta, kappa, config)
+                fit_q, fit_coef, fit_cost, fit_success = fit
+                better = np.isnan(cost[rows]) | (fit_cost < cost[rows])
+                take = rows[better]
+                q[take], coef[take], cost[take], success[take] = (
+                    fit_q[better], fit_coef[better], fit_cost[better], fit_success[better]
+                )
+    finally:
+        if pool is not None:
+            pool.terminate()  # also when stopped mid-fit: no process left busy
+            pool.join()
     scale = coef[:, 0] + coef[:, 1]
     phi = np.where(scale > 0, coef[:, 0] / np.where(scale > 0, scale, 1.0), 0.5)
     phi[np.isnan(scale)] = np.nan
