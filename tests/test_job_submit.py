@@ -7,7 +7,8 @@ it starts the cluster under test as the README does: ``ray start --head --block`
 ``--temp-dir`` and every port it would otherwise take by default chosen free, token authentication on with a
 token file of its own; it waits until ``ray job list`` answers, submits ``python -m jobs.sweep ...`` from the
 repository root with ``--working-dir .``, reads the response dataset back, stops a second job with ``ray job
-stop`` while it computes (its log must end with our summary naming SIGTERM, its status STOPPED), and finally
+stop`` while it waits for a lease the test holds on its output (its log must end with our summary naming
+SIGTERM, its status STOPPED), and finally
 stops the cluster as the README does: SIGTERM to the ``ray start`` process, which stops that node's processes and
 no other (the second Ray is checked to be still up, the default ports still taken). Whatever happens, every
 process this module started is killed at the end by process group and descent (never ``ray stop``, which would
@@ -44,8 +45,6 @@ pytestmark = [
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SCANS = ((4, 7, 12), (8, 5, 20))  # (session, scan_idx, units)
 CLIPS, FRAMES, HEIGHT, WIDTH = 2, 4, 36, 64
-#: The sweep stopped by `ray job stop`: one clip per item, long enough to be stopped while computing.
-LONG_CLIPS, LONG_FRAMES = 10, 30
 #: Ray's default ports: GCS, dashboard (job server), dashboard agent, Ray client server.
 DEFAULT_PORTS = (6379, 8265, 52365, 10001)
 #: Runtime environment of the test jobs as in the README (the cluster runs on this machine, where the project's
@@ -311,13 +310,17 @@ def _job_status(head: Head, job_id: str) -> str:
 
 
 def test_ray_job_stop_ends_the_log_with_our_summary(head, tmp_path):
+    """`ray job stop` on a sweep that waits for another run's lease on its output (a phase the test holds for as
+    long as it likes, so the job cannot finish first on a fast or a slow machine; SIGTERM while computing, in a
+    real process: test_signals.py)."""
     from fnn_model.config import NetworkConfig
+    from fnn_ray.lease import OutputLease
     from fnn_ray.ledger import Ledger
     from jobs.make_synthetic import make_synthetic
 
     release, stimuli, output = (str(tmp_path / name) for name in ("release", "stimuli", "output"))
-    make_synthetic(release, stimuli, SCANS, clips=LONG_CLIPS, frames=LONG_FRAMES, config=NetworkConfig.tiny(),
-                   height=HEIGHT, width=WIDTH, seed=4)
+    make_synthetic(release, stimuli, SCANS, clips=CLIPS, frames=FRAMES, config=NetworkConfig.tiny(), height=HEIGHT,
+                   width=WIDTH, seed=4)
     ray_job = [_ray_cli(), "job"]
     where = ["--address", head.address]
 
@@ -327,24 +330,25 @@ def test_ray_job_stop_ends_the_log_with_our_summary(head, tmp_path):
         assert done.returncode == 0, f"ray job {' '.join(args)}:\n{done.stdout[-4000:]}"
         return done.stdout
 
-    submitted = run("submit", *where, "--no-wait", "--working-dir", ".", "--runtime-env-json",
-                    json.dumps(RUNTIME_ENV), "--", "python", "-m", "jobs.sweep", "--release", release, "--stimuli",
-                    stimuli, "--output", output, "--clips-per-shard", "1", "--clips-per-batch", "1", "--actors", "1",
-                    "--cpus-per-actor", "1", "--no-progress")
-    job_id = re.search(r"raysubmit_\w+", submitted).group(0)
-    total = LONG_CLIPS * len(SCANS)
-    _wait_for(lambda: len(Ledger(output).commits()) >= 1, "an item committed", 240, lambda: run("logs", *where, job_id))
-    run("stop", *where, job_id)
-    _wait_for(lambda: _job_status(head, job_id) == "STOPPED", "the job STOPPED", 120,
-              lambda: f"status {_job_status(head, job_id)}; logs:\n{run('logs', *where, job_id)}")
-    logs = run("logs", *where, job_id)
-    committed = len(Ledger(output).commits())
-    assert committed < total, "the job finished before `ray job stop`"
+    holder = OutputLease(output).acquire()
+    try:
+        submitted = run("submit", *where, "--no-wait", "--working-dir", ".", "--runtime-env-json",
+                        json.dumps(RUNTIME_ENV), "--", "python", "-m", "jobs.sweep", "--release", release,
+                        "--stimuli", stimuli, "--output", output, "--wait-for-lock", "--no-progress")
+        job_id = re.search(r"raysubmit_\w+", submitted).group(0)
+        _wait_for(lambda: "waiting for it" in run("logs", *where, job_id), "the job waiting for the lease", 240,
+                  lambda: run("logs", *where, job_id))
+        run("stop", *where, job_id)
+        _wait_for(lambda: _job_status(head, job_id) == "STOPPED", "the job STOPPED", 120,
+                  lambda: f"status {_job_status(head, job_id)}; logs:\n{run('logs', *where, job_id)}")
+        logs = run("logs", *where, job_id)
+    finally:
+        holder.release()
     lines = [line for line in logs.splitlines() if line.strip()]
     tail = "\n".join(lines[-4:])
     assert "stopped by SIGTERM" in tail and "rerun the same command" in tail, logs[-4000:]
-    assert f"{committed} of {total} item(s) are committed" in logs, logs[-4000:]
     assert "Traceback" not in logs, logs[-4000:]
+    assert not Ledger(output).commits()
 
 
 def test_stopping_the_cluster_stops_it_alone(head):
