@@ -93,7 +93,7 @@ def build(args: argparse.Namespace, dry: bool, size: tuple[int, int]) -> Experim
         params["pattern_width"] = args.pattern_width
     try:
         family = family_from_name(args.stimulus, **params)
-        fit = FitConfig(kappa_starts=tuple(args.fit_starts), method=args.fit_method)
+        fit = FitConfig(kappa_starts=tuple(args.fit_starts), method=args.fit_method, processes=None)
     except ValueError as e:  # the family's and the fit's messages name keywords: name the flags instead
         message = str(e)
         for keyword, flag in FLAGS.items():

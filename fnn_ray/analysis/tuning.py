@@ -8,9 +8,10 @@ in or comes out is in DEGREES; radians are used only inside.
 * :func:`von_mises` -- the bimodal von Mises curve ``f(theta)``.
 * :func:`fit_von_mises` -- bounded least-squares fit of ``f`` to every curve: by default the published
   pipeline's fit (``scipy.optimize.least_squares`` on the 5 parameters, one unit at a time: about 5-15 ms per
-  tuned unit, up to ~0.2 s per weakly tuned one that runs out of evaluations; units are spread over processes,
-  one per core); ``FitConfig(method="projection")`` fits all units of a chunk at once (numpy, 100,000 units x 16
-  directions in seconds) but, from the same start, may end in another local optimum on weakly tuned curves.
+  tuned unit, up to ~0.2 s per weakly tuned one that runs out of evaluations; ``FitConfig(processes=None)``
+  spreads units over one process per core); ``FitConfig(method="projection")`` fits all units of a chunk at once
+  (numpy, 100,000 units x 16 directions in seconds) but, from the same start, may end in another local optimum on
+  weakly tuned curves.
 * :func:`tuning_table` -- one row per unit: OSI, DSI (from the fitted curve), gOSI, gDSI, preferred
   orientation and direction, the fit's parameters, mse, success and status.
 
@@ -121,10 +122,11 @@ class FitConfig:
     ``"kappa_bound"`` and NaN OSI/DSI."""
     chunk: int = 16384
     """Units fitted together (memory: about 100 float64 per unit and direction)."""
-    processes: int | None = None
-    """Least squares: processes fitting units side by side (``None``: one per CPU core this process may use), at
-    most one per :data:`UNITS_PER_PROCESS` units; every unit's fit is the same whatever the count. Not recorded in
-    metadata."""
+    processes: int | None = 1
+    """Least squares: processes fitting units side by side (``None``: one per CPU core this process may use, what
+    the jobs use), at most one per :data:`UNITS_PER_PROCESS` units; every unit's fit is the same whatever the
+    count, so it is not recorded in metadata. The processes are spawned: a script that asks for more than one
+    needs the usual ``if __name__ == "__main__":`` guard."""
 
     def __post_init__(self) -> None:
         if self.method not in FIT_METHODS:
